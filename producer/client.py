@@ -1,0 +1,237 @@
+"""``ClaudeBox``: the session API of the user guide, served by the pool.
+
+Ephemeral (no ``session_id``: a generated id, removed on exit even when the body raised) and
+persistent sessions (named; they survive, ``reconnect`` continues them). One box sends its
+``code`` calls one at a time, in the order they were made, so that calls gathered on one box
+run in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Generator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from redis.exceptions import RedisError
+
+from tasks import names
+from tasks.connections import sync_redis
+from tasks.errors import InvalidRequestError
+from tasks.models import (
+    CleanupRequest,
+    CleanupResult,
+    CodeRequest,
+    CodeResult,
+    OpenRequest,
+    SandboxOptions,
+    SessionRecord,
+    validate_session_id,
+)
+from tasks.registry import read_all
+from tasks.settings import AgentName
+from producer import pool
+
+EPHEMERAL_PREFIX = "ephemeral-"
+WAIT_MARGIN_S = 120
+
+
+class ClaudeBox:
+    """A coding-agent session, run by the pool's workers in a sandbox of its own."""
+
+    def __init__(
+        self,
+        session_id: str | None = None,
+        *,
+        cpus: int | None = None,
+        memory_mib: int | None = None,
+        disk_size_gb: int | None = None,
+        env: dict[str, str] | None = None,
+        template: str | None = None,
+        workspace_dir: str | Path | None = None,
+        agent: AgentName | None = None,
+    ) -> None:
+        self._ephemeral = session_id is None
+        self._session_id = (
+            f"{EPHEMERAL_PREFIX}{uuid.uuid4().hex[:16]}"
+            if session_id is None
+            else validate_session_id(session_id)
+        )
+        self._sandbox = SandboxOptions(
+            cpus=cpus, memory_mib=memory_mib, disk_size_gb=disk_size_gb, template=template
+        )
+        self._env = dict(env or {})
+        self._agent: AgentName = agent or pool.settings().agent
+        self._workspace_dir = Path(workspace_dir).expanduser() if workspace_dir else None
+        self._mode: str = "create"
+        self._record: SessionRecord | None = None
+        self._order = asyncio.Lock()
+
+    @property
+    def session_id(self) -> str:
+        return self._session_id
+
+    @property
+    def is_ephemeral(self) -> bool:
+        return self._ephemeral
+
+    @property
+    def workspace_path(self) -> str:
+        """The session's workspace on the worker's disk (the guide's ~/.claudebox/sessions/<id>/workspace)."""
+        if self._record is not None:
+            return self._record.workspace_path
+        return str(pool.settings().sessions_root / self._session_id / "workspace")
+
+    async def __aenter__(self) -> Self:
+        if self._record is None:
+            await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._ephemeral and self._record is not None:
+            self._record = None
+            await ClaudeBox.cleanup_session(self._session_id, remove_workspace=True)
+
+    async def _open(self) -> None:
+        await pool.ensure_workers()
+        request = OpenRequest(
+            session_id=self._session_id,
+            mode="reconnect" if self._mode == "reconnect" else "create",
+            ephemeral=self._ephemeral,
+            sandbox=self._sandbox,
+        )
+        raw = await pool.call(
+            names.OPEN,
+            request.model_dump(mode="json"),
+            f"[session={self._session_id} mode={request.mode}]",
+            timeout_s=pool.settings().lock_wait_s + WAIT_MARGIN_S,
+        )
+        record = SessionRecord.model_validate(raw)
+        if self._workspace_dir is not None and not Path(record.workspace_path).is_relative_to(
+            self._workspace_dir
+        ):
+            raise InvalidRequestError(
+                f"workspace_dir={str(self._workspace_dir)!r} does not hold this pool's sessions "
+                f"(they live under {Path(record.workspace_path).parent.parent}); the workers' "
+                "CLAUDEBOX_HOME decides where sessions live"
+            )
+        self._record = record
+        self._ephemeral = record.ephemeral
+
+    async def code(
+        self,
+        prompt: str,
+        max_turns: int | None = None,
+        allowed_tools: list[str] | None = None,
+        disallowed_tools: list[str] | None = None,
+        *,
+        timeout_s: int | None = None,
+        agent: AgentName | None = None,
+    ) -> CodeResult:
+        """Run ``prompt`` in the session; the result says whether the agent succeeded."""
+        if self._record is None:
+            raise InvalidRequestError(
+                "this box is not open: use `async with ClaudeBox(...) as box:` or "
+                "`box = await ClaudeBox.reconnect(session_id)`"
+            )
+        current = pool.settings()
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidRequestError("the prompt is empty; say what the agent should do")
+        size = len(prompt.encode())
+        if size > current.max_prompt_bytes:
+            raise InvalidRequestError(
+                f"the prompt is {size} bytes, over the limit of {current.max_prompt_bytes} "
+                "(CLAUDEBOX_MAX_PROMPT_BYTES); put large inputs in the workspace instead"
+            )
+        request = CodeRequest(
+            session_id=self._session_id,
+            prompt=prompt,
+            agent=agent or self._agent,
+            max_turns=max_turns,
+            allowed_tools=tuple(allowed_tools or ()),
+            disallowed_tools=tuple(disallowed_tools or ()),
+            env=self._env,
+            timeout_s=timeout_s,
+            sandbox=self._sandbox,
+        )
+        shown = f"[session={self._session_id} agent={request.agent} prompt={_preview(prompt)}]"
+        wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
+        async with self._order:
+            raw = await pool.call(names.CODE, request.model_dump(mode="json"), shown, wait_s)
+        return CodeResult.model_validate(raw)
+
+    @classmethod
+    def reconnect(cls, session_id: str) -> _Reconnect:
+        """Continue an existing session: ``async with ClaudeBox.reconnect(id) as box`` or
+        ``box = await ClaudeBox.reconnect(id)``; SessionNotFoundError if there is none."""
+        box = cls(session_id)
+        box._mode = "reconnect"
+        return _Reconnect(box)
+
+    @staticmethod
+    def list_sessions() -> list[SessionRecord]:
+        """Every session of the pool (ephemeral ones included), oldest first."""
+        client = sync_redis(pool.settings())
+        try:
+            return read_all(client)
+        except (RedisError, OSError) as exc:
+            raise pool.unreachable(exc) from None
+        finally:
+            client.close()
+
+    @staticmethod
+    async def cleanup_session(session_id: str, remove_workspace: bool = False) -> CleanupResult:
+        """Remove the session's sandbox; with ``remove_workspace`` its files too.
+
+        Without it, the workspace, session.json and history stay for inspection.
+        """
+        request = CleanupRequest(
+            session_id=validate_session_id(session_id), remove_workspace=remove_workspace
+        )
+        await pool.ensure_workers()
+        current = pool.settings()
+        raw = await pool.call(
+            names.CLEANUP,
+            request.model_dump(mode="json"),
+            f"[session={session_id} remove_workspace={remove_workspace}]",
+            timeout_s=current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S,
+        )
+        return CleanupResult.model_validate(raw)
+
+    def __repr__(self) -> str:
+        kind = "ephemeral" if self._ephemeral else "persistent"
+        return f"<ClaudeBox {self._session_id!r} {kind}>"
+
+
+class _Reconnect:
+    """What ``ClaudeBox.reconnect`` returns: awaitable, and an async context manager."""
+
+    def __init__(self, box: ClaudeBox) -> None:
+        self._box = box
+
+    def __await__(self) -> Generator[Any, None, ClaudeBox]:
+        return self._box.__aenter__().__await__()
+
+    async def __aenter__(self) -> ClaudeBox:
+        return await self._box.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._box.__aexit__(exc_type, exc, tb)
+
+
+def _preview(prompt: str, limit: int = 60) -> str:
+    flat = " ".join(prompt.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+

@@ -1,0 +1,1 @@
+"""The contract between producers and workers: app, settings, names, keys, models, errors."""

@@ -1,0 +1,55 @@
+"""The Celery app both sides share, configured from :class:`tasks.settings.Settings`.
+
+The options below are chosen for long, stateful tasks (see the README's "Reliability" notes):
+late acks with requeue on a lost worker, one message prefetched at a time, and a Redis
+visibility timeout longer than any task may stay unacked, so that Redis never hands a running
+task to a second worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from tasks import names
+from tasks.settings import Settings, get_settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport = {"visibility_timeout": settings.visibility_timeout_s}
+    return {
+        "broker_url": settings.broker_url,
+        "result_backend": settings.result_backend,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": names.QUEUE,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_hijack_root_logger": False,
+        "task_soft_time_limit": settings.task_time_limit_s + 30,
+        "task_time_limit": settings.task_time_limit_s + 60,
+        "result_expires": settings.result_ttl_s,
+        "result_extended": True,
+        "enable_utc": True,
+    }
+
+
+def configure(settings: Settings | None = None) -> Celery:
+    """(Re)apply settings to the shared app; call it after changing the environment."""
+    app.conf.update(celery_config(settings or get_settings()))
+    return app
+
+
+app = Celery("claudebox")
+configure()

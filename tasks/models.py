@@ -1,0 +1,156 @@
+"""What crosses the queue and what lies on disk: payloads, results and the session record.
+
+Payloads are validated on both sides: the producer builds them (so a bad value fails before
+anything is queued) and the worker parses them (so a message from elsewhere is checked too).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from tasks.errors import InvalidSessionIdError
+from tasks.settings import AgentName
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+SessionStatus = Literal["created", "running", "stopped"]
+"""The guide's states: created (never run), running (a task holds it), stopped (between tasks)."""
+
+
+def validate_session_id(session_id: object) -> str:
+    """Return ``session_id`` if it follows the naming rules, else raise InvalidSessionIdError.
+
+    Called before an id touches a path or a Redis key.
+    """
+    if not isinstance(session_id, str) or not SESSION_ID_PATTERN.fullmatch(session_id):
+        raise InvalidSessionIdError(str(session_id))
+    return session_id
+
+
+SessionId = Annotated[str, AfterValidator(validate_session_id)]
+
+
+def utc_now() -> str:
+    """Now, in UTC, ISO-8601 without offset, as the guide shows it (2025-01-01T10:00:00.000000)."""
+    return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def iso_to_epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp).replace(tzinfo=UTC).timestamp()
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SandboxOptions(_Message):
+    """Per-session sandbox resources; unset values take the worker's settings."""
+
+    cpus: int | None = Field(default=None, gt=0)
+    memory_mib: int | None = Field(default=None, gt=0)
+    disk_size_gb: int | None = Field(default=None, gt=0)
+    template: str | None = Field(default=None, description="Sandbox image (boxlite runtime).")
+
+
+class OpenRequest(_Message):
+    """Create a session (``create``) or check that it exists (``reconnect``)."""
+
+    session_id: SessionId
+    mode: Literal["create", "reconnect"]
+    ephemeral: bool = False
+    sandbox: SandboxOptions = SandboxOptions()
+
+
+class CodeRequest(_Message):
+    session_id: SessionId
+    prompt: str
+    agent: AgentName
+    max_turns: int | None = Field(default=None, gt=0)
+    allowed_tools: tuple[str, ...] = ()
+    disallowed_tools: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout_s: int | None = Field(default=None, gt=0)
+    sandbox: SandboxOptions = SandboxOptions()
+    enqueued_at: float = Field(default_factory=time.time)
+
+
+class CleanupRequest(_Message):
+    session_id: SessionId
+    remove_workspace: bool
+    reason: str = "requested"
+    enqueued_at: float = Field(default_factory=time.time)
+
+
+class CodeResult(BaseModel):
+    """The outcome of one ``code`` call; the fields of ClaudeBox's result plus the pool's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    success: bool
+    response: str
+    exit_code: int
+    raw_output: str
+    error: str | None = None
+    duration_s: float
+    cost_usd: float = 0.0
+    num_turns: int = 0
+    session_id: str
+    task_id: str = ""
+    files_created: list[str] = Field(default_factory=list)
+
+
+class CleanupResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: str
+    removed_workspace: bool
+    removed_sandbox: bool
+
+
+class ReindexResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    indexed: int
+    dropped: int
+    corrupted: list[str] = Field(default_factory=list)
+
+
+class SessionRecord(BaseModel):
+    """A session's metadata: the content of session.json, and of its registry entry.
+
+    The first seven fields are the guide's; the rest are ClaudeBox 0.3's and the pool's.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    session_id: SessionId
+    box_id: str | None = None
+    created_at: str
+    updated_at: str
+    total_commands: int = 0
+    total_files_created: int = 0
+    workspace_path: str
+    status: SessionStatus = "created"
+    ephemeral: bool = False
+    runtime: str = ""
+    last_accessed: str
+    total_turns: int = 0
+    total_duration_ms: int = 0
+    total_cost_usd: float = 0.0
+    claude_session_id: str | None = None
+    sandbox: SandboxOptions = SandboxOptions()
+    node: str = ""
+    fence: int = 0
+
+
+class HistoryEntry(BaseModel):
+    """One line of history.jsonl."""
+
+    timestamp: str = Field(default_factory=utc_now)
+    action: str
+    context: dict[str, object] = Field(default_factory=dict)

@@ -1,0 +1,141 @@
+"""The ``claude`` agent: the real Claude Code CLI, run headless inside the sandbox.
+
+The command is an argv, never a shell string. The CLI's own home (``~/.claude``, where it keeps
+transcripts keyed by the working directory) is the session's agent home, so every ``code`` call
+after the first resumes the conversation with ``--resume`` from the same cwd. The CLI binary is
+bound read-only into the sandbox at :data:`CLI_GUEST_DIR`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from tasks.models import CodeRequest, SessionRecord
+from tasks.settings import Settings, default_cli_dir
+from workers.agents.base import (
+    BASE_ENV,
+    Agent,
+    AgentOutcome,
+    Invocation,
+)
+from workers.agents.stream import parse
+from workers.runtimes.base import ExecResult, Mount, Sandbox
+
+CLI_GUEST_DIR = "/opt/claude-code"
+CLI_ENV = {
+    "IS_SANDBOX": "1",
+    "DISABLE_TELEMETRY": "1",
+    "DISABLE_AUTOUPDATER": "1",
+    "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+}
+
+
+def find_cli(settings: Settings) -> Path | None:
+    """The CLI binary: the setting, else the pinned install, else ``claude`` on PATH."""
+    if settings.claude_cli is not None:
+        candidate: Path | None = settings.claude_cli.expanduser()
+    else:
+        pinned = default_cli_dir() / "node_modules" / ".bin" / "claude"
+        on_path = shutil.which("claude")
+        candidate = pinned if pinned.exists() else (Path(on_path) if on_path else None)
+    if candidate is None or not candidate.exists():
+        return None
+    return candidate.resolve()
+
+
+def build_argv(cli: str, request: CodeRequest, resume: str | None) -> list[str]:
+    argv = [
+        cli,
+        "-p",
+        request.prompt,
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--dangerously-skip-permissions",
+    ]
+    if request.max_turns is not None:
+        argv += ["--max-turns", str(request.max_turns)]
+    for tool in request.allowed_tools:
+        argv += ["--allowedTools", tool]
+    for tool in request.disallowed_tools:
+        argv += ["--disallowedTools", tool]
+    if resume:
+        argv += ["--resume", resume]
+    return argv
+
+
+class ClaudeAgent(Agent):
+    name = "claude"
+
+    def __init__(self, settings: Settings, model_env: dict[str, str] | None = None) -> None:
+        self.settings = settings
+        self.cli = find_cli(settings)
+        self.model_env = model_env if model_env is not None else credentials_env(settings)
+
+    def mounts(self) -> tuple[Mount, ...]:
+        if self.cli is None:
+            return ()
+        return (Mount(self.cli.parent, CLI_GUEST_DIR),)
+
+    def invocation(
+        self, request: CodeRequest, session: SessionRecord, sandbox: Sandbox
+    ) -> Invocation:
+        if self.cli is None:
+            raise FileNotFoundError(
+                "Claude Code CLI not found: run `claudebox-pool install-cli`, or set "
+                "CLAUDEBOX_CLAUDE_CLI to its path"
+            )
+        cli_mount = self.mounts()[0]
+        cli = f"{sandbox.path_of(cli_mount)}/{self.cli.name}"
+        env = {**BASE_ENV, **CLI_ENV, "HOME": sandbox.home, **request.env, **self.model_env}
+        return Invocation(build_argv(cli, request, session.claude_session_id), env)
+
+    def outcome(self, result: ExecResult, timeout_s: float) -> AgentOutcome:
+        summary = parse(result.stdout)
+        final = summary.result
+        stderr_tail = "\n".join(result.stderr_tail[-5:]).strip()
+        if result.cancelled or result.timed_out or final is None:
+            if result.cancelled:
+                why = "cancelled"
+            elif result.timed_out:
+                why = f"timed out after {timeout_s:.0f}s"
+            else:
+                why = f"the CLI exited {result.exit_code} without a result"
+            error = why + (f": {stderr_tail}" if stderr_tail else "")
+            return AgentOutcome(
+                success=False,
+                response=summary.response,
+                exit_code=result.exit_code,
+                raw_output=result.stdout + result.stderr,
+                error=error,
+                cli_session_id=summary.cli_session_id,
+            )
+        is_error = bool(final.get("is_error")) or result.exit_code != 0
+        cost = final.get("total_cost_usd")
+        turns = final.get("num_turns")
+        return AgentOutcome(
+            success=not is_error,
+            response=summary.response,
+            exit_code=result.exit_code,
+            raw_output=result.stdout + result.stderr,
+            error=summary.response if is_error else None,
+            num_turns=turns if isinstance(turns, int) else 0,
+            cost_usd=float(cost) if isinstance(cost, int | float) else 0.0,
+            cli_session_id=summary.cli_session_id,
+        )
+
+
+def credentials_env(settings: Settings) -> dict[str, str]:
+    """The model credential for the sandbox's environment (never a task message or argv)."""
+    env: dict[str, str] = {}
+    key = settings.anthropic_api_key
+    token = settings.claude_code_oauth_token
+    api_key = key.get_secret_value() if key else os.environ.get("ANTHROPIC_API_KEY")
+    oauth = token.get_secret_value() if token else os.environ.get("CLAUDE_CODE_OAUTH_TOKEN")
+    if api_key:
+        env["ANTHROPIC_API_KEY"] = api_key
+    if oauth:
+        env["CLAUDE_CODE_OAUTH_TOKEN"] = oauth
+    return env

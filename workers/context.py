@@ -1,0 +1,62 @@
+"""What a worker process holds for its whole life: settings, store, Redis, its runtime, agents.
+
+Built lazily once per process, so that each forked pool child makes its own (a boxlite runtime
+and a Redis connection must not be shared across a fork).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import redis
+
+from tasks.connections import sync_redis
+from tasks.settings import AgentName, Settings, get_settings
+from workers.agents.base import Agent
+from workers.agents.claude import ClaudeAgent
+from workers.agents.shell import ShellAgent
+from workers.runtimes.auto import choose
+from workers.runtimes.base import Runtime
+from workers.store import SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    node: str = field(default_factory=socket.gethostname)
+
+    @cached_property
+    def store(self) -> SessionStore:
+        return SessionStore(self.settings.sessions_root)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return sync_redis(self.settings)
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        choice = choose(self.settings.runtime)
+        log.info("runtime: %s", choice.reason)
+        return choice.runtime()
+
+    def agent(self, name: AgentName) -> Agent:
+        if name == "shell":
+            return ShellAgent()
+        return ClaudeAgent(self.settings)
+
+
+_contexts: dict[int, WorkerContext] = {}
+
+
+def context() -> WorkerContext:
+    pid = os.getpid()
+    if pid not in _contexts:
+        _contexts.clear()
+        _contexts[pid] = WorkerContext(get_settings())
+    return _contexts[pid]

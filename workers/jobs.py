@@ -1,0 +1,93 @@
+"""The task bodies: count the delivery, take the session's lock, do the work, release.
+
+A task that finds its session busy waits a moment for the lock, then gives its worker slot back
+and retries with backoff until ``CLAUDEBOX_LOCK_WAIT_S`` after it was sent, when it fails with
+SessionBusyError. A task delivered more than ``CLAUDEBOX_MAX_ATTEMPTS`` times (its worker died
+each time: ``task_reject_on_worker_lost`` requeues it) is failed rather than requeued forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Task
+
+from tasks import keys, names
+from tasks.app import app
+from tasks.errors import ClaudeBoxError, SessionBusyError, TaskAttemptsExceededError
+from tasks.models import CleanupRequest, CodeRequest, OpenRequest
+from workers import registry, sessions
+from workers.context import WorkerContext, context
+from workers.lock import SessionLock
+
+LOCK_POLL_S = 2.0
+"""How long a task holds its worker slot waiting for a busy session before it retries."""
+MAX_BACKOFF_S = 10.0
+
+
+@contextmanager
+def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
+    """Count this delivery of ``task_id``; the count survives only if the worker dies."""
+    key = keys.task_attempts(task_id)
+    attempt = int(ctx.redis.incr(key))
+    ctx.redis.expire(key, ctx.settings.visibility_timeout_s * 2)
+    try:
+        if attempt > ctx.settings.max_attempts:
+            raise TaskAttemptsExceededError(task_id, attempt - 1)
+        yield attempt
+    finally:
+        ctx.redis.delete(key)
+
+
+@contextmanager
+def session_lock(
+    task: Task[Any, Any], ctx: WorkerContext, session_id: str, enqueued_at: float
+) -> Iterator[SessionLock]:
+    lock = SessionLock(ctx.redis, session_id, ctx.settings.lock_ttl_s)
+    if not lock.acquire(LOCK_POLL_S):
+        waited = time.time() - enqueued_at
+        remaining = ctx.settings.lock_wait_s - waited
+        if remaining <= 0:
+            raise SessionBusyError(session_id, waited)
+        backoff = min(0.5 * 2 ** task.request.retries, MAX_BACKOFF_S, remaining)
+        raise task.retry(countdown=backoff, max_retries=None)
+    with lock:
+        yield lock
+
+
+@app.task(name=names.OPEN, bind=True, throws=(ClaudeBoxError,))
+def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request = OpenRequest.model_validate(payload)
+    ctx = context()
+    with session_lock(self, ctx, request.session_id, time.time()) as lock:
+        return sessions.open_session(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.CODE, bind=True, throws=(ClaudeBoxError,))
+def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request = CodeRequest.model_validate(payload)
+    ctx = context()
+    task_id = self.request.id or ""
+    with (
+        counted_delivery(ctx, task_id) as attempt,
+        session_lock(self, ctx, request.session_id, request.enqueued_at) as lock,
+    ):
+        result = sessions.run_code(ctx, request, lock, task_id, attempt)
+    return result.model_dump(mode="json")
+
+
+@app.task(name=names.CLEANUP, bind=True, throws=(ClaudeBoxError,))
+def cleanup(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request = CleanupRequest.model_validate(payload)
+    ctx = context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        return sessions.cleanup_session(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.REINDEX, throws=(ClaudeBoxError,))
+def reindex() -> dict[str, Any]:
+    ctx = context()
+    return registry.reindex(ctx.redis, ctx.store).model_dump(mode="json")

@@ -1,0 +1,129 @@
+"""The interface every runtime implements: open a sandbox for a session, run commands in it.
+
+A runtime is created once per worker process. ``open`` gives a :class:`Sandbox` for one task;
+``exec`` runs one command in it with the session's workspace at :attr:`Sandbox.workdir`.
+``remove`` drops what a runtime keeps for a session between tasks (a boxlite box); for
+runtimes that keep nothing it is a no-op.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Self
+
+LineSink = Callable[[str, str], None]
+"""Called with ("stdout" | "stderr", line) for every line a command prints, as it prints it."""
+
+WORKSPACE = "/workspace"
+"""Where a sandbox sees the session's workspace."""
+AGENT_HOME = "/root"
+"""Where a sandbox sees the session's agent home (the CLI's ~/.claude lives there)."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Whether a runtime can run on this host, and why (one line a user can act on)."""
+
+    ok: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Mount:
+    host: Path
+    guest: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a session's sandbox is made of."""
+
+    session_id: str
+    workspace: Path
+    home: Path
+    cpus: int
+    memory_mib: int
+    disk_size_gb: int
+    image: str | None = None
+    mounts: tuple[Mount, ...] = ()
+    persistent: bool = True
+
+
+@dataclass
+class ExecResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_s: float
+    timed_out: bool = False
+    cancelled: bool = False
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+class Sandbox(ABC):
+    """One session's sandbox for the length of a task."""
+
+    workdir: str = WORKSPACE
+    home: str = AGENT_HOME
+
+    def __init__(self, spec: SandboxSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def exec(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        timeout_s: float,
+        on_line: LineSink | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` in the sandbox, cwd at the workspace; never raises for a non-zero exit.
+
+        Output is read from both pipes as it comes; at ``timeout_s`` or when ``cancel`` is set
+        the command and everything it started are killed.
+        """
+
+    def path_of(self, mount: Mount) -> str:
+        """Where the sandbox's processes see ``mount``."""
+        return mount.guest
+
+    def close(self) -> None:
+        """Release the sandbox at the end of a task (stop a VM, keep its disk)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Runtime(ABC):
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def probe(cls) -> Probe:
+        """Can this runtime run here? Cheap enough to call at worker start."""
+
+    @abstractmethod
+    def open(self, spec: SandboxSpec) -> Sandbox:
+        """A sandbox for one task of ``spec.session_id``."""
+
+    def remove(self, session_id: str) -> bool:
+        """Drop what is kept for the session between tasks; True if something was removed."""
+        return False
+
+    def close(self) -> None:
+        """Release the runtime at worker shutdown."""

@@ -1,0 +1,113 @@
+"""Running a host process to completion: both pipes read as they fill, one deadline, kill all.
+
+Used by the runtimes that start a host process per command (bwrap, local).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import IO
+
+from workers.runtimes.base import ExecResult, LineSink
+
+OUTPUT_LIMIT_BYTES = 4_000_000
+STDERR_TAIL_LINES = 20
+
+
+class _Collector:
+    """Keeps the last ``limit`` bytes of a stream's lines."""
+
+    def __init__(self, limit: int) -> None:
+        self.lines: deque[str] = deque()
+        self.size = 0
+        self.limit = limit
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        self.size += len(line)
+        while self.size > self.limit and len(self.lines) > 1:
+            self.size -= len(self.lines.popleft())
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def _pump(stream: IO[bytes], name: str, into: _Collector, on_line: LineSink | None) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        into.add(line)
+        if on_line is not None:
+            on_line(name, line.rstrip("\n"))
+    stream.close()
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_process(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str,
+    timeout_s: float,
+    on_line: LineSink | None = None,
+    cancel: threading.Event | None = None,
+    output_limit: int = OUTPUT_LIMIT_BYTES,
+) -> ExecResult:
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        list(argv),
+        env=dict(env),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = _Collector(output_limit), _Collector(output_limit)
+    pumps = [
+        threading.Thread(target=_pump, args=(proc.stdout, "stdout", out, on_line), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr, "stderr", err, on_line), daemon=True),
+    ]
+    for pump in pumps:
+        pump.start()
+    deadline = started + timeout_s
+    timed_out = cancelled = False
+    while True:
+        try:
+            proc.wait(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+            elif time.monotonic() >= deadline:
+                timed_out = True
+            else:
+                continue
+            _kill_group(proc)
+            proc.wait()
+            break
+    # Children that outlive the main process keep the pipes open; do not wait for them.
+    _kill_group(proc)
+    for pump in pumps:
+        pump.join(timeout=5)
+    stderr = err.text()
+    return ExecResult(
+        exit_code=proc.returncode,
+        stdout=out.text(),
+        stderr=stderr,
+        duration_s=time.monotonic() - started,
+        timed_out=timed_out,
+        cancelled=cancelled,
+        stderr_tail=stderr.splitlines()[-STDERR_TAIL_LINES:],
+    )

@@ -1,0 +1,205 @@
+"""What each task does to a session once it holds the session's lock.
+
+Every write goes through the store with the lock's ``check`` as its guard, and the registry is
+updated after the disk, so that the registry never shows what the disk does not hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tasks.models import (
+    CleanupRequest,
+    CleanupResult,
+    CodeRequest,
+    CodeResult,
+    HistoryEntry,
+    OpenRequest,
+    SandboxOptions,
+    SessionRecord,
+    utc_now,
+)
+from workers import registry
+from workers.agents.base import AgentOutcome
+from workers.context import WorkerContext
+from workers.lock import SessionLock
+from workers.runtimes.base import SandboxSpec
+
+log = logging.getLogger(__name__)
+
+PROMPT_IN_HISTORY_CHARS = 10_000
+
+
+def open_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
+    """Create the session, or return the existing one for a reconnect."""
+    if request.mode == "reconnect":
+        return ctx.store.load(request.session_id)
+    now = utc_now()
+    record = SessionRecord(
+        session_id=request.session_id,
+        created_at=now,
+        updated_at=now,
+        last_accessed=now,
+        workspace_path=str(ctx.store.paths(request.session_id).workspace),
+        ephemeral=request.ephemeral,
+        runtime=ctx.runtime.name,
+        sandbox=request.sandbox,
+        node=ctx.node,
+        fence=lock.fence,
+    )
+    ctx.store.create(record)
+    registry.put(ctx.redis, record)
+    return record
+
+
+def sandbox_spec(ctx: WorkerContext, record: SessionRecord, override: SandboxOptions) -> SandboxSpec:
+    def pick(name: str) -> int:
+        value = getattr(override, name) or getattr(record.sandbox, name)
+        return int(value if value is not None else getattr(ctx.settings, name))
+
+    paths = ctx.store.paths(record.session_id)
+    return SandboxSpec(
+        session_id=record.session_id,
+        workspace=paths.workspace,
+        home=paths.agent_home,
+        cpus=pick("cpus"),
+        memory_mib=pick("memory_mib"),
+        disk_size_gb=pick("disk_size_gb"),
+        image=override.template or record.sandbox.template,
+        persistent=not record.ephemeral,
+    )
+
+
+def run_code(
+    ctx: WorkerContext, request: CodeRequest, lock: SessionLock, task_id: str, attempt: int
+) -> CodeResult:
+    store, guard = ctx.store, lock.check
+    record = store.load(request.session_id)
+    record = record.model_copy(
+        update={"status": "running", "last_accessed": utc_now(), "fence": lock.fence}
+    )
+    store.save(record, guard)
+    registry.put(ctx.redis, record)
+    if attempt > 1:
+        store.append_history(
+            request.session_id,
+            HistoryEntry(action="attempt_interrupted", context={"task_id": task_id}),
+            guard,
+        )
+
+    agent = ctx.agent(request.agent)
+    spec = sandbox_spec(ctx, record, request.sandbox)
+    spec = SandboxSpec(**{**spec.__dict__, "mounts": spec.mounts + agent.mounts()})
+    timeout_s = float(min(request.timeout_s or ctx.settings.task_time_limit_s,
+                          ctx.settings.task_time_limit_s))
+    before = store.workspace_files(request.session_id)
+    started = time.monotonic()
+    try:
+        with ctx.runtime.open(spec) as sandbox:
+            invocation = agent.invocation(request, record, sandbox)
+            executed = sandbox.exec(invocation.argv, invocation.env, timeout_s, cancel=lock.lost)
+        outcome = agent.outcome(executed, timeout_s)
+    except FileNotFoundError as exc:
+        outcome = agent_missing(str(exc))
+    duration_s = time.monotonic() - started
+    lock.check()
+    created = sorted(store.workspace_files(request.session_id) - before)
+
+    now = utc_now()
+    record = record.model_copy(
+        update={
+            "status": "stopped",
+            "updated_at": now,
+            "last_accessed": now,
+            "total_commands": record.total_commands + 1,
+            "total_files_created": record.total_files_created + len(created),
+            "total_turns": record.total_turns + outcome.num_turns,
+            "total_duration_ms": record.total_duration_ms + int(duration_s * 1000),
+            "total_cost_usd": record.total_cost_usd + outcome.cost_usd,
+            "claude_session_id": outcome.cli_session_id or record.claude_session_id,
+        }
+    )
+    entries = [
+        HistoryEntry(
+            action="code_execution",
+            context={
+                "prompt": request.prompt[:PROMPT_IN_HISTORY_CHARS],
+                "success": outcome.success,
+                "exit_code": outcome.exit_code,
+                "duration_s": round(duration_s, 3),
+                "agent": request.agent,
+                "task_id": task_id,
+                **({"error": outcome.error} if outcome.error else {}),
+                **({"env_keys": sorted(request.env)} if request.env else {}),
+            },
+        ),
+        *(HistoryEntry(action="file_created", context={"file": name}) for name in created),
+        *(HistoryEntry(action=action, context=context) for action, context in outcome.events),
+    ]
+    store.append_history_many(request.session_id, entries, guard)
+    store.save(record, guard)
+    registry.put(ctx.redis, record)
+    return CodeResult(
+        success=outcome.success,
+        response=outcome.response,
+        exit_code=outcome.exit_code,
+        raw_output=_tail(outcome.raw_output, ctx.settings.max_output_bytes),
+        error=outcome.error,
+        duration_s=round(duration_s, 3),
+        cost_usd=outcome.cost_usd,
+        num_turns=outcome.num_turns,
+        session_id=request.session_id,
+        task_id=task_id,
+        files_created=created,
+    )
+
+
+def cleanup_session(
+    ctx: WorkerContext, request: CleanupRequest, lock: SessionLock
+) -> CleanupResult:
+    store, guard = ctx.store, lock.check
+    record = store.load(request.session_id)
+    removed_sandbox = ctx.runtime.remove(request.session_id)
+    if request.remove_workspace:
+        store.remove(request.session_id, guard)
+        registry.drop(ctx.redis, request.session_id)
+        log.info("removed session %s (%s)", request.session_id, request.reason)
+    else:
+        now = utc_now()
+        record = record.model_copy(
+            update={"status": "stopped", "box_id": None, "updated_at": now, "fence": lock.fence}
+        )
+        store.append_history(
+            request.session_id,
+            HistoryEntry(
+                action="cleanup",
+                context={
+                    "remove_workspace": False,
+                    "removed_sandbox": removed_sandbox,
+                    "reason": request.reason,
+                },
+            ),
+            guard,
+        )
+        store.save(record, guard)
+        registry.put(ctx.redis, record)
+    return CleanupResult(
+        session_id=request.session_id,
+        removed_workspace=request.remove_workspace,
+        removed_sandbox=removed_sandbox,
+    )
+
+
+def agent_missing(message: str) -> AgentOutcome:
+    return AgentOutcome(
+        success=False, response="", exit_code=127, raw_output="", error=message
+    )
+
+
+def _tail(text: str, limit: int) -> str:
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[-limit:].decode("utf-8", errors="ignore")
+

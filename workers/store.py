@@ -1,0 +1,208 @@
+"""Sessions on disk, the source of truth: the seed's layout, atomic metadata, append-only history.
+
+::
+
+    <root>/<session_id>/workspace/                 the files the agent works on
+    <root>/<session_id>/.claudebox/session.json    SessionRecord, replaced atomically
+    <root>/<session_id>/.claudebox/history.jsonl   one HistoryEntry a line, appended
+    <root>/<session_id>/.claudebox/agent-home/     the agent's $HOME (Claude Code's ~/.claude)
+
+Every write takes a ``guard``: a callable that raises LockLostError when the caller no longer
+holds the session's lock. session.json also carries the fencing number of the lock holder that
+wrote it, so that a writer whose lock expired while it stalled cannot overwrite a newer holder's
+record even if it slipped past the guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from tasks.errors import (
+    LockLostError,
+    SessionAlreadyExistsError,
+    SessionCorruptedError,
+    SessionNotFoundError,
+)
+from tasks.models import HistoryEntry, SessionRecord, validate_session_id
+
+Guard = Callable[[], None]
+"""Raises LockLostError when the caller's session lock is gone; called before every write."""
+
+META_DIR = ".claudebox"
+IGNORED_IN_WORKSPACE = frozenset({".git"})
+
+
+def unguarded() -> None:
+    """For writes made where no lock exists yet or none is needed (tests, reindex)."""
+
+
+@dataclass(frozen=True)
+class SessionPaths:
+    root: Path
+    workspace: Path
+    meta: Path
+    session_json: Path
+    history: Path
+    agent_home: Path
+
+
+class SessionStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def paths(self, session_id: str) -> SessionPaths:
+        root = self.root / validate_session_id(session_id)
+        meta = root / META_DIR
+        return SessionPaths(
+            root=root,
+            workspace=root / "workspace",
+            meta=meta,
+            session_json=meta / "session.json",
+            history=meta / "history.jsonl",
+            agent_home=meta / "agent-home",
+        )
+
+    def exists(self, session_id: str) -> bool:
+        return self.paths(session_id).root.is_dir()
+
+    def ids(self) -> Iterator[str]:
+        """Ids of every session directory under the root, valid names only."""
+        if not self.root.is_dir():
+            return
+        for entry in os.scandir(self.root):
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    yield validate_session_id(entry.name)
+                except ValueError:
+                    continue
+
+    def create(self, record: SessionRecord) -> SessionRecord:
+        """Lay out a new session; SessionAlreadyExistsError if the directory is there already."""
+        paths = self.paths(record.session_id)
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            paths.root.mkdir()
+        except FileExistsError:
+            raise SessionAlreadyExistsError(record.session_id) from None
+        for directory in (paths.workspace, paths.meta, paths.agent_home):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.save(record, unguarded)
+        self.append_history(
+            record.session_id,
+            HistoryEntry(action="session_created", context={"session_id": record.session_id}),
+            unguarded,
+        )
+        return record
+
+    def load(self, session_id: str) -> SessionRecord:
+        paths = self.paths(session_id)
+        if not paths.root.is_dir():
+            raise SessionNotFoundError(session_id)
+        try:
+            raw = paths.session_json.read_bytes()
+        except FileNotFoundError:
+            raise SessionCorruptedError(session_id, str(paths.session_json), "is missing") from None
+        except OSError as exc:
+            raise SessionCorruptedError(
+                session_id, str(paths.session_json), f"cannot be read ({exc.strerror})"
+            ) from None
+        try:
+            return SessionRecord.model_validate_json(raw)
+        except ValidationError as exc:
+            problem = "is not valid JSON" if _is_json_error(exc) else "lacks required fields"
+            raise SessionCorruptedError(session_id, str(paths.session_json), problem) from None
+
+    def save(self, record: SessionRecord, guard: Guard) -> None:
+        """Replace session.json atomically (temp file, fsync, rename) after the guard's check."""
+        paths = self.paths(record.session_id)
+        guard()
+        on_disk = _fence_on_disk(paths.session_json)
+        if on_disk > record.fence:
+            raise LockLostError(record.session_id)
+        data = record.model_dump_json(indent=2).encode()
+        fd, tmp = tempfile.mkstemp(dir=paths.meta, prefix=".session.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, paths.session_json)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def append_history(self, session_id: str, entry: HistoryEntry, guard: Guard) -> None:
+        self.append_history_many(session_id, [entry], guard)
+
+    def append_history_many(
+        self, session_id: str, entries: list[HistoryEntry], guard: Guard
+    ) -> None:
+        """Append whole lines in one write, so that a crash never leaves half a line behind."""
+        if not entries:
+            return
+        paths = self.paths(session_id)
+        guard()
+        data = "".join(entry.model_dump_json() + "\n" for entry in entries).encode()
+        fd = os.open(paths.history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def history(self, session_id: str) -> list[HistoryEntry]:
+        paths = self.paths(session_id)
+        entries = []
+        try:
+            with paths.history.open(encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        entries.append(HistoryEntry.model_validate_json(line))
+        except FileNotFoundError:
+            return []
+        return entries
+
+    def workspace_files(self, session_id: str) -> set[str]:
+        """Relative paths of the regular files and links in the workspace (.git left out)."""
+        workspace = self.paths(session_id).workspace
+        found: set[str] = set()
+        stack = [workspace]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in IGNORED_IN_WORKSPACE:
+                        stack.append(Path(entry.path))
+                else:
+                    found.add(str(Path(entry.path).relative_to(workspace)))
+        return found
+
+    def remove(self, session_id: str, guard: Guard) -> None:
+        """Delete the session directory; links inside it are removed, never followed."""
+        paths = self.paths(session_id)
+        guard()
+        shutil.rmtree(paths.root, ignore_errors=False)
+
+
+def _fence_on_disk(path: Path) -> int:
+    try:
+        value = json.loads(path.read_bytes()).get("fence", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) else 0
+
+
+def _is_json_error(exc: ValidationError) -> bool:
+    return any(error["type"] == "json_invalid" for error in exc.errors())
