@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 
 from tasks import names
+from tasks.schedule import beat_schedule
 from tasks.settings import Settings, get_settings
 
 
@@ -42,6 +43,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_expires": settings.result_ttl_s,
         "result_extended": True,
         "enable_utc": True,
+        "beat_schedule": beat_schedule(settings),
     }
 
 

@@ -9,6 +9,7 @@ Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
     claudebox:fence:<session>         int    fencing counter, bumped at each lock acquisition
     claudebox:attempts:<task id>      int    deliveries of one task, against redelivery loops
     claudebox:workers                 zset   worker hostname scored by last heartbeat
+    claudebox:workers:info            hash   worker hostname -> WorkerInfo JSON
 """
 
 from typing import Final
@@ -38,3 +39,7 @@ def task_attempts(task_id: str) -> str:
 
 def workers() -> str:
     return f"{PREFIX}workers"
+
+
+def worker_info() -> str:
+    return f"{PREFIX}workers:info"

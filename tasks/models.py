@@ -154,3 +154,17 @@ class HistoryEntry(BaseModel):
     timestamp: str = Field(default_factory=utc_now)
     action: str
     context: dict[str, object] = Field(default_factory=dict)
+
+
+class WorkerInfo(BaseModel):
+    """What a worker tells about itself at start, for `claudebox-pool doctor` and operators."""
+
+    hostname: str
+    node: str
+    pid: int
+    runtime: str
+    runtime_reason: str
+    sessions_root: str
+    claude_cli: str | None = None
+    claude_version: str | None = None
+    started_at: str = Field(default_factory=utc_now)

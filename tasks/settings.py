@@ -57,9 +57,9 @@ class Settings(BaseSettings):
         "(boxlite where hardware virtualisation exists, else bwrap); `local` is dev only.",
     )
     agent: AgentName = Field(
-        default="claude",
-        description="Default agent: `claude` (Claude Code CLI) or `shell` (the prompt is run "
-        "by `sh -c`).",
+        default="shell",
+        description="Default agent of producers: `shell` (the prompt is run by `sh -c`; works "
+        "offline) or `claude` (Claude Code CLI; needs a model credential on the workers).",
     )
     task_time_limit_s: int = Field(
         default=3600,
@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Agent output kept in a result (`raw_output`); the tail is kept beyond it.",
     )
+    reindex_every_s: int = Field(
+        default=3600,
+        gt=0,
+        description="How often beat has the registry rebuilt from disk.",
+    )
     worker_heartbeat_s: int = Field(
         default=5,
         gt=0,
@@ -119,6 +124,11 @@ class Settings(BaseSettings):
         default=None,
         description="Claude Code OAuth token (else the worker's `CLAUDE_CODE_OAUTH_TOKEN`).",
     )
+    flower_basic_auth: SecretStr | None = Field(
+        default=None,
+        description="`user:password` Flower requires; `claudebox-pool flower` refuses to start "
+        "without it unless `--insecure-dev`.",
+    )
     cpus: int = Field(default=2, gt=0, description="Default vCPUs of a session's sandbox.")
     memory_mib: int = Field(
         default=2048, gt=0, description="Default memory of a session's sandbox (MiB)."
@@ -126,6 +136,29 @@ class Settings(BaseSettings):
     disk_size_gb: int = Field(
         default=10, gt=0, description="Default disk of a session's micro-VM (GB)."
     )
+    boxlite_image: str | None = Field(
+        default=None,
+        description="Image of the boxlite runtime's micro-VMs: a local OCI image layout "
+        "directory (built by `deploy/image/build.sh`, no registry needed) or a registry image "
+        "name; default: `<home>/images/claudebox-sandbox` when that directory exists.",
+    )
+    boxlite_home: Path | None = Field(
+        default=None,
+        description="Where boxlite keeps VM disks and its image cache (put it on a local "
+        "disk); default: `<home>/boxlite`. Each worker process takes its own "
+        "`<hostname>/slot-<n>` below it, as boxlite allows one runtime per directory.",
+    )
+    boxlite_start_timeout_s: int = Field(
+        default=120,
+        gt=0,
+        description="Longest a session's micro-VM may take to start (image import and boot) "
+        "before the task fails.",
+    )
+
+    @field_validator("anthropic_api_key", "claude_code_oauth_token", "flower_basic_auth", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("home", mode="after")
     @classmethod

@@ -17,12 +17,16 @@ import redis
 
 from tasks import keys
 from tasks.app import configure
-from tasks.settings import get_settings
+from tasks.settings import default_cli_dir, get_settings
 from tests.support.processes import RedisServer, Worker
 
 _BASE = Path(tempfile.mkdtemp(prefix="claudebox-tests-"))
 HOME = _BASE / "home"
 HOME.mkdir()
+# Found before the tests move HOME: the pinned CLI that scripts/setup installed, if any.
+CLAUDE_CLI = os.environ.get("CLAUDEBOX_CLAUDE_CLI") or str(
+    default_cli_dir() / "node_modules" / ".bin" / "claude"
+)
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +49,7 @@ def pool_env(redis_server: RedisServer) -> dict[str, str]:
         "CLAUDEBOX_AGENT": "shell",
         "CLAUDEBOX_LOCK_TTL_S": "10",
         "CLAUDEBOX_WORKER_HEARTBEAT_S": "1",
+        "CLAUDEBOX_CLAUDE_CLI": CLAUDE_CLI,
     }
     for name in list(os.environ):
         if name.startswith("CLAUDEBOX_"):
@@ -79,7 +84,9 @@ def start_workers(
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.terminate()
+    for worker in started:
+        worker.wait_stopped()
 
 
 @pytest.fixture(scope="module")

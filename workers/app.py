@@ -8,6 +8,7 @@ waiting forever, and a reconciliation of the session registry with the disk at s
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -18,8 +19,11 @@ from celery.worker import WorkController
 import workers.jobs  # noqa: F401  (registers the task bodies)
 from tasks import keys
 from tasks.app import app
+from tasks.models import WorkerInfo
 from workers import registry
+from workers.agents.claude import cli_version, find_cli
 from workers.context import context
+from workers.runtimes.auto import choose
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,9 @@ class Heartbeat(bootsteps.StartStopStep):
     def stop(self, worker: WorkController) -> None:
         if self.tref is not None:
             self.tref.cancel()
-        context().redis.zrem(keys.workers(), worker.hostname)
+        client = context().redis
+        client.zrem(keys.workers(), worker.hostname)
+        client.hdel(keys.worker_info(), worker.hostname)
 
     @staticmethod
     def beat(worker: WorkController) -> None:
@@ -55,10 +61,30 @@ app.steps["worker"].add(Heartbeat)
 _ready = threading.Event()
 
 
+def describe(hostname: str) -> WorkerInfo:
+    ctx = context()
+    choice = choose(ctx.settings.runtime)
+    cli = find_cli(ctx.settings)
+    return WorkerInfo(
+        hostname=hostname,
+        node=ctx.node,
+        pid=os.getpid(),
+        runtime=choice.runtime.name,
+        runtime_reason=choice.reason,
+        sessions_root=str(ctx.store.root),
+        claude_cli=str(cli) if cli else None,
+        claude_version=cli_version(cli) if cli else None,
+    )
+
+
 @signals.worker_ready.connect
 def reconcile(sender: Any = None, **_: Any) -> None:
     ctx = context()
-    log.info("runtime: %s", ctx.runtime.name)
+    hostname = getattr(sender, "hostname", ctx.node)
+    info = describe(hostname)
+    log.info("runtime: %s", info.runtime_reason)
+    log.info("claude CLI: %s (%s)", info.claude_cli or "not found", info.claude_version or "-")
+    ctx.redis.hset(keys.worker_info(), hostname, info.model_dump_json())
     result = registry.reindex(ctx.redis, ctx.store)
     log.info(
         "registry reconciled with %s: %d sessions, %d stale entries dropped, %d corrupted",

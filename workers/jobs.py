@@ -88,6 +88,6 @@ def cleanup(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.task(name=names.REINDEX, throws=(ClaudeBoxError,))
-def reindex() -> dict[str, Any]:
+def reindex(payload: dict[str, Any] | None = None) -> dict[str, Any]:
     ctx = context()
     return registry.reindex(ctx.redis, ctx.store).model_dump(mode="json")

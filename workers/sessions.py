@@ -94,6 +94,7 @@ def run_code(
     timeout_s = float(min(request.timeout_s or ctx.settings.task_time_limit_s,
                           ctx.settings.task_time_limit_s))
     before = store.workspace_files(request.session_id)
+    started_at = utc_now()
     started = time.monotonic()
     try:
         with ctx.runtime.open(spec) as sandbox:
@@ -128,6 +129,7 @@ def run_code(
                 "success": outcome.success,
                 "exit_code": outcome.exit_code,
                 "duration_s": round(duration_s, 3),
+                "started_at": started_at,
                 "agent": request.agent,
                 "task_id": task_id,
                 **({"error": outcome.error} if outcome.error else {}),

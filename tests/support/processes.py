@@ -54,13 +54,20 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 "redis-server",
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--dir", str(self.directory),
-                "--save", "",
-                "--appendonly", "yes" if self.appendonly else "no",
-                "--maxmemory-policy", "noeviction",
-                "--logfile", str(self.directory / "redis.log"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--maxmemory-policy",
+                "noeviction",
+                "--logfile",
+                str(self.directory / "redis.log"),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -103,12 +110,22 @@ class Worker:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-                "--hostname", self.hostname,
-                "--concurrency", str(self.concurrency),
-                "--queues", ",".join(self.queues),
-                "--loglevel", "INFO",
-                "--without-gossip", "--without-mingle",
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "worker",
+                "--hostname",
+                self.hostname,
+                "--concurrency",
+                str(self.concurrency),
+                "--queues",
+                ",".join(self.queues),
+                "--loglevel",
+                "INFO",
+                "--without-gossip",
+                "--without-mingle",
             ],
             env=self.env,
             cwd=REPO,
@@ -132,10 +149,14 @@ class Worker:
         except FileNotFoundError:
             return ""
 
-    def stop(self, timeout_s: float = 30) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+    def terminate(self) -> None:
+        """Ask for Celery's warm shutdown: running tasks finish, then the worker exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_stopped(self, timeout_s: float = 30) -> None:
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -145,6 +166,10 @@ class Worker:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def stop(self, timeout_s: float = 30) -> None:
+        self.terminate()
+        self.wait_stopped(timeout_s)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

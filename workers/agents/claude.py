@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from tasks.models import CodeRequest, SessionRecord
@@ -43,6 +44,18 @@ def find_cli(settings: Settings) -> Path | None:
     if candidate is None or not candidate.exists():
         return None
     return candidate.resolve()
+
+
+def cli_version(cli: Path) -> str | None:
+    """``claude --version``'s first word, or None if it does not answer."""
+    try:
+        done = subprocess.run(
+            [str(cli), "--version"], capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    words = done.stdout.split()
+    return words[0] if done.returncode == 0 and words else None
 
 
 def build_argv(cli: str, request: CodeRequest, resume: str | None) -> list[str]:

@@ -1,0 +1,315 @@
+"""The ``claudebox-pool`` command.
+
+Exit codes scripts can rely on: 0 done; 1 the work ran and failed (an agent's non-zero exit, a
+failed job); 2 a usage mistake (bad id, unknown session, refused input); 3 the pool cannot be
+reached (no Redis, no worker). A user mistake is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from producer import local_pool
+from producer.batch import run_batch
+from producer.client import ClaudeBox
+from producer.doctor import doctor_report
+from tasks import names
+from tasks.app import app as celery_app
+from tasks.errors import (
+    ClaudeBoxError,
+    PoolUnavailableError,
+    SessionNotFoundError,
+)
+from tasks.models import ReindexResult, validate_session_id
+from tasks.settings import CLAUDE_CLI_VERSION, AgentName, default_cli_dir, get_settings
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+cli = typer.Typer(
+    name="claudebox-pool",
+    help="ClaudeBox sessions served by a pool of Celery workers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+sessions_cli = typer.Typer(help="List, inspect, clean up and reindex sessions.", no_args_is_help=True)
+cli.add_typer(sessions_cli, name="sessions")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a producer call; turn its errors into a message and an exit code."""
+    try:
+        return asyncio.run(coroutine)
+    except PoolUnavailableError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    except ClaudeBoxError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def guarded(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except PoolUnavailableError as exc:
+        fail(str(exc), EXIT_UNAVAILABLE)
+    except ClaudeBoxError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def exec_celery(arguments: list[str], env: dict[str, str] | None = None) -> NoReturn:
+    """Replace this process with ``python -m celery ...`` (signals then reach Celery directly)."""
+    argv = [sys.executable, "-m", "celery", *arguments]
+    os.execvpe(argv[0], argv, {**os.environ, **(env or {})})
+
+
+@cli.command()
+def worker(
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-c", help="Task slots (default: CPUs).")
+    ] = None,
+    hostname: Annotated[str | None, typer.Option(help="Worker name, e.g. w1@%h.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Start a worker of the pool (a Celery worker with claudebox's app and options)."""
+    from workers.runtimes.auto import choose  # a verb that starts a worker may look at workers
+
+    choice = guarded(lambda: choose(get_settings().runtime))
+    err.print(f"runtime: {choice.reason}", highlight=False)
+    arguments = ["-A", "workers.app", "worker", "--queues", names.QUEUE, "--loglevel", loglevel]
+    arguments += ["--without-gossip", "--without-mingle"]
+    if concurrency is not None:
+        arguments += ["--concurrency", str(concurrency)]
+    if hostname is not None:
+        arguments += ["--hostname", hostname]
+    exec_celery(arguments)
+
+
+@cli.command()
+def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
+    """Start the scheduler (run exactly one per pool)."""
+    schedule = get_settings().home / "run" / "celerybeat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    exec_celery(["-A", "tasks.app", "beat", "--loglevel", loglevel, "--schedule", str(schedule)])
+
+
+@cli.command()
+def flower(
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    insecure_dev: Annotated[
+        bool, typer.Option("--insecure-dev", help="Allow no authentication (development only).")
+    ] = False,
+) -> None:
+    """Start Flower on the pool, with basic auth (CLAUDEBOX_FLOWER_BASIC_AUTH=user:password)."""
+    auth = get_settings().flower_basic_auth
+    env: dict[str, str] = {}
+    if auth is not None:
+        # Through the environment, not argv, where any local user could read it.
+        env["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
+    elif not insecure_dev:
+        fail(
+            "Flower needs credentials: set CLAUDEBOX_FLOWER_BASIC_AUTH=user:password "
+            "(or pass --insecure-dev on a machine only you can reach)",
+            EXIT_USAGE,
+        )
+    exec_celery(["-A", "tasks.app", "flower", f"--port={port}", f"--address={address}"], env)
+
+
+@cli.command()
+def code(
+    session_id: Annotated[str, typer.Argument(help="Session id (created if it does not exist).")],
+    prompt: Annotated[str, typer.Argument(help="What the agent should do.")],
+    agent: Annotated[
+        str | None, typer.Option(help="Agent: claude or shell (default CLAUDEBOX_AGENT).")
+    ] = None,
+    max_turns: Annotated[int | None, typer.Option(help="Agent turns at most (claude).")] = None,
+    timeout: Annotated[int | None, typer.Option(help="Seconds before the agent is stopped.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+) -> None:
+    """Run one prompt in a session and print the agent's response."""
+    if agent not in (None, "claude", "shell"):
+        fail(f"unknown agent {agent!r}: use claude or shell", EXIT_USAGE)
+    chosen: AgentName | None = "claude" if agent == "claude" else "shell" if agent else None
+
+    async def go() -> Any:
+        validate_session_id(session_id)
+        try:
+            box = await ClaudeBox.reconnect(session_id)
+        except SessionNotFoundError:
+            box = ClaudeBox(session_id=session_id)
+        async with box:
+            return await box.code(prompt, max_turns=max_turns, timeout_s=timeout, agent=chosen)
+
+    result = run(go())
+    if as_json:
+        out.print_json(result.model_dump_json())
+    else:
+        sys.stdout.write(result.response)
+        if result.response and not result.response.endswith("\n"):
+            sys.stdout.write("\n")
+        if not result.success:
+            err.print(f"[red]failed:[/] {result.error}", highlight=False)
+    raise typer.Exit(0 if result.success else EXIT_FAILED)
+
+
+@cli.command()
+def submit(
+    jobs_file: Annotated[Path, typer.Argument(help="Jobs, one JSON object a line (.jsonl).")],
+    results: Annotated[Path, typer.Option(help="Where to write one result a line.")] = Path(
+        "results.jsonl"
+    ),
+    concurrency: Annotated[int, typer.Option(help="Sessions in flight at most.")] = 16,
+) -> None:
+    """Run a batch: jobs of one session in file order, sessions in parallel, live progress."""
+    outcome = run(run_batch(jobs_file, results, concurrency, out))
+    raise typer.Exit(0 if outcome.all_succeeded else EXIT_FAILED)
+
+
+@cli.command()
+def doctor() -> None:
+    """Check Redis, workers, the sandbox runtime and the Claude Code CLI."""
+    ok = doctor_report(out)
+    raise typer.Exit(0 if ok else EXIT_UNAVAILABLE)
+
+
+@cli.command("install-cli")
+def install_cli() -> None:
+    """Install the pinned Claude Code CLI from the npm registry (for the claude agent)."""
+    npm = shutil.which("npm")
+    if npm is None:
+        fail("npm is not installed (apt-get install npm, or install Node.js 18+)", EXIT_USAGE)
+    target = default_cli_dir()
+    package = f"@anthropic-ai/claude-code@{CLAUDE_CLI_VERSION}"
+    if (target / "node_modules" / ".bin" / "claude").exists():
+        out.print(f"{package} is already installed in {target}")
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [npm, "install", "--prefix", str(target), "--no-audit", "--no-fund", package],
+        check=False,
+    )
+    if done.returncode != 0:
+        fail(f"npm could not install {package}", EXIT_FAILED)
+    out.print(f"installed {package} in {target}")
+
+
+@cli.command()
+def up(
+    workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    concurrency: Annotated[int, typer.Option(help="Task slots per worker.")] = 4,
+    detach: Annotated[bool, typer.Option(help="Start in the background and return.")] = False,
+) -> None:
+    """Start a local pool: redis-server (if none answers), workers and beat. Ctrl-C stops it."""
+    guarded(lambda: local_pool.up(workers, concurrency, detach, out))
+
+
+@cli.command()
+def down() -> None:
+    """Stop the local pool started by `up --detach` (running tasks finish first)."""
+    guarded(lambda: local_pool.down(out))
+
+
+@sessions_cli.command("list")
+def sessions_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """List every session of the pool."""
+    records = guarded(ClaudeBox.list_sessions)
+    if as_json:
+        for record in records:
+            sys.stdout.write(record.model_dump_json() + "\n")
+        return
+    table = Table("session", "status", "kind", "commands", "created", "updated", "workspace")
+    for record in records:
+        table.add_row(
+            record.session_id,
+            record.status,
+            "ephemeral" if record.ephemeral else "persistent",
+            str(record.total_commands),
+            record.created_at[:19],
+            record.updated_at[:19],
+            record.workspace_path,
+        )
+    out.print(table)
+
+
+@sessions_cli.command("show")
+def sessions_show(session_id: Annotated[str, typer.Argument(help="Session id.")]) -> None:
+    """Show a session's metadata (and its history, where its files are on this machine)."""
+    guarded(lambda: validate_session_id(session_id))
+    record = next((r for r in guarded(ClaudeBox.list_sessions) if r.session_id == session_id), None)
+    if record is None:
+        fail(str(SessionNotFoundError(session_id)), EXIT_USAGE)
+    out.print_json(record.model_dump_json())
+    history = Path(record.workspace_path).parent / ".claudebox" / "history.jsonl"
+    if history.exists():
+        out.print(f"[bold]history[/] ({history})")
+        for line in history.read_text().splitlines()[-20:]:
+            out.print(line, highlight=False, markup=False)
+
+
+@sessions_cli.command("cleanup")
+def sessions_cleanup(
+    session_id: Annotated[str, typer.Argument(help="Session id.")],
+    keep_workspace: Annotated[
+        bool, typer.Option("--keep-workspace", help="Remove the sandbox only; keep the files.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")] = False,
+) -> None:
+    """Remove a session (asks before deleting its files unless --yes)."""
+    guarded(lambda: validate_session_id(session_id))
+    if not keep_workspace and not yes:
+        if not sys.stdin.isatty():
+            fail("refusing to delete files without a terminal to confirm on; add --yes", EXIT_USAGE)
+        if not typer.confirm(f"Delete session '{session_id}' and all its workspace files?"):
+            out.print("cancelled")
+            raise typer.Exit(EXIT_FAILED)
+    result = run(ClaudeBox.cleanup_session(session_id, remove_workspace=not keep_workspace))
+    what = "session and workspace" if result.removed_workspace else "sandbox (files kept)"
+    out.print(f"cleaned up {session_id}: {what} removed")
+
+
+@sessions_cli.command("reindex")
+def sessions_reindex() -> None:
+    """Rebuild the Redis registry from the sessions on the workers' disk."""
+
+    async def go() -> ReindexResult:
+        from producer import pool
+
+        await pool.ensure_workers()
+        return ReindexResult.model_validate(await pool.call(names.REINDEX, {}, "[reindex]", 600))
+
+    result = run(go())
+    out.print(f"indexed {result.indexed} sessions, dropped {result.dropped} stale entries")
+    for session_id in result.corrupted:
+        err.print(f"[yellow]corrupted:[/] {session_id} (see `claudebox-pool sessions show`)")
+
+
+def main() -> None:
+    celery_app.set_current()
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Settings: one class, documented in the README from the class itself."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tasks.settings import Settings, settings_markdown
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_settings_table_is_generated_from_the_class() -> None:
+    text = README.read_text()
+    found = re.search(r"<!-- settings:start -->\n(.*?)\n<!-- settings:end -->", text, re.S)
+
+    assert found is not None, "README lacks the settings markers"
+    assert found.group(1) == settings_markdown(), (
+        "README settings table is stale: paste the output of "
+        "`python -c 'from tasks.settings import settings_markdown; print(settings_markdown())'`"
+    )
+
+
+def test_every_setting_has_a_description() -> None:
+    assert all(field.description for field in Settings.model_fields.values())
+
+
+def test_settings_come_from_the_environment_with_the_prefix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CLAUDEBOX_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("CLAUDEBOX_LOCK_TTL_S", "45")
+
+    settings = Settings()
+
+    assert settings.sessions_root == tmp_path / "state" / "sessions"
+    assert settings.lock_ttl_s == 45
+
+
+def test_secrets_never_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLAUDEBOX_ANTHROPIC_API_KEY", "sk-ant-canary-123")
+
+    settings = Settings()
+
+    assert "sk-ant-canary-123" not in repr(settings)
+    assert "sk-ant-canary-123" not in settings.model_dump_json()
