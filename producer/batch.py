@@ -80,7 +80,9 @@ def read_jobs(path: Path) -> list[Job]:
     return jobs
 
 
-async def run_batch(jobs_file: Path, results_file: Path, concurrency: int, out: Console) -> BatchOutcome:
+async def run_batch(
+    jobs_file: Path, results_file: Path, concurrency: int, out: Console
+) -> BatchOutcome:
     jobs = read_jobs(jobs_file)
     await ensure_workers()
     groups: dict[str, list[Job]] = defaultdict(list)

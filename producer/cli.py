@@ -45,7 +45,9 @@ cli = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-sessions_cli = typer.Typer(help="List, inspect, clean up and reindex sessions.", no_args_is_help=True)
+sessions_cli = typer.Typer(
+    help="List, inspect, clean up and reindex sessions.", no_args_is_help=True
+)
 cli.add_typer(sessions_cli, name="sessions")
 
 out = Console()
@@ -144,8 +146,12 @@ def code(
         str | None, typer.Option(help="Agent: claude or shell (default CLAUDEBOX_AGENT).")
     ] = None,
     max_turns: Annotated[int | None, typer.Option(help="Agent turns at most (claude).")] = None,
-    timeout: Annotated[int | None, typer.Option(help="Seconds before the agent is stopped.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the whole result as JSON.")] = False,
+    timeout: Annotated[
+        int | None, typer.Option(help="Seconds before the agent is stopped.")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole result as JSON.")
+    ] = False,
 ) -> None:
     """Run one prompt in a session and print the agent's response."""
     if agent not in (None, "claude", "shell"):

@@ -17,6 +17,7 @@ from typing import Any, Self
 
 from redis.exceptions import RedisError
 
+from producer import pool
 from tasks import names
 from tasks.connections import sync_redis
 from tasks.errors import InvalidRequestError
@@ -32,7 +33,6 @@ from tasks.models import (
 )
 from tasks.registry import read_all
 from tasks.settings import AgentName
-from producer import pool
 
 EPHEMERAL_PREFIX = "ephemeral-"
 WAIT_MARGIN_S = 120
@@ -79,7 +79,7 @@ class ClaudeBox:
 
     @property
     def workspace_path(self) -> str:
-        """The session's workspace on the worker's disk (the guide's ~/.claudebox/sessions/<id>/workspace)."""
+        """The session's workspace on the worker's disk (~/.claudebox/sessions/<id>/workspace)."""
         if self._record is not None:
             return self._record.workspace_path
         return str(pool.settings().sessions_root / self._session_id / "workspace")
@@ -234,4 +234,3 @@ class _Reconnect:
 def _preview(prompt: str, limit: int = 60) -> str:
     flat = " ".join(prompt.split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-

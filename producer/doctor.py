@@ -43,7 +43,8 @@ def doctor_report(out: Console) -> bool:
     out.print(f"redis              {OK} {url}", highlight=False)
 
     since = time.time() - 3 * settings.worker_heartbeat_s
-    alive = [name.decode() for name in client.zrangebyscore(keys.workers(), since, "+inf")]
+    members: list[bytes] = client.zrangebyscore(keys.workers(), since, "+inf")  # type: ignore[assignment]
+    alive = [name.decode() for name in members]
     if not alive:
         out.print(f"workers            {BAD} none running: start one with `claudebox-pool worker`")
         return False
@@ -57,8 +58,10 @@ def doctor_report(out: Console) -> bool:
         if info is None:
             out.print(f"  {name}: (no details yet)")
             continue
-        cli = f"claude {info.claude_version} at {info.claude_cli}" if info.claude_cli else (
-            "claude CLI not found (claudebox-pool install-cli)"
+        cli = (
+            f"claude {info.claude_version} at {info.claude_cli}"
+            if info.claude_cli
+            else ("claude CLI not found (claudebox-pool install-cli)")
         )
         out.print(f"  {name}: {info.runtime_reason}", highlight=False)
         out.print(f"  {' ' * len(name)}  {cli}; sessions in {info.sessions_root}", highlight=False)

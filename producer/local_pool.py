@@ -74,11 +74,16 @@ def _start_redis(settings: Settings, detach: bool) -> subprocess.Popen[bytes]:
     directory.mkdir(parents=True, exist_ok=True)
     argv = [
         server,
-        "--bind", url.hostname or "127.0.0.1",
-        "--port", str(url.port or 6379),
-        "--dir", str(directory),
-        "--appendonly", "yes",
-        "--maxmemory-policy", "noeviction",
+        "--bind",
+        url.hostname or "127.0.0.1",
+        "--port",
+        str(url.port or 6379),
+        "--dir",
+        str(directory),
+        "--appendonly",
+        "yes",
+        "--maxmemory-policy",
+        "noeviction",
     ]
     if url.password:
         argv += ["--requirepass", url.password]
@@ -137,7 +142,9 @@ def up(workers: int, concurrency: int, detach: bool, out: Console) -> None:
     if workers < 1 or concurrency < 1:
         raise InvalidRequestError("--workers and --concurrency must be at least 1")
     if detach and state_file(settings).exists() and _alive(_read_state(settings)):
-        raise InvalidRequestError("a local pool is already running; stop it with `claudebox-pool down`")
+        raise InvalidRequestError(
+            "a local pool is already running; stop it with `claudebox-pool down`"
+        )
     state = PoolState()
     redis_proc = None
     if _redis_answers(settings):
@@ -169,8 +176,11 @@ def up(workers: int, concurrency: int, detach: bool, out: Console) -> None:
             _stop([redis_proc.pid], signal.SIGTERM, 30)
         state_file(settings).unlink(missing_ok=True)
         raise
-    out.print(f"pool up: {workers} worker(s) x {concurrency} slots, beat; sessions in "
-              f"{settings.sessions_root}", highlight=False)
+    out.print(
+        f"pool up: {workers} worker(s) x {concurrency} slots, beat; sessions in "
+        f"{settings.sessions_root}",
+        highlight=False,
+    )
     if detach:
         out.print(f"logs in {run_dir(settings) / 'logs'}; stop with `claudebox-pool down`")
         return

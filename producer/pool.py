@@ -21,7 +21,9 @@ from tasks.connections import async_redis, redacted
 from tasks.errors import ClaudeBoxError, PoolUnavailableError, TaskFailedError
 from tasks.settings import Settings, get_settings
 
-START_HINT = "start one with `claudebox-pool worker` (or a whole local pool with `claudebox-pool up`)"
+START_HINT = (
+    "start one with `claudebox-pool worker` (or a whole local pool with `claudebox-pool up`)"
+)
 
 
 def settings() -> Settings:
@@ -108,4 +110,3 @@ def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
 async def call(name: str, payload: dict[str, Any], shown: str, timeout_s: float) -> Any:
     task_id = send(name, payload, shown)
     return await wait(task_id, timeout_s)
-

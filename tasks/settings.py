@@ -117,8 +117,7 @@ class Settings(BaseSettings):
     )
     anthropic_api_key: SecretStr | None = Field(
         default=None,
-        description="Model API key for the `claude` agent (else the worker's "
-        "`ANTHROPIC_API_KEY`).",
+        description="Model API key for the `claude` agent (else the worker's `ANTHROPIC_API_KEY`).",
     )
     claude_code_oauth_token: SecretStr | None = Field(
         default=None,
@@ -155,7 +154,9 @@ class Settings(BaseSettings):
         "before the task fails.",
     )
 
-    @field_validator("anthropic_api_key", "claude_code_oauth_token", "flower_basic_auth", mode="before")
+    @field_validator(
+        "anthropic_api_key", "claude_code_oauth_token", "flower_basic_auth", mode="before"
+    )
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value

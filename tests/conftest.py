@@ -64,9 +64,7 @@ WorkerFactory = Callable[..., list[Worker]]
 
 
 @pytest.fixture(scope="module")
-def start_workers(
-    pool_env: dict[str, str], redis_server: RedisServer
-) -> Iterator[WorkerFactory]:
+def start_workers(pool_env: dict[str, str], redis_server: RedisServer) -> Iterator[WorkerFactory]:
     started: list[Worker] = []
 
     def start(count: int = 1, concurrency: int = 2, **env: str) -> list[Worker]:

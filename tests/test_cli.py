@@ -16,7 +16,9 @@ from tests.support.processes import REPO, free_port
 pytestmark = pytest.mark.usefixtures("pool")
 
 
-def claudebox_pool(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def claudebox_pool(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
         capture_output=True,
@@ -167,5 +169,3 @@ def test_flower_refuses_to_start_without_credentials() -> None:
 
     assert done.returncode == 2
     assert "CLAUDEBOX_FLOWER_BASIC_AUTH" in done.stderr
-
-

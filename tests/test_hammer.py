@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,7 @@ def test_two_hundred_tasks_on_four_workers_never_overlap_within_a_session(
         for box in boxes:
             await box.__aenter__()
             await box.code("touch log.txt")
+
         # Each task through its own box, so that nothing orders them on the producer side:
         # only the worker's session lock stands between them.
         async def one(index: int) -> bool:
@@ -43,21 +46,21 @@ def test_two_hundred_tasks_on_four_workers_never_overlap_within_a_session(
 
     assert all(outcomes)
     for index in range(SESSIONS):
-        box_dir = ClaudeBox.list_sessions()[index].workspace_path
-        lines = open(f"{box_dir}/log.txt").read().splitlines()
+        workspace = Path(ClaudeBox.list_sessions()[index].workspace_path)
+        lines = (workspace / "log.txt").read_text().splitlines()
         assert lines == [f"line {n}" for n in range(1, TASKS // SESSIONS + 1)]
-        history_path = box_dir.replace("/workspace", "/.claudebox/history.jsonl")
-        runs = [
-            json.loads(line)
-            for line in open(history_path)
-            if json.loads(line)["action"] == "code_execution"
-        ]
+        history = workspace.parent / ".claudebox" / "history.jsonl"
+        entries = [json.loads(line) for line in history.read_text().splitlines()]
+        runs = [entry for entry in entries if entry["action"] == "code_execution"]
         assert len(runs) == TASKS // SESSIONS + 1
         spans = sorted(
-            (datetime.fromisoformat(run["context"]["started_at"]), datetime.fromisoformat(run["timestamp"]))
+            (
+                datetime.fromisoformat(run["context"]["started_at"]),
+                datetime.fromisoformat(run["timestamp"]),
+            )
             for run in runs
         )
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert start >= end, "two tasks ran inside one session at the same time"
 
 

@@ -52,7 +52,7 @@ def session_lock(
         remaining = ctx.settings.lock_wait_s - waited
         if remaining <= 0:
             raise SessionBusyError(session_id, waited)
-        backoff = min(0.5 * 2 ** task.request.retries, MAX_BACKOFF_S, remaining)
+        backoff = min(0.5 * 2**task.request.retries, MAX_BACKOFF_S, remaining)
         raise task.retry(countdown=backoff, max_retries=None)
     with lock:
         yield lock

@@ -70,7 +70,9 @@ class SessionLock:
         except LockError:
             log.warning("lock on %s had already expired at release", self.session_id)
         except RedisError as exc:
-            log.warning("cannot release lock on %s (it expires by itself): %s", self.session_id, exc)
+            log.warning(
+                "cannot release lock on %s (it expires by itself): %s", self.session_id, exc
+            )
 
     def _renew_loop(self) -> None:
         period = self.ttl_s / 3
@@ -86,7 +88,9 @@ class SessionLock:
             except RedisError as exc:
                 # A Redis blip is survivable until the TTL would have run out without us.
                 if time.monotonic() - renewed_at >= self.ttl_s:
-                    log.error("could not renew the lock on %s for its TTL: %s", self.session_id, exc)
+                    log.error(
+                        "could not renew the lock on %s for its TTL: %s", self.session_id, exc
+                    )
                     self.lost.set()
                     return
                 log.warning("lock renewal on %s failed, retrying: %s", self.session_id, exc)

@@ -53,7 +53,9 @@ def open_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) ->
     return record
 
 
-def sandbox_spec(ctx: WorkerContext, record: SessionRecord, override: SandboxOptions) -> SandboxSpec:
+def sandbox_spec(
+    ctx: WorkerContext, record: SessionRecord, override: SandboxOptions
+) -> SandboxSpec:
     def pick(name: str) -> int:
         value = getattr(override, name) or getattr(record.sandbox, name)
         return int(value if value is not None else getattr(ctx.settings, name))
@@ -91,8 +93,9 @@ def run_code(
     agent = ctx.agent(request.agent)
     spec = sandbox_spec(ctx, record, request.sandbox)
     spec = SandboxSpec(**{**spec.__dict__, "mounts": spec.mounts + agent.mounts()})
-    timeout_s = float(min(request.timeout_s or ctx.settings.task_time_limit_s,
-                          ctx.settings.task_time_limit_s))
+    timeout_s = float(
+        min(request.timeout_s or ctx.settings.task_time_limit_s, ctx.settings.task_time_limit_s)
+    )
     before = store.workspace_files(request.session_id)
     started_at = utc_now()
     started = time.monotonic()
@@ -194,9 +197,7 @@ def cleanup_session(
 
 
 def agent_missing(message: str) -> AgentOutcome:
-    return AgentOutcome(
-        success=False, response="", exit_code=127, raw_output="", error=message
-    )
+    return AgentOutcome(success=False, response="", exit_code=127, raw_output="", error=message)
 
 
 def _tail(text: str, limit: int) -> str:
@@ -204,4 +205,3 @@ def _tail(text: str, limit: int) -> str:
     if len(data) <= limit:
         return text
     return data[-limit:].decode("utf-8", errors="ignore")
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -162,10 +163,8 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.kill()
         # Pool children that outlived their parent must not keep consuming.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def stop(self, timeout_s: float = 30) -> None:
         self.terminate()

@@ -67,7 +67,7 @@ def choose(name: RuntimeName) -> Choice:
                 "Set CLAUDEBOX_RUNTIME=auto to pick one that can"
             )
         return Choice(runtime_class(name), f"{name} (configured): {probe.reason}")
-    refusals = []
+    refusals: list[str] = []
     for candidate in _AUTO_ORDER:
         probe = runtime_class(candidate).probe()
         if probe.ok:

@@ -55,7 +55,7 @@ def bwrap_argv(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
         "--dev",
         "/dev",
         "--tmpfs",
-        "/tmp",
+        "/tmp",  # noqa: S108  (the sandbox's own private tmpfs, not the host's /tmp)
         "--bind",
         str(spec.workspace),
         WORKSPACE,

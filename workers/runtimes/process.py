@@ -5,6 +5,7 @@ Used by the runtimes that start a host process per command (bwrap, local).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -48,10 +49,8 @@ def _pump(stream: IO[bytes], name: str, into: _Collector, on_line: LineSink | No
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def run_process(
