@@ -64,6 +64,7 @@ class OpenRequest(_Message):
     mode: Literal["create", "reconnect"]
     ephemeral: bool = False
     sandbox: SandboxOptions = SandboxOptions()
+    enqueued_at: float = Field(default_factory=time.time)
 
 
 class CodeRequest(_Message):

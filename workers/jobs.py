@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Retry
 
 from tasks import keys, names
 from tasks.app import app
@@ -30,7 +31,8 @@ MAX_BACKOFF_S = 10.0
 
 @contextmanager
 def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
-    """Count this delivery of ``task_id``; the count survives only if the worker dies."""
+    """Count this delivery of ``task_id``. The count is kept only if the worker dies: a task
+    that ends forgets it, and a retry for a busy session takes its own delivery back."""
     key = keys.task_attempts(task_id)
     attempt = int(ctx.redis.incr(key))
     ctx.redis.expire(key, ctx.settings.visibility_timeout_s * 2)
@@ -38,7 +40,13 @@ def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
         if attempt > ctx.settings.max_attempts:
             raise TaskAttemptsExceededError(task_id, attempt - 1)
         yield attempt
-    finally:
+    except Retry:
+        ctx.redis.decr(key)
+        raise
+    except BaseException:
+        ctx.redis.delete(key)
+        raise
+    else:
         ctx.redis.delete(key)
 
 
@@ -53,20 +61,27 @@ def session_lock(
         if remaining <= 0:
             raise SessionBusyError(session_id, waited)
         backoff = min(0.5 * 2**task.request.retries, MAX_BACKOFF_S, remaining)
-        raise task.retry(countdown=backoff, max_retries=None)
+        raise task.retry(countdown=backoff)
     with lock:
         yield lock
 
 
-@app.task(name=names.OPEN, bind=True, throws=(ClaudeBoxError,))
+# max_retries=None: a task waiting for a busy session retries until its own deadline.
+RETRYING = {"bind": True, "throws": (ClaudeBoxError,), "max_retries": None}
+
+
+@app.task(name=names.OPEN, **RETRYING)
 def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     request = OpenRequest.model_validate(payload)
     ctx = context()
-    with session_lock(self, ctx, request.session_id, time.time()) as lock:
-        return sessions.open_session(ctx, request, lock).model_dump(mode="json")
+    if request.mode == "reconnect":
+        # Reading session.json needs no lock: it is only ever replaced whole.
+        return ctx.store.load(request.session_id).model_dump(mode="json")
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        return sessions.create_session(ctx, request, lock).model_dump(mode="json")
 
 
-@app.task(name=names.CODE, bind=True, throws=(ClaudeBoxError,))
+@app.task(name=names.CODE, **RETRYING)
 def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     request = CodeRequest.model_validate(payload)
     ctx = context()
@@ -79,7 +94,7 @@ def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     return result.model_dump(mode="json")
 
 
-@app.task(name=names.CLEANUP, bind=True, throws=(ClaudeBoxError,))
+@app.task(name=names.CLEANUP, **RETRYING)
 def cleanup(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     request = CleanupRequest.model_validate(payload)
     ctx = context()

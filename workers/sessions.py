@@ -31,10 +31,7 @@ log = logging.getLogger(__name__)
 PROMPT_IN_HISTORY_CHARS = 10_000
 
 
-def open_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
-    """Create the session, or return the existing one for a reconnect."""
-    if request.mode == "reconnect":
-        return ctx.store.load(request.session_id)
+def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
     now = utc_now()
     record = SessionRecord(
         session_id=request.session_id,
