@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,8 +79,6 @@ def test_a_task_that_kills_its_worker_stops_after_the_attempt_limit(
 
     assert isinstance(error, TaskAttemptsExceededError)
     assert error.attempts == 2
-    history = (
-        ClaudeBox.list_sessions()[0].workspace_path.replace("/workspace", "")
-        + "/.claudebox/history.jsonl"
-    )
-    assert '"attempt_interrupted"' in open(history).read()
+    workspace = Path(ClaudeBox.list_sessions()[0].workspace_path)
+    history = workspace.parent / ".claudebox" / "history.jsonl"
+    assert '"attempt_interrupted"' in history.read_text()
