@@ -177,14 +177,19 @@ class ClaudeBox:
 
     @staticmethod
     def list_sessions() -> list[SessionRecord]:
-        """Every session of the pool (ephemeral ones included), oldest first."""
+        """Every session of the pool (ephemeral ones included), oldest first.
+
+        Read from the registry; where this machine sees a session's sessions root and the
+        session's directory is gone from it (removed by hand), the session is left out.
+        """
         client = sync_redis(pool.settings())
         try:
-            return read_all(client)
+            records = read_all(client)
         except (RedisError, OSError) as exc:
             raise pool.unreachable(exc) from None
         finally:
             client.close()
+        return [record for record in records if not _removed_by_hand(record)]
 
     @staticmethod
     async def cleanup_session(session_id: str, remove_workspace: bool = False) -> CleanupResult:
@@ -229,6 +234,11 @@ class _Reconnect:
         tb: TracebackType | None,
     ) -> None:
         await self._box.__aexit__(exc_type, exc, tb)
+
+
+def _removed_by_hand(record: SessionRecord) -> bool:
+    session_dir = Path(record.workspace_path).parent
+    return session_dir.parent.is_dir() and not session_dir.exists()
 
 
 def _preview(prompt: str, limit: int = 60) -> str:

@@ -46,3 +46,20 @@ def test_secrets_never_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch
 
     assert "sk-ant-canary-123" not in repr(settings)
     assert "sk-ant-canary-123" not in settings.model_dump_json()
+
+
+def test_configure_points_a_used_app_at_the_new_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.app import app, configure
+    from tasks.settings import get_settings
+
+    before = app.backend.url
+    monkeypatch.setenv("CLAUDEBOX_RESULT_BACKEND", "redis://127.0.0.1:1/9")
+    get_settings.cache_clear()
+    try:
+        configure()
+        assert app.backend.url == "redis://127.0.0.1:1/9"
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        configure()
+    assert app.backend.url == before

@@ -22,11 +22,13 @@ def put(client: redis.Redis, record: SessionRecord) -> None:
     pipe.execute()
 
 
-def drop(client: redis.Redis, session_id: str) -> None:
+def drop(client: redis.Redis, session_id: str) -> bool:
+    """Forget a session; True if it was registered."""
     pipe = client.pipeline()
     pipe.hdel(keys.registry(), session_id)
     pipe.zrem(keys.registry_by_updated(), session_id)
-    pipe.execute()
+    removed, _ = pipe.execute()
+    return bool(removed)
 
 
 def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:

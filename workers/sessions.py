@@ -161,6 +161,11 @@ def cleanup_session(
     ctx: WorkerContext, request: CleanupRequest, lock: SessionLock
 ) -> CleanupResult:
     store, guard = ctx.store, lock.check
+    if not store.exists(request.session_id) and registry.drop(ctx.redis, request.session_id):
+        # Removed by hand (the guide's fix for a corrupted session): forget it here too.
+        return CleanupResult(
+            session_id=request.session_id, removed_workspace=True, removed_sandbox=False
+        )
     record = store.load(request.session_id)
     removed_sandbox = ctx.runtime.remove(request.session_id)
     if request.remove_workspace:

@@ -85,13 +85,15 @@ class SessionStore:
                     continue
 
     def create(self, record: SessionRecord) -> SessionRecord:
-        """Lay out a new session; SessionAlreadyExistsError if the directory is there already."""
+        """Lay out a new session; SessionAlreadyExistsError if one is there already.
+
+        A directory without metadata is adopted with its files: that is how the guide's
+        template pattern seeds a workspace before the session is first opened.
+        """
         paths = self.paths(record.session_id)
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            paths.root.mkdir()
-        except FileExistsError:
-            raise SessionAlreadyExistsError(record.session_id) from None
+        paths.root.mkdir(parents=True, exist_ok=True)
+        if paths.meta.exists():
+            raise SessionAlreadyExistsError(record.session_id)
         for directory in (paths.workspace, paths.meta, paths.agent_home):
             directory.mkdir(parents=True, exist_ok=True)
         self.save(record, unguarded)
@@ -163,9 +165,15 @@ class SessionStore:
         entries = []
         try:
             with paths.history.open(encoding="utf-8") as handle:
-                for line in handle:
-                    if line.strip():
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
                         entries.append(HistoryEntry.model_validate_json(line))
+                    except ValidationError:
+                        raise SessionCorruptedError(
+                            session_id, str(paths.history), f"has an unreadable line {number}"
+                        ) from None
         except FileNotFoundError:
             return []
         return entries

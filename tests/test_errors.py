@@ -1,0 +1,136 @@
+"""The error tree: every error crosses the queue intact and tells the user what to do."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+
+import tasks.errors
+from tasks.app import app
+from tasks.errors import (
+    ClaudeBoxError,
+    InvalidRequestError,
+    InvalidSessionIdError,
+    LockLostError,
+    PoolUnavailableError,
+    RuntimeUnavailableError,
+    SandboxError,
+    SessionAlreadyExistsError,
+    SessionBusyError,
+    SessionCorruptedError,
+    SessionNotFoundError,
+    TaskAttemptsExceededError,
+    TaskFailedError,
+)
+
+EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
+    ClaudeBoxError: ClaudeBoxError("something went wrong; see the worker's log"),
+    InvalidSessionIdError: InvalidSessionIdError("my project"),
+    InvalidRequestError: InvalidRequestError("the prompt is empty; say what the agent should do"),
+    SessionNotFoundError: SessionNotFoundError("my-project"),
+    SessionAlreadyExistsError: SessionAlreadyExistsError("my-project"),
+    SessionCorruptedError: SessionCorruptedError(
+        "my-project", "/home/u/.claudebox/sessions/my-project/.claudebox/session.json", "is missing"
+    ),
+    SessionBusyError: SessionBusyError("my-project", 600.25),
+    LockLostError: LockLostError("my-project"),
+    SandboxError: SandboxError("bwrap failed to start: no user namespaces"),
+    RuntimeUnavailableError: RuntimeUnavailableError(
+        "boxlite needs hardware virtualisation; use CLAUDEBOX_RUNTIME=bwrap"
+    ),
+    PoolUnavailableError: PoolUnavailableError(
+        "no claudebox worker is running; start one with `claudebox-pool worker`"
+    ),
+    TaskFailedError: TaskFailedError("task 1 failed on the worker: KeyError: 'x'"),
+    TaskAttemptsExceededError: TaskAttemptsExceededError("5f1c-task-id", 3),
+}
+
+ADVICE: dict[type[ClaudeBoxError], list[str]] = {
+    InvalidSessionIdError: ["'my project'", "a-z, A-Z, 0-9, '-' and '_'", "'web-api-server'"],
+    SessionNotFoundError: [
+        "Session 'my-project' not found",
+        "ClaudeBox(session_id='my-project')",
+        "claudebox-pool sessions list",
+    ],
+    SessionAlreadyExistsError: [
+        "Session 'my-project' already exists",
+        "ClaudeBox.reconnect('my-project')",
+    ],
+    SessionCorruptedError: [
+        "/home/u/.claudebox/sessions/my-project/.claudebox/session.json is missing",
+        "Restore the file from a backup",
+        "claudebox-pool sessions cleanup my-project --yes",
+    ],
+    SessionBusyError: ["Session 'my-project'", "600s", "CLAUDEBOX_LOCK_WAIT_S"],
+    LockLostError: ["session 'my-project'", "CLAUDEBOX_LOCK_TTL_S", "Run it again"],
+    TaskAttemptsExceededError: ["5f1c-task-id", "3 times", "CLAUDEBOX_MAX_ATTEMPTS"],
+}
+"""For errors that compose their own message: what it must name, and what it tells to do."""
+
+
+def error_classes() -> set[type[BaseException]]:
+    return {
+        cls
+        for _, cls in inspect.getmembers(tasks.errors, inspect.isclass)
+        if issubclass(cls, BaseException) and cls.__module__ == tasks.errors.__name__
+    }
+
+
+def through_the_result_backend(exc: BaseException) -> Any:
+    """What a producer gets back for ``exc`` raised in a task: stored as JSON, then rebuilt."""
+    backend = app.backend
+    stored = backend.encode(backend.prepare_exception(exc))
+    return backend.exception_to_python(backend.decode(stored))
+
+
+def test_every_error_class_has_an_example() -> None:
+    assert error_classes() == set(EXAMPLES)
+
+
+def test_every_error_descends_from_claudebox_error() -> None:
+    assert all(issubclass(cls, ClaudeBoxError) for cls in error_classes())
+
+
+def test_the_module_docstring_draws_every_error_in_the_tree() -> None:
+    doc = tasks.errors.__doc__ or ""
+
+    assert [cls.__name__ for cls in error_classes() if cls.__name__ not in doc] == []
+
+
+def test_invalid_session_id_and_invalid_request_are_also_value_errors() -> None:
+    assert issubclass(InvalidSessionIdError, ValueError)
+    assert issubclass(InvalidRequestError, ValueError)
+
+
+@pytest.mark.parametrize("exc", list(EXAMPLES.values()), ids=lambda e: type(e).__name__)
+def test_error_round_trips_through_the_json_result_backend(exc: ClaudeBoxError) -> None:
+    restored = through_the_result_backend(exc)
+
+    assert type(restored) is type(exc)
+    assert str(restored) == str(exc)
+    assert restored.args == exc.args
+
+
+@pytest.mark.parametrize("cls", list(ADVICE), ids=lambda c: c.__name__)
+def test_error_message_names_the_subject_and_says_what_to_do(
+    cls: type[ClaudeBoxError],
+) -> None:
+    message = str(through_the_result_backend(EXAMPLES[cls]))
+
+    assert [part for part in ADVICE[cls] if part not in message] == []
+
+
+def test_invalid_session_id_message_shortens_a_very_long_id() -> None:
+    message = str(InvalidSessionIdError("x" * 10_000))
+
+    assert len(message) < 300
+    assert "x" * 57 + "..." in message
+
+
+@pytest.mark.parametrize("exc", list(EXAMPLES.values()), ids=lambda e: type(e).__name__)
+def test_error_keeps_its_fields_through_the_result_backend(exc: ClaudeBoxError) -> None:
+    restored = through_the_result_backend(exc)
+
+    assert vars(restored) == vars(exc)
