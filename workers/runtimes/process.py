@@ -21,7 +21,7 @@ OUTPUT_LIMIT_BYTES = 4_000_000
 STDERR_TAIL_LINES = 20
 
 
-class _Collector:
+class OutputTail:
     """Keeps the last ``limit`` bytes of a stream's lines."""
 
     def __init__(self, limit: int) -> None:
@@ -39,7 +39,7 @@ class _Collector:
         return "".join(self.lines)
 
 
-def _pump(stream: IO[bytes], name: str, into: _Collector, on_line: LineSink | None) -> None:
+def _pump(stream: IO[bytes], name: str, into: OutputTail, on_line: LineSink | None) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", errors="replace")
         into.add(line)
@@ -73,7 +73,7 @@ def run_process(
         start_new_session=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    out, err = _Collector(output_limit), _Collector(output_limit)
+    out, err = OutputTail(output_limit), OutputTail(output_limit)
     pumps = [
         threading.Thread(target=_pump, args=(proc.stdout, "stdout", out, on_line), daemon=True),
         threading.Thread(target=_pump, args=(proc.stderr, "stderr", err, on_line), daemon=True),

@@ -1,0 +1,156 @@
+"""Driving asynchronous commands from the synchronous task bodies.
+
+An SDK whose API is async (boxlite) runs on a private event loop in a daemon thread; a command
+started there sends its output back as whole lines to the calling thread, which enforces the
+deadline and the cancel event exactly as :func:`workers.runtimes.process.run_process` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from workers.runtimes.base import ExecResult, LineSink
+from workers.runtimes.process import OUTPUT_LIMIT_BYTES, STDERR_TAIL_LINES, OutputTail
+
+T = TypeVar("T")
+
+POLL_S = 0.1
+KILL_GRACE_S = 10.0
+"""How long a killed command may take to report its end before it is given up on."""
+
+
+class LoopThread:
+    """A private asyncio loop in a daemon thread, where every boxlite call is made."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="boxlite-loop", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = None) -> T:
+        future = self.submit(coro)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            future.cancel()
+            raise
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        self._loop.call_soon_threadsafe(callback)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+class LineSplitter:
+    """Turns the chunks a stream yields (str or bytes, cut anywhere) into whole lines."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = ""
+
+    def feed(self, chunk: str | bytes) -> list[str]:
+        text = chunk if isinstance(chunk, str) else self._decoder.decode(chunk)
+        *lines, self._partial = (self._partial + text).split("\n")
+        return [line + "\n" for line in lines]
+
+    def flush(self) -> str:
+        rest, self._partial = self._partial + self._decoder.decode(b"", final=True), ""
+        return rest
+
+
+class Output:
+    """Where a running command's output goes: whole lines, queued for the supervising thread."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
+        self._splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+
+    def put(self, stream: str, chunk: str | bytes) -> None:
+        for line in self._splitters[stream].feed(chunk):
+            self.events.put((stream, line))
+
+    def end(self, stream: str) -> None:
+        rest = self._splitters[stream].flush()
+        if rest:
+            self.events.put((stream, rest))
+
+
+Command = Callable[[Output, asyncio.Event], Coroutine[Any, Any, int]]
+"""Runs one command on the private loop: writes to the Output, kills the command once the
+event is set, and returns its exit code."""
+
+
+def supervise(
+    loop: LoopThread,
+    command: Command,
+    timeout_s: float,
+    on_line: LineSink | None = None,
+    cancel: threading.Event | None = None,
+    output_limit: int = OUTPUT_LIMIT_BYTES,
+) -> ExecResult:
+    """Run ``command`` on ``loop``, deliver its lines here, stop it at the deadline or cancel."""
+    started = time.monotonic()
+    output = Output()
+    stop = asyncio.Event()
+    future = loop.submit(command(output, stop))
+    future.add_done_callback(lambda _: output.events.put(None))
+    out, err = OutputTail(output_limit), OutputTail(output_limit)
+    deadline = started + timeout_s
+    timed_out = cancelled = False
+    give_up_at: float | None = None
+    while True:
+        now = time.monotonic()
+        if give_up_at is None:
+            if cancel is not None and cancel.is_set():
+                cancelled = True
+            elif now >= deadline:
+                timed_out = True
+            if cancelled or timed_out:
+                loop.call_soon(stop.set)
+                give_up_at = now + 2 * KILL_GRACE_S
+        elif now >= give_up_at:
+            # The command ignored the kill (a hung guest): stop waiting for it.
+            future.cancel()
+            break
+        wait_s = POLL_S if give_up_at is not None else min(POLL_S, max(deadline - now, 0.0))
+        try:
+            item = output.events.get(timeout=wait_s)
+        except queue.Empty:
+            continue
+        if item is None:
+            break
+        stream, line = item
+        (out if stream == "stdout" else err).add(line)
+        if on_line is not None:
+            on_line(stream, line.rstrip("\n"))
+    try:
+        exit_code = future.result(timeout=0)
+    except (concurrent.futures.CancelledError, TimeoutError):
+        exit_code = -signal.SIGKILL
+    stderr = err.text()
+    return ExecResult(
+        exit_code=exit_code,
+        stdout=out.text(),
+        stderr=stderr,
+        duration_s=time.monotonic() - started,
+        timed_out=timed_out,
+        cancelled=cancelled,
+        stderr_tail=stderr.splitlines()[-STDERR_TAIL_LINES:],
+    )
