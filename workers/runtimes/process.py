@@ -53,6 +53,28 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+WATCH_PERIOD_S = 0.05
+
+
+def _watchdog(
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    cancel: threading.Event | None,
+    finished: threading.Event,
+    stopped: list[str],
+) -> None:
+    """Kill the command's process group at the deadline or on cancel, unless it ended."""
+    while not finished.wait(WATCH_PERIOD_S):
+        if cancel is not None and cancel.is_set():
+            stopped.append("cancel")
+        elif time.monotonic() >= deadline:
+            stopped.append("timeout")
+        else:
+            continue
+        _kill_group(proc)
+        return
+
+
 def run_process(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -80,22 +102,16 @@ def run_process(
     ]
     for pump in pumps:
         pump.start()
-    deadline = started + timeout_s
-    timed_out = cancelled = False
-    while True:
-        try:
-            proc.wait(timeout=0.1)
-            break
-        except subprocess.TimeoutExpired:
-            if cancel is not None and cancel.is_set():
-                cancelled = True
-            elif time.monotonic() >= deadline:
-                timed_out = True
-            else:
-                continue
-            _kill_group(proc)
-            proc.wait()
-            break
+    stopped: list[str] = []
+    finished = threading.Event()
+    threading.Thread(
+        target=_watchdog,
+        args=(proc, started + timeout_s, cancel, finished, stopped),
+        daemon=True,
+    ).start()
+    # Blocking in waitpid returns the moment the command ends; the watchdog alone polls.
+    proc.wait()
+    finished.set()
     # Children that outlive the main process keep the pipes open; do not wait for them.
     _kill_group(proc)
     for pump in pumps:
@@ -106,7 +122,7 @@ def run_process(
         stdout=out.text(),
         stderr=stderr,
         duration_s=time.monotonic() - started,
-        timed_out=timed_out,
-        cancelled=cancelled,
+        timed_out="timeout" in stopped,
+        cancelled="cancel" in stopped,
         stderr_tail=stderr.splitlines()[-STDERR_TAIL_LINES:],
     )

@@ -1,0 +1,511 @@
+"""The model gateway and egress proxy, end to end with real sockets and real processes.
+
+The real Claude Code CLI runs in a real bubblewrap sandbox with no network and reaches the
+scripted model server only through a lease's socket; the egress probes run python3 inside
+the same kind of sandbox. The few tests that need no sandbox speak HTTP to a lease's socket
+directly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import conftest
+from tests.support.model_server import (
+    Cut,
+    Fail,
+    Hold,
+    ModelServer,
+    Reply,
+    Text,
+    ToolUse,
+    sse_events,
+)
+from workers.gateway import (
+    DEFAULT_PRICES,
+    GUEST_SOCKET_DIR,
+    PLACEHOLDER_API_KEY,
+    Credential,
+    Gateway,
+    Lease,
+    bridged_argv,
+    sandbox_env,
+)
+from workers.gateway.allowlist import AllowList, Target
+from workers.gateway.pricing import price_for
+from workers.gateway.usage import StreamMeter
+from workers.runtimes.base import AGENT_HOME, ExecResult, Mount, SandboxSpec
+from workers.runtimes.bwrap import BwrapRuntime
+from workers.runtimes.process import run_process
+
+REAL_KEY = "sk-ant-api03-real-key-held-only-by-the-gateway"
+EXEC_TIMEOUT_S = 60
+OPUS_COST_PER_TURN = (1200 * 5.0 + 80 * 25.0) / 1e6
+"""A scripted reply's default usage (1200 in, 80 out) at the opus price: the CLI asks for an
+opus model by default."""
+
+
+def _claude_cli() -> Path | None:
+    path = Path(conftest.CLAUDE_CLI)
+    return path.resolve() if path.exists() else None
+
+
+CLAUDE_CLI = _claude_cli()
+needs_cli = pytest.mark.skipif(
+    CLAUDE_CLI is None,
+    reason="needs the Claude Code CLI from the npm registry (scripts/setup installs it)",
+)
+
+
+def _install_dir(cli: Path) -> Path:
+    """The CLI's node_modules: the native binary lives in a package inside it."""
+    return next((p for p in cli.parents if p.name == "node_modules"), cli.parent)
+
+
+@pytest.fixture
+def model() -> Iterator[ModelServer]:
+    with ModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+def gateway(model: ModelServer) -> Iterator[Gateway]:
+    with Gateway(model.url, Credential.api_key(REAL_KEY)) as gw:
+        yield gw
+
+
+def run_in_sandbox(
+    lease: Lease, root: Path, argv: Sequence[str], mounts: Sequence[Mount] = ()
+) -> ExecResult:
+    """``argv`` under bwrap with only the lease's socket as a way out, bridged to loopback."""
+    workspace, home = root / "workspace", root / "home"
+    workspace.mkdir(exist_ok=True)
+    home.mkdir(exist_ok=True)
+    spec = SandboxSpec(
+        session_id=lease.session_id,
+        workspace=workspace,
+        home=home,
+        cpus=1,
+        memory_mib=1024,
+        disk_size_gb=1,
+        mounts=(Mount(lease.socket_dir, GUEST_SOCKET_DIR, read_only=False), *mounts),
+    )
+    env = {"PATH": "/usr/bin:/bin", "HOME": AGENT_HOME, "IS_SANDBOX": "1", **sandbox_env()}
+    with BwrapRuntime().open(spec) as sandbox:
+        return sandbox.exec(bridged_argv(argv), env, timeout_s=EXEC_TIMEOUT_S)
+
+
+def run_cli(lease: Lease, root: Path, prompt: str) -> dict[str, Any]:
+    """The CLI's final stream-json ``result`` line for one ``-p`` run in a sandbox."""
+    assert CLAUDE_CLI is not None
+    install = _install_dir(CLAUDE_CLI)
+    guest = Path("/opt/claude-code")
+    argv = [
+        str(guest / CLAUDE_CLI.relative_to(install)),
+        "-p",
+        prompt,
+        "--output-format",
+        "stream-json",
+        "--verbose",
+        "--dangerously-skip-permissions",
+    ]
+    done = run_in_sandbox(lease, root, argv, [Mount(install, str(guest))])
+    return _result_line(done.stdout, done.stderr)
+
+
+def _result_line(stdout: str, stderr: str) -> dict[str, Any]:
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    results = [line for line in lines if line.get("type") == "result"]
+    assert results, f"no result line; stdout={stdout[-2000:]!r} stderr={stderr[-2000:]!r}"
+    result: dict[str, Any] = results[-1]
+    return result
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP to a lease's socket, as socat inside a sandbox would carry it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("localhost", timeout=10)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self._path))
+
+
+def _post_message(lease: Lease, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    connection = _UnixConnection(lease.socket_path)
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True, "messages": []}
+    connection.request(
+        "POST",
+        "/v1/messages",
+        body=json.dumps(body),
+        headers={"content-type": "application/json", **(headers or {})},
+    )
+    response = connection.getresponse()
+    raw = response.read()
+    connection.close()
+    is_json = response.getheader("content-type", "").startswith("application/json")
+    return response.status, json.loads(raw) if is_json else raw
+
+
+# --- the scripted model server itself -----------------------------------------------------
+
+
+@needs_cli
+def test_model_server_drives_the_cli_on_the_host(model: ModelServer, tmp_path: Path) -> None:
+    assert CLAUDE_CLI is not None
+    target = tmp_path / "hi.txt"
+    model.push([ToolUse("Write", {"file_path": str(target), "content": "hello\n"})], [Text("ok")])
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "ANTHROPIC_BASE_URL": model.url,
+        "ANTHROPIC_API_KEY": "placeholder",
+        "DISABLE_TELEMETRY": "1",
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+        "IS_SANDBOX": "1",
+    }
+    argv = [str(CLAUDE_CLI), "-p", "write hi.txt", "--output-format", "stream-json"]
+    argv += ["--verbose", "--dangerously-skip-permissions"]
+    done = run_process(argv, env, str(tmp_path), EXEC_TIMEOUT_S, None, None)
+
+    result = _result_line(done.stdout, done.stderr)
+    assert (result["subtype"], result["num_turns"], result["result"]) == ("success", 2, "ok")
+    assert target.read_text() == "hello\n"
+    first, second = model.message_requests()
+    assert first.headers["x-api-key"] == "placeholder"
+    assert "Write" in {tool["name"] for tool in first.body["tools"]}
+    assert second.body["messages"][-1]["content"][0]["type"] == "tool_result"
+
+
+# --- model calls through the gateway ------------------------------------------------------
+
+
+@needs_cli
+def test_cli_in_sandbox_reaches_the_model_only_through_the_gateway(
+    model: ModelServer, gateway: Gateway, tmp_path: Path
+) -> None:
+    model.push(
+        [ToolUse("Write", {"file_path": "/workspace/hi.txt", "content": "hello\n"})],
+        [ToolUse("Bash", {"command": "env", "description": "show the environment"})],
+        [Text("done")],
+    )
+    with gateway.lease("web-api") as lease:
+        result = run_cli(lease, tmp_path, "write hi.txt")
+        usage, events = lease.usage, lease.events
+
+    assert (result["subtype"], result["result"]) == ("success", "done")
+    assert (tmp_path / "workspace" / "hi.txt").read_text() == "hello\n"
+    calls = model.message_requests()
+    assert [call.headers.get("x-api-key") for call in calls] == [REAL_KEY] * 3
+    sandbox_env_seen = json.dumps(calls[2].body["messages"][-1])
+    assert f"ANTHROPIC_API_KEY={PLACEHOLDER_API_KEY}" in sandbox_env_seen
+    assert not any(REAL_KEY in json.dumps(call.body) for call in calls)
+    assert (usage.requests, usage.input_tokens, usage.output_tokens) == (3, 3600, 240)
+    assert usage.cost_usd == pytest.approx(3 * OPUS_COST_PER_TURN)
+    assert events == []
+
+
+@needs_cli
+def test_budget_refuses_the_second_model_call(
+    model: ModelServer, gateway: Gateway, tmp_path: Path
+) -> None:
+    model.push(
+        [ToolUse("Write", {"file_path": "/workspace/a.txt", "content": "a"})], [Text("unreached")]
+    )
+    with gateway.lease("capped", budget_usd=0.005) as lease:
+        result = run_cli(lease, tmp_path, "write a.txt")
+        usage, events = lease.usage, lease.events
+
+    assert result["is_error"] is True
+    assert "session 'capped'" in result["result"] and "$0.0050 budget" in result["result"]
+    assert len(model.message_requests()) == 1
+    assert usage.requests == 1
+    assert events == [
+        ("budget_exceeded", {"budget_usd": 0.005, "spent_usd": pytest.approx(OPUS_COST_PER_TURN)})
+    ]
+
+
+def test_earlier_spend_counts_against_the_budget(model: ModelServer, gateway: Gateway) -> None:
+    with gateway.lease("spent", budget_usd=1.0, spent_usd=1.0) as lease:
+        status, body = _post_message(lease)
+        events = lease.events
+
+    assert status == 400
+    assert body["error"]["type"] == "billing_error"
+    assert "session 'spent'" in body["error"]["message"]
+    assert model.requests == []
+    assert events == [("budget_exceeded", {"budget_usd": 1.0, "spent_usd": 1.0})]
+
+
+def test_stream_reaches_the_sandbox_as_it_is_written(model: ModelServer, gateway: Gateway) -> None:
+    resume = threading.Event()
+    model.push(Hold(Reply([Text("hi")]), after_events=1, resume=resume))
+    with gateway.lease("live") as lease:
+        connection = _UnixConnection(lease.socket_path)
+        connection.request("POST", "/v1/messages", body=b"{}")
+        response = connection.getresponse()
+        first_event = b"".join(iter(response.readline, b"\n"))
+        assert not resume.is_set()
+        resume.set()
+        rest = response.read()
+        connection.close()
+        usage = lease.usage
+
+    assert first_event.startswith(b"event: message_start")
+    assert b"event: message_stop" in rest
+    assert (usage.input_tokens, usage.output_tokens) == (1200, 80)
+
+
+def test_oauth_token_replaces_whatever_the_sandbox_sends(model: ModelServer) -> None:
+    model.push([Text("hi")])
+    with (
+        Gateway(model.url, Credential.oauth_token("sk-ant-oat01-secret")) as gateway,
+        gateway.lease("oauth") as lease,
+    ):
+        _post_message(
+            lease,
+            {
+                "x-api-key": PLACEHOLDER_API_KEY,
+                "authorization": "Bearer forged",
+                "anthropic-beta": "claude-code-20250219",
+            },
+        )
+
+    (call,) = model.requests
+    assert "x-api-key" not in call.headers
+    assert call.headers["authorization"] == "Bearer sk-ant-oat01-secret"
+    assert call.headers["anthropic-beta"] == "claude-code-20250219,oauth-2025-04-20"
+
+
+def test_endpoints_beyond_the_messages_api_are_not_forwarded(
+    model: ModelServer, gateway: Gateway
+) -> None:
+    with gateway.lease("batcher") as lease:
+        connection = _UnixConnection(lease.socket_path)
+        connection.request("POST", "/v1/messages/batches", body=b"{}")
+        status = connection.getresponse().status
+        connection.close()
+        events = lease.events
+
+    assert status == 404
+    assert model.requests == []
+    assert events == [("model_route_denied", {"method": "POST", "path": "/v1/messages/batches"})]
+
+
+# --- upstream failures ----------------------------------------------------------------------
+
+
+@needs_cli
+@pytest.mark.parametrize(
+    ("status", "error_type", "shown"),
+    [(401, "authentication_error", "API Error: 401"), (529, "overloaded_error", "API Error: 529")],
+)
+def test_upstream_errors_reach_the_cli_and_are_recorded(
+    model: ModelServer,
+    gateway: Gateway,
+    tmp_path: Path,
+    status: int,
+    error_type: str,
+    shown: str,
+) -> None:
+    model.push(Fail(status, "scripted upstream failure", should_retry=False))
+    with gateway.lease("failing") as lease:
+        result = run_cli(lease, tmp_path, "hello")
+        events = lease.events
+
+    assert result["is_error"] is True and shown in result["result"]
+    assert events == [
+        (
+            "model_error",
+            {"status": status, "type": error_type, "message": "scripted upstream failure"},
+        )
+    ]
+
+
+@needs_cli
+def test_stream_cut_upstream_is_cut_for_the_cli_too(
+    model: ModelServer, gateway: Gateway, tmp_path: Path
+) -> None:
+    model.push(Cut(Reply([Text("partial")]), after_events=2), [Text("recovered")])
+    with gateway.lease("flaky") as lease:
+        result = run_cli(lease, tmp_path, "hello")
+        usage, events = lease.usage, lease.events
+
+    assert (result["subtype"], result["result"]) == ("success", "recovered")
+    assert events == [
+        ("model_error", {"status": 200, "message": "upstream closed the stream mid-response"})
+    ]
+    # The cut reply had reported its input tokens before it broke off: they are charged.
+    assert (usage.requests, usage.input_tokens) == (2, 2400)
+
+
+def test_credential_never_leaves_the_gateway(model: ModelServer, gateway: Gateway) -> None:
+    model.push(Fail(401, f"key {REAL_KEY} was revoked", should_retry=False))
+    with gateway.lease("leaky") as lease:
+        status, _body = _post_message(lease)
+        events = lease.events
+
+    assert status == 401
+    assert events[0][1]["message"] == "key [redacted] was revoked"
+    shown = [repr(gateway), repr(lease), repr(Credential.api_key(REAL_KEY)), repr(events)]
+    assert not any(REAL_KEY in text for text in shown)
+
+
+# --- egress ---------------------------------------------------------------------------------
+
+
+class _Site:
+    """A loopback HTTP server on the host that says which path it was asked for."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = f"site saw {self.path}".encode()
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = int(self.httpd.server_address[1])
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> _Site:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+_EGRESS_PROBE = r"""
+import json, os, socket, sys, urllib.error, urllib.request
+proxy = os.environ["HTTP_PROXY"]
+proxy_port = int(proxy.rsplit(":", 1)[1])
+allowed, denied = int(sys.argv[1]), int(sys.argv[2])
+# The sites are on the host's loopback, which NO_PROXY exempts from the proxy; urllib would
+# then try them directly, inside the sandbox, where nothing listens.
+for name in ("NO_PROXY", "no_proxy"):
+    os.environ.pop(name, None)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": proxy}))
+
+def fetch(port):
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/via-proxy", timeout=10) as response:
+            return [response.status, response.read().decode()]
+    except urllib.error.HTTPError as error:
+        return [error.code, json.loads(error.read())["error"]["type"]]
+
+def tunnel(host, port):
+    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    reply = s.makefile("rb")
+    status = int(reply.readline().split()[1])
+    while reply.readline() not in (b"\r\n", b""):
+        pass
+    if status != 200:
+        return [status]
+    s.sendall(b"GET /via-tunnel HTTP/1.0\r\nHost: site\r\n\r\n")
+    return [status, reply.read().split(b"\r\n\r\n", 1)[1].decode()]
+
+def direct(host, port):
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return "connected"
+    except OSError as error:
+        return type(error).__name__
+
+print(json.dumps({
+    "allowed": fetch(allowed),
+    "denied": fetch(denied),
+    "tunnel_allowed": tunnel("localhost", allowed),
+    "tunnel_denied": tunnel("127.0.0.1", denied),
+    "direct_loopback": direct("127.0.0.1", allowed),
+    "direct_outside": direct("192.0.2.1", 80),
+}))
+"""
+
+
+def test_egress_reaches_allowed_hosts_only_and_only_through_the_proxy(
+    model: ModelServer, tmp_path: Path
+) -> None:
+    with _Site() as allowed, _Site() as denied:
+        gateway = Gateway(
+            model.url, Credential.api_key(REAL_KEY), egress_allow=[f"127.0.0.1:{allowed.port}"]
+        )
+        with gateway, gateway.lease("egress", egress_allow=[f"localhost:{allowed.port}"]) as lease:
+            argv = ["/usr/bin/python3", "-c", _EGRESS_PROBE, str(allowed.port), str(denied.port)]
+            done = run_in_sandbox(lease, tmp_path, argv)
+            events = lease.events
+
+    assert done.exit_code == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["allowed"] == [200, "site saw /via-proxy"]
+    assert seen["tunnel_allowed"] == [200, "site saw /via-tunnel"]
+    assert seen["denied"] == [403, "permission_error"]
+    assert seen["tunnel_denied"] == [403]
+    assert seen["direct_loopback"] == "ConnectionRefusedError"
+    assert seen["direct_outside"] != "connected"
+    assert events == [
+        ("egress_denied", {"host": "127.0.0.1", "port": denied.port, "method": "GET"}),
+        ("egress_denied", {"host": "127.0.0.1", "port": denied.port, "method": "CONNECT"}),
+    ]
+    assert model.requests == []
+
+
+# --- the pieces underneath -------------------------------------------------------------------
+
+
+def test_allow_list_matches_host_port_or_a_bare_host_on_its_default_port() -> None:
+    allow = AllowList.of(["PyPI.org", "127.0.0.1:8080", "[::1]:9000"])
+
+    assert allow.allows(Target("pypi.org", 443), default_port=443)
+    assert not allow.allows(Target("pypi.org", 8443), default_port=443)
+    assert allow.allows(Target("127.0.0.1", 8080), default_port=80)
+    assert not allow.allows(Target("127.0.0.1", 80), default_port=80)
+    assert allow.allows(Target("::1", 9000), default_port=443)
+    assert not allow.allows(Target("files.pypi.org", 443), default_port=443)
+
+
+def test_allow_list_refuses_an_entry_that_is_not_host_or_host_port() -> None:
+    with pytest.raises(ValueError, match=re.escape("'https://pypi.org/simple'")):
+        AllowList.of(["https://pypi.org/simple"])
+
+
+def test_stream_meter_reads_usage_however_the_stream_is_split() -> None:
+    reply = Reply([Text("hi"), ToolUse("Bash", {"command": "ls"})], 10, 20, 30, 40)
+    stream = b"".join(
+        f"event: {event}\r\ndata: {json.dumps(data)}\r\n\r\n".encode()
+        for event, data in sse_events(reply, "claude-haiku-4-5")
+    )
+    meter = StreamMeter()
+    for start in range(0, len(stream), 7):
+        meter.feed(stream[start : start + 7])
+
+    assert (meter.model, meter.complete, meter.error) == ("claude-haiku-4-5", True, None)
+    tokens = meter.tokens
+    assert (tokens.input_tokens, tokens.output_tokens) == (10, 20)
+    assert (tokens.cache_creation_input_tokens, tokens.cache_read_input_tokens) == (30, 40)
+
+
+def test_an_unknown_model_is_priced_as_sonnet() -> None:
+    assert price_for("claude-opus-4-5", DEFAULT_PRICES) is DEFAULT_PRICES["opus"]
+    assert price_for("mystery-model", DEFAULT_PRICES) is DEFAULT_PRICES["sonnet"]
+    assert price_for(None, DEFAULT_PRICES) is DEFAULT_PRICES["sonnet"]
