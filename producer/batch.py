@@ -1,35 +1,70 @@
 """Batch submission: many jobs, one session's jobs in file order, sessions side by side.
 
-A jobs file holds one JSON object a line::
+A jobs file is JSON Lines (``.jsonl``, one job a line) or YAML (``.yaml``/``.yml``: a list of
+jobs, or a mapping whose ``jobs`` key holds one)::
 
-    {"id": "j1", "session_id": "exp-1", "prompt": "pytest -q", "agent": "shell", "timeout": 600}
+    {"id": "test", "session_id": "exp-1", "prompt": "pytest -q", "agent": "shell",
+     "timeout": 600, "env": {"CI": "1"}, "depends_on": ["build"]}
 
-``session_id`` may be left out (the job gets an ephemeral session of its own). Results are
-appended to the results file as each job ends, so an interrupted batch keeps what it did.
+Only ``prompt`` is required; a job without ``session_id`` gets an ephemeral session of its own.
+Jobs of one session run in file order; a job also waits for the jobs named in ``depends_on``
+(in any session) and is skipped when one of them failed. Sessions run side by side, at most
+``concurrency`` at a time, and a failed job is run again up to ``retry`` times before its
+session moves on.
+
+Why the producer orders the jobs here, not a Celery canvas
+-----------------------------------------------------------
+Waiting for a batch (``submit``, ``claudebox-pool submit --wait``, the default) keeps the
+producer up anyway: it shows the progress and writes each result as it comes. Ordering the
+jobs in that same event loop does what chains and groups cannot:
+
+- a dependency is exact: a job waits for the jobs it names, not for whole groups, as a canvas
+  (chains of groups) must when dependencies cross sessions;
+- a job whose dependency *failed* is skipped: an agent's failure is a result, not an exception,
+  and a chain goes on after a step that returned one;
+- ``--retry`` runs a failed job again in its place, before its session's next job;
+- ``--concurrency`` bounds the sessions in flight, where a group queues every first step at once;
+- each task is sent when it can start, so its wait for a busy session
+  (``CLAUDEBOX_LOCK_WAIT_S``) counts from then, not from when the batch was sent;
+- Ctrl-C cancels the running tasks and sends nothing more, and ``--resume`` picks up from the
+  results file; a canvas would run on with nobody collecting its results.
+
+``--no-wait`` has nobody to order anything, so there the order is handed to Celery as chains
+and groups (:mod:`producer.canvas`), with the differences its docstring lists.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from producer import pool
 from producer.client import ClaudeBox
-from producer.pool import ensure_workers
-from tasks.errors import ClaudeBoxError, InvalidRequestError, SessionNotFoundError
+from producer.progress import BatchProgress, summary
+from tasks.errors import (
+    ClaudeBoxError,
+    InvalidRequestError,
+    SessionAlreadyExistsError,
+    SessionNotFoundError,
+)
 from tasks.models import SessionId
 from tasks.settings import AgentName
 
+DEFAULT_CONCURRENCY = 16
+YAML_SUFFIXES = (".yaml", ".yml")
+
 
 class Job(BaseModel):
+    """One job of a batch."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: str = ""
@@ -38,9 +73,22 @@ class Job(BaseModel):
     agent: AgentName | None = None
     timeout: int | None = Field(default=None, gt=0)
     env: dict[str, str] = Field(default_factory=dict)
+    depends_on: list[str] = Field(default_factory=list)
+
+    @field_validator("depends_on", mode="before")
+    @classmethod
+    def _one_id_is_a_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def session_key(self) -> str:
+        """Which jobs share a session: its id, or the job's own for an ephemeral one."""
+        return self.session_id or f"ephemeral:{self.id}"
 
 
 class JobResult(BaseModel):
+    """One line of results.jsonl."""
+
     id: str
     session_id: str
     success: bool
@@ -48,105 +96,281 @@ class JobResult(BaseModel):
     duration_s: float
     response: str = ""
     error: str | None = None
+    attempts: int = 1
+    task_id: str = ""
 
 
-@dataclass
-class BatchOutcome:
-    results: list[JobResult] = field(default_factory=list)
+class BatchObserver(Protocol):
+    """What a batch tells while it runs (the CLI's live display is one)."""
 
-    @property
-    def all_succeeded(self) -> bool:
-        return all(result.success for result in self.results)
+    def session_state(self, session: str, state: str, job_id: str | None = None) -> None: ...
+
+    def job_done(self, result: JobResult) -> None: ...
+
+
+class _Unobserved:
+    def session_state(self, session: str, state: str, job_id: str | None = None) -> None:
+        pass
+
+    def job_done(self, result: JobResult) -> None:
+        pass
+
+
+# --- reading and checking ---------------------------------------------------------------------
 
 
 def read_jobs(path: Path) -> list[Job]:
-    """Parse a jobs file; InvalidRequestError naming the line of the first bad job."""
+    """Parse a jobs file; InvalidRequestError naming the line (or item) of the first bad job."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InvalidRequestError(f"cannot read jobs file {path}: {exc.strerror}") from None
-    jobs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            job = Job.model_validate(json.loads(line))
-        except (ValueError, ValidationError) as exc:
-            detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
-            raise InvalidRequestError(f"{path}:{number}: not a valid job: {detail}") from None
-        jobs.append(job if job.id else job.model_copy(update={"id": f"line-{number}"}))
+    jobs = _yaml_jobs(path, text) if path.suffix in YAML_SUFFIXES else _jsonl_jobs(path, text)
     if not jobs:
         raise InvalidRequestError(f"{path} holds no jobs")
     return jobs
 
 
-async def run_batch(
-    jobs_file: Path, results_file: Path, concurrency: int, out: Console
-) -> BatchOutcome:
-    jobs = read_jobs(jobs_file)
-    await ensure_workers()
-    groups: dict[str, list[Job]] = defaultdict(list)
+def _jsonl_jobs(path: Path, text: str) -> list[Job]:
+    jobs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            job = Job.model_validate(json.loads(line))
+        except (ValueError, ValidationError) as exc:
+            raise InvalidRequestError(f"{path}:{number}: not a valid job: {_why(exc)}") from None
+        jobs.append(job if job.id else job.model_copy(update={"id": f"line-{number}"}))
+    return jobs
+
+
+def _yaml_jobs(path: Path, text: str) -> list[Job]:
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidRequestError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(document, dict):
+        document = document.get("jobs")
+    if document is None:
+        return []
+    if not isinstance(document, list):
+        raise InvalidRequestError(f"{path}: expected a list of jobs (or a `jobs:` list)")
+    jobs = []
+    for number, item in enumerate(document, start=1):
+        try:
+            job = Job.model_validate(item)
+        except ValidationError as exc:
+            why = _why(exc)
+            raise InvalidRequestError(f"{path}: job {number}: not a valid job: {why}") from None
+        jobs.append(job if job.id else job.model_copy(update={"id": f"job-{number}"}))
+    return jobs
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        return f"{where}: {error['msg']}" if where else str(error["msg"])
+    return str(exc)
+
+
+def read_results(path: Path) -> dict[str, JobResult]:
+    """The jobs a results file says succeeded (the last line of a job wins), for ``--resume``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InvalidRequestError(f"cannot read results file {path}: {exc.strerror}") from None
+    latest: dict[str, JobResult] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            result = JobResult.model_validate_json(line)
+        except ValidationError:
+            raise InvalidRequestError(f"{path}:{number}: not a result line") from None
+        latest[result.id] = result
+    return {job_id: result for job_id, result in latest.items() if result.success}
+
+
+def plan(jobs: Sequence[Job | Mapping[str, Any]]) -> list[Job]:
+    """Validate a batch: unique ids, known dependencies, no cycle, prompts within the limit.
+
+    Jobs without an id get ``job-<n>``. InvalidRequestError names the job at fault.
+    """
+    checked: list[Job] = []
+    for number, raw in enumerate(jobs, start=1):
+        try:
+            job = raw if isinstance(raw, Job) else Job.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidRequestError(f"job {number}: not a valid job: {_why(exc)}") from None
+        checked.append(job if job.id else job.model_copy(update={"id": f"job-{number}"}))
+    if not checked:
+        raise InvalidRequestError("the batch holds no jobs")
+    ids = [job.id for job in checked]
+    twice = sorted({job_id for job_id in ids if ids.count(job_id) > 1})
+    if twice:
+        raise InvalidRequestError(f"job ids must be unique; used more than once: {twice}")
+    limit = pool.settings().max_prompt_bytes
+    for job in checked:
+        unknown = [name for name in job.depends_on if name not in ids]
+        if unknown:
+            raise InvalidRequestError(f"job {job.id!r} depends on unknown jobs {unknown}")
+        if len(job.prompt.encode()) > limit:
+            raise InvalidRequestError(
+                f"job {job.id!r}: the prompt is over {limit} bytes (CLAUDEBOX_MAX_PROMPT_BYTES)"
+            )
+    _refuse_cycles(checked)
+    return checked
+
+
+def _refuse_cycles(jobs: list[Job]) -> None:
+    """A job may not wait, through depends_on and its sessions' order, for itself."""
+    before: dict[str, set[str]] = {job.id: set(job.depends_on) for job in jobs}
+    previous: dict[str, str] = {}
     for job in jobs:
-        groups[job.session_id or f"ephemeral:{job.id}"].append(job)
-    outcome = BatchOutcome()
-    gate = asyncio.Semaphore(max(1, concurrency))
-    results_file.write_text("")
-
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("[green]{task.fields[ok]} ok[/] [red]{task.fields[failed]} failed[/]"),
-        TimeElapsedColumn(),
-        console=out,
-    ) as progress:
-        bar = progress.add_task(f"{len(groups)} sessions", total=len(jobs), ok=0, failed=0)
-
-        def record(result: JobResult) -> None:
-            outcome.results.append(result)
-            with results_file.open("a", encoding="utf-8") as handle:
-                handle.write(result.model_dump_json() + "\n")
-            ok = sum(r.success for r in outcome.results)
-            progress.update(bar, advance=1, ok=ok, failed=len(outcome.results) - ok)
-
-        async def run_group(session_jobs: list[Job]) -> None:
-            async with gate:
-                await _run_session(session_jobs, record)
-
-        await asyncio.gather(*(run_group(group) for group in groups.values()))
-
-    out.print(summary(outcome))
-    out.print(f"results written to {results_file}")
-    return outcome
+        if job.session_key in previous:
+            before[job.id].add(previous[job.session_key])
+        previous[job.session_key] = job.id
+    ready = [job_id for job_id, needs in before.items() if not needs]
+    waiting = {job_id: set(needs) for job_id, needs in before.items() if needs}
+    while ready:
+        finished = ready.pop()
+        for job_id in list(waiting):
+            waiting[job_id].discard(finished)
+            if not waiting[job_id]:
+                del waiting[job_id]
+                ready.append(job_id)
+    if waiting:
+        raise InvalidRequestError(
+            f"jobs {sorted(waiting)} wait for each other in a cycle (through depends_on and "
+            "the file order of their sessions); a job can only depend on jobs that can run first"
+        )
 
 
-async def _run_session(jobs: list[Job], record: Callable[[JobResult], None]) -> None:
-    """Run one session's jobs in order; if the session itself fails, fail what is left."""
-    session_id = jobs[0].session_id
-    finished: set[str] = set()
+def by_session(jobs: Sequence[Job]) -> dict[str, list[Job]]:
+    """Each session's jobs in file order, sessions in order of first appearance."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.session_key, []).append(job)
+    return groups
+
+
+# --- running, and waiting ---------------------------------------------------------------------
+
+
+async def submit(
+    jobs: Sequence[Job | Mapping[str, Any]],
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    retry: int = 0,
+    done: Mapping[str, JobResult] | None = None,
+    observer: BatchObserver | None = None,
+) -> list[JobResult]:
+    """Run a batch and return one result per job, in the jobs' order.
+
+    ``jobs`` are :class:`Job` or dicts of the same fields. ``done`` holds results of an earlier
+    run (``read_results``); those jobs are not run again and keep their result.
+    """
+    checked = plan(jobs)
+    if retry < 0 or concurrency < 1:
+        raise InvalidRequestError("retry must be 0 or more and concurrency 1 or more")
+    await pool.ensure_workers()
+    return await _Batch(checked, concurrency, retry, done or {}, observer or _Unobserved()).run()
+
+
+class _Batch:
+    def __init__(
+        self,
+        jobs: list[Job],
+        concurrency: int,
+        retry: int,
+        done: Mapping[str, JobResult],
+        observer: BatchObserver,
+    ) -> None:
+        self.jobs = jobs
+        self.retry = retry
+        self.observer = observer
+        self.gate = asyncio.Semaphore(concurrency)
+        loop = asyncio.get_running_loop()
+        self.results: dict[str, asyncio.Future[JobResult]] = {
+            job.id: loop.create_future() for job in jobs
+        }
+        for job_id, result in done.items():
+            if job_id in self.results:
+                self.results[job_id].set_result(result)
+
+    async def run(self) -> list[JobResult]:
+        await asyncio.gather(
+            *(self._session(key, jobs) for key, jobs in by_session(self.jobs).items())
+        )
+        return [self.results[job.id].result() for job in self.jobs]
+
+    def _finish(self, result: JobResult) -> None:
+        self.results[result.id].set_result(result)
+        self.observer.job_done(result)
+
+    async def _session(self, key: str, jobs: list[Job]) -> None:
+        todo = [job for job in jobs if not self.results[job.id].done()]
+        session_id = jobs[0].session_id or ""
+        try:
+            # The stack closes the box at the end, which removes an ephemeral session.
+            async with AsyncExitStack() as stack:
+                box: ClaudeBox | None = None
+                for job in todo:
+                    self.observer.session_state(key, "waiting", job.id)
+                    blocker = await self._failed_dependency(job)
+                    if blocker is not None:
+                        why = f"skipped: dependency {blocker!r} failed"
+                        self._finish(_failed(job, session_id, why))
+                        continue
+                    async with self.gate:
+                        if box is None:
+                            self.observer.session_state(key, "opening", job.id)
+                            box = await _open(job.session_id, stack)
+                            session_id = box.session_id
+                        result = await self._run(key, box, job)
+                    self._finish(result)
+        except ClaudeBoxError as exc:
+            for job in todo:
+                if not self.results[job.id].done():
+                    self._finish(_failed(job, session_id, str(exc)))
+        failed = any(not self.results[job.id].result().success for job in jobs)
+        self.observer.session_state(key, "failed" if failed else "done")
+
+    async def _failed_dependency(self, job: Job) -> str | None:
+        for name in job.depends_on:
+            if not (await self.results[name]).success:
+                return name
+        return None
+
+    async def _run(self, key: str, box: ClaudeBox, job: Job) -> JobResult:
+        attempt = 1
+        while True:
+            self.observer.session_state(key, "running" if attempt == 1 else "retrying", job.id)
+            result = await _attempt(box, job, attempt)
+            if result.success or attempt > self.retry:
+                return result
+            attempt += 1
+
+
+async def _open(session_id: str | None, stack: AsyncExitStack) -> ClaudeBox:
+    if session_id is None:
+        return await stack.enter_async_context(ClaudeBox())
     try:
-        if session_id is None:
-            box = ClaudeBox()
-        else:
-            try:
-                box = await ClaudeBox.reconnect(session_id)
-            except SessionNotFoundError:
-                box = ClaudeBox(session_id=session_id)
-        async with box:
-            for job in jobs:
-                record(await _run_job(box, job))
-                finished.add(job.id)
-    except ClaudeBoxError as exc:
-        for job in jobs:
-            if job.id not in finished:
-                record(_failed(job, session_id or "", str(exc)))
-
-
-async def _run_job(box: ClaudeBox, job: Job) -> JobResult:
+        return await ClaudeBox.reconnect(session_id)
+    except SessionNotFoundError:
+        pass
     try:
-        result = await box.code(job.prompt, timeout_s=job.timeout, agent=job.agent)
+        return await stack.enter_async_context(ClaudeBox(session_id=session_id))
+    except SessionAlreadyExistsError:  # another producer created it a moment ago
+        return await ClaudeBox.reconnect(session_id)
+
+
+async def _attempt(box: ClaudeBox, job: Job, attempt: int) -> JobResult:
+    try:
+        result = await box.code(job.prompt, timeout_s=job.timeout, agent=job.agent, env=job.env)
     except ClaudeBoxError as exc:
-        return _failed(job, box.session_id, str(exc))
+        return _failed(job, box.session_id, str(exc), attempt)
     return JobResult(
         id=job.id,
         session_id=box.session_id,
@@ -155,27 +379,61 @@ async def _run_job(box: ClaudeBox, job: Job) -> JobResult:
         duration_s=result.duration_s,
         response=result.response,
         error=result.error,
+        attempts=attempt,
+        task_id=result.task_id,
     )
 
 
-def _failed(job: Job, session_id: str, error: str) -> JobResult:
+def _failed(job: Job, session_id: str, error: str, attempts: int = 1) -> JobResult:
     return JobResult(
-        id=job.id, session_id=session_id, success=False, exit_code=None, duration_s=0, error=error
+        id=job.id,
+        session_id=session_id,
+        success=False,
+        exit_code=None,
+        duration_s=0,
+        error=error,
+        attempts=attempts,
     )
 
 
-def summary(outcome: BatchOutcome) -> Table:
-    per_session: dict[str, list[JobResult]] = defaultdict(list)
-    for result in outcome.results:
-        per_session[result.session_id].append(result)
-    table = Table("session", "jobs", "ok", "failed", "seconds", title="batch summary")
-    for session_id, results in sorted(per_session.items()):
-        ok = sum(r.success for r in results)
-        table.add_row(
-            session_id,
-            str(len(results)),
-            str(ok),
-            str(len(results) - ok),
-            f"{sum(r.duration_s for r in results):.2f}",
+# --- the command's batch: a file in, results.jsonl and a live display out ----------------------
+
+
+class ResultsFile:
+    """results.jsonl, written a line as each job ends, so an interrupted batch keeps its work."""
+
+    def __init__(self, path: Path, carried: Sequence[JobResult]) -> None:
+        self.path = path
+        path.write_text("".join(result.model_dump_json() + "\n" for result in carried))
+
+    def write(self, result: JobResult) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(result.model_dump_json() + "\n")
+
+
+async def run_batch(
+    jobs_file: Path,
+    results_file: Path,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    retry: int = 0,
+    resume: Path | None = None,
+    console: Console,
+) -> list[JobResult]:
+    """``claudebox-pool submit --wait``: run the file's jobs with a live display."""
+    jobs = plan(read_jobs(jobs_file))
+    done = read_results(resume) if resume is not None else {}
+    await pool.ensure_workers()
+    # Read before written: --resume may name the results file itself.
+    output = ResultsFile(results_file, [done[job.id] for job in jobs if job.id in done])
+    with BatchProgress(console, jobs, done, record=output.write) as progress:
+        results = await submit(
+            jobs, concurrency=concurrency, retry=retry, done=done, observer=progress
         )
-    return table
+    console.print(summary(results))
+    console.print(f"results written to {results_file}")
+    return results
+
+
+def all_succeeded(results: Sequence[JobResult]) -> bool:
+    return all(result.success for result in results)

@@ -20,10 +20,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from producer import local_pool
-from producer.batch import run_batch
+from producer import flowerconfig, lifecycle, live, local_pool
+from producer.batch import DEFAULT_CONCURRENCY, all_succeeded, read_jobs, read_results, run_batch
+from producer.canvas import enqueue
 from producer.client import ClaudeBox
 from producer.doctor import doctor_report
+from producer.moves import move_session
+from producer.terminal import show_event
 from tasks import names
 from tasks.app import app as celery_app
 from tasks.errors import (
@@ -31,12 +34,14 @@ from tasks.errors import (
     PoolUnavailableError,
     SessionNotFoundError,
 )
+from tasks.lifecycle import megabytes
 from tasks.models import ReindexResult, validate_session_id
 from tasks.settings import CLAUDE_CLI_VERSION, AgentName, default_cli_dir, get_settings
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
 
 cli = typer.Typer(
     name="claudebox-pool",
@@ -64,6 +69,9 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run a producer call; turn its errors into a message and an exit code."""
     try:
         return asyncio.run(coroutine)
+    except KeyboardInterrupt:
+        # The calls waiting in the coroutine cancelled their tasks on the way out.
+        fail("interrupted", EXIT_INTERRUPTED)
     except PoolUnavailableError as exc:
         fail(str(exc), EXIT_UNAVAILABLE)
     except ClaudeBoxError as exc:
@@ -92,6 +100,10 @@ def worker(
     ] = None,
     hostname: Annotated[str | None, typer.Option(help="Worker name, e.g. w1@%h.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    autoscale: Annotated[
+        str | None,
+        typer.Option(help="MAX,MIN task slots, grown and shrunk with the load (Celery's)."),
+    ] = None,
 ) -> None:
     """Start a worker of the pool (a Celery worker with claudebox's app and options)."""
     from workers.runtimes.auto import choose  # a verb that starts a worker may look at workers
@@ -104,6 +116,8 @@ def worker(
         arguments += ["--concurrency", str(concurrency)]
     if hostname is not None:
         arguments += ["--hostname", hostname]
+    if autoscale is not None:
+        arguments += ["--autoscale", autoscale]
     exec_celery(arguments)
 
 
@@ -135,7 +149,8 @@ def flower(
             "(or pass --insecure-dev on a machine only you can reach)",
             EXIT_USAGE,
         )
-    exec_celery(["-A", "tasks.app", "flower", f"--port={port}", f"--address={address}"], env)
+    conf = f"--conf={flowerconfig.__file__}"
+    exec_celery(["-A", "tasks.app", "flower", f"--port={port}", f"--address={address}", conf], env)
 
 
 @cli.command()
@@ -152,8 +167,15 @@ def code(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the whole result as JSON.")
     ] = False,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream/--no-stream",
+            help="Print the agent's output as it runs (default), or only its response at the end.",
+        ),
+    ] = True,
 ) -> None:
-    """Run one prompt in a session and print the agent's response."""
+    """Run one prompt in a session, printing the agent's output as it runs (Ctrl-C cancels it)."""
     if agent not in (None, "claude", "shell"):
         fail(f"unknown agent {agent!r}: use claude or shell", EXIT_USAGE)
     chosen: AgentName | None = "claude" if agent == "claude" else "shell" if agent else None
@@ -165,11 +187,21 @@ def code(
         except SessionNotFoundError:
             box = ClaudeBox(session_id=session_id)
         async with box:
-            return await box.code(prompt, max_turns=max_turns, timeout_s=timeout, agent=chosen)
+            return await box.code(
+                prompt,
+                max_turns=max_turns,
+                timeout_s=timeout,
+                agent=chosen,
+                on_output=(lambda event: show_event(event, err)) if live_output else None,
+            )
 
+    live_output = stream and not as_json
     result = run(go())
     if as_json:
         out.print_json(result.model_dump_json())
+    elif live_output:
+        if not result.success:
+            err.print(f"[red]failed:[/] {result.error}", highlight=False)
     else:
         sys.stdout.write(result.response)
         if result.response and not result.response.endswith("\n"):
@@ -181,15 +213,65 @@ def code(
 
 @cli.command()
 def submit(
-    jobs_file: Annotated[Path, typer.Argument(help="Jobs, one JSON object a line (.jsonl).")],
+    jobs_file: Annotated[
+        Path, typer.Argument(help="Jobs: one JSON object a line (.jsonl), or a YAML list.")
+    ],
     results: Annotated[Path, typer.Option(help="Where to write one result a line.")] = Path(
         "results.jsonl"
     ),
-    concurrency: Annotated[int, typer.Option(help="Sessions in flight at most.")] = 16,
+    concurrency: Annotated[
+        int | None, typer.Option(help=f"Sessions at work at once (default {DEFAULT_CONCURRENCY}).")
+    ] = None,
+    retry: Annotated[int, typer.Option(min=0, help="Runs more for a job that failed.")] = 0,
+    resume: Annotated[
+        Path | None, typer.Option(help="Skip the jobs this results file says succeeded.")
+    ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait/--no-wait",
+            help="Wait, with live progress and results (default); or queue the batch as Celery "
+            "chains and print each job's task id.",
+        ),
+    ] = True,
 ) -> None:
     """Run a batch: jobs of one session in file order, sessions in parallel, live progress."""
-    outcome = run(run_batch(jobs_file, results, concurrency, out))
-    raise typer.Exit(0 if outcome.all_succeeded else EXIT_FAILED)
+    if not wait:
+        if retry or concurrency is not None:
+            fail("--retry and --concurrency need --wait (without it Celery runs the batch)", 2)
+        done = guarded(lambda: read_results(resume)) if resume is not None else {}
+        queued = run(enqueue(guarded(lambda: read_jobs(jobs_file)), done=done))
+        for job in queued:
+            sys.stdout.write(job.model_dump_json() + "\n")
+        err.print(
+            f"queued {len(queued)} jobs; watch them in Flower, stop one with "
+            "`claudebox-pool cancel TASK_ID`",
+            highlight=False,
+        )
+        return
+    outcome = run(
+        run_batch(
+            jobs_file,
+            results,
+            concurrency=concurrency or DEFAULT_CONCURRENCY,
+            retry=retry,
+            resume=resume,
+            console=out,
+        )
+    )
+    raise typer.Exit(0 if all_succeeded(outcome) else EXIT_FAILED)
+
+
+@cli.command()
+def cancel(
+    task_id: Annotated[
+        str, typer.Argument(help="Id of a code task (from Flower, or `submit --no-wait`).")
+    ],
+) -> None:
+    """Stop a queued or running code task inside its sandbox; its session stays usable."""
+    if not run(live.cancel(task_id)):
+        fail(f"task {task_id} has already finished; there is nothing to cancel", EXIT_FAILED)
+    out.print(f"asked task {task_id} to stop; its result will say 'cancelled'")
 
 
 @cli.command()
@@ -225,15 +307,28 @@ def up(
     workers: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     concurrency: Annotated[int, typer.Option(help="Task slots per worker.")] = 4,
     detach: Annotated[bool, typer.Option(help="Start in the background and return.")] = False,
+    flower: Annotated[
+        bool, typer.Option(help="Start Flower too (needs CLAUDEBOX_FLOWER_BASIC_AUTH).")
+    ] = False,
+    flower_port: Annotated[int, typer.Option(help="Flower's port on 127.0.0.1.")] = 5555,
 ) -> None:
     """Start a local pool: redis-server (if none answers), workers and beat. Ctrl-C stops it."""
-    guarded(lambda: local_pool.up(workers, concurrency, detach, out))
+    guarded(
+        lambda: local_pool.up(
+            workers, concurrency, detach, out, flower_port=flower_port if flower else None
+        )
+    )
 
 
 @cli.command()
-def down() -> None:
-    """Stop the local pool started by `up --detach` (running tasks finish first)."""
-    guarded(lambda: local_pool.down(out))
+def down(
+    timeout: Annotated[
+        float,
+        typer.Option(help="Seconds running tasks may take to finish; then they are requeued."),
+    ] = local_pool.DOWN_TIMEOUT_S,
+) -> None:
+    """Stop the local pool started by `up` (running tasks finish first)."""
+    guarded(lambda: local_pool.down(out, timeout))
 
 
 @sessions_cli.command("list")
@@ -246,7 +341,9 @@ def sessions_list(
         for record in records:
             sys.stdout.write(record.model_dump_json() + "\n")
         return
-    table = Table("session", "status", "kind", "commands", "created", "updated", "workspace")
+    table = Table(
+        "session", "status", "kind", "commands", "created", "updated", "node", "workspace"
+    )
     for record in records:
         table.add_row(
             record.session_id,
@@ -255,6 +352,7 @@ def sessions_list(
             str(record.total_commands),
             record.created_at[:19],
             record.updated_at[:19],
+            record.node,
             record.workspace_path,
         )
     out.print(table)
@@ -282,6 +380,9 @@ def sessions_cleanup(
         bool, typer.Option("--keep-workspace", help="Remove the sandbox only; keep the files.")
     ] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask before deleting.")] = False,
+    archive: Annotated[
+        bool, typer.Option("--archive", help="Write the whole session to an archive first.")
+    ] = False,
 ) -> None:
     """Remove a session (asks before deleting its files unless --yes)."""
     guarded(lambda: validate_session_id(session_id))
@@ -291,9 +392,50 @@ def sessions_cleanup(
         if not typer.confirm(f"Delete session '{session_id}' and all its workspace files?"):
             out.print("cancelled")
             raise typer.Exit(EXIT_FAILED)
-    result = run(ClaudeBox.cleanup_session(session_id, remove_workspace=not keep_workspace))
+    result = run(
+        ClaudeBox.cleanup_session(session_id, remove_workspace=not keep_workspace, archive=archive)
+    )
     what = "session and workspace" if result.removed_workspace else "sandbox (files kept)"
     out.print(f"cleaned up {session_id}: {what} removed")
+    if result.archive_path:
+        out.print(f"archived to {result.archive_path}", highlight=False)
+
+
+@sessions_cli.command("restore")
+def sessions_restore(
+    archive: Annotated[
+        str, typer.Argument(help="An archive's file name in CLAUDEBOX_ARCHIVE_DIR, or its path.")
+    ],
+) -> None:
+    """Bring back a session from the archive its cleanup wrote."""
+    if Path(archive).exists():
+        archive = str(Path(archive).resolve())  # the workers resolve a relative path elsewhere
+    restored = run(lifecycle.restore_archive(archive))
+    out.print(
+        f"restored session {restored.session_id} ({restored.files} files) from {restored.archive}",
+        highlight=False,
+    )
+
+
+@sessions_cli.command("du")
+def sessions_du(
+    as_json: Annotated[bool, typer.Option("--json", help="The whole report as JSON.")] = False,
+) -> None:
+    """Disk used by each session, largest first, with the disk's free space and the limits."""
+    usage = run(lifecycle.disk_usage())
+    if as_json:
+        out.print_json(usage.model_dump_json())
+        return
+    table = Table("session", "size", "files", title=f"sessions in {usage.root}")
+    for each in usage.sessions:
+        table.add_row(each.session_id, megabytes(each.bytes), str(each.files))
+    out.print(table)
+    limit = megabytes(usage.max_sessions_bytes) if usage.max_sessions_bytes else "none"
+    out.print(
+        f"total {megabytes(usage.total_bytes)} (limit {limit}); "
+        f"{megabytes(usage.free_bytes)} free on the disk (floor {megabytes(usage.min_free_bytes)})",
+        highlight=False,
+    )
 
 
 @sessions_cli.command("reindex")
@@ -304,12 +446,42 @@ def sessions_reindex() -> None:
         from producer import pool
 
         await pool.ensure_workers()
-        return ReindexResult.model_validate(await pool.call(names.REINDEX, {}, "[reindex]", 600))
+        # Each node reindexes its own disk.
+        raws = await pool.call_on_every_node(names.REINDEX, {}, "[reindex]", 600)
+        results = [ReindexResult.model_validate(raw) for raw in raws]
+        return ReindexResult(
+            indexed=sum(r.indexed for r in results),
+            dropped=sum(r.dropped for r in results),
+            corrupted=[sid for r in results for sid in r.corrupted],
+            elsewhere=[sid for r in results for sid in r.elsewhere],
+        )
 
     result = run(go())
     out.print(f"indexed {result.indexed} sessions, dropped {result.dropped} stale entries")
     for session_id in result.corrupted:
         err.print(f"[yellow]corrupted:[/] {session_id} (see `claudebox-pool sessions show`)")
+    for session_id in result.elsewhere:
+        err.print(
+            f"[yellow]left alone:[/] {session_id} is on a node's disk but bound to another "
+            "node (a copy left by `sessions move`: remove it)"
+        )
+
+
+@sessions_cli.command("move")
+def sessions_move(
+    session_id: Annotated[str, typer.Argument(help="Session id.")],
+    to: Annotated[str, typer.Option("--to", help="The node that now holds the session's files.")],
+    force: Annotated[
+        bool, typer.Option(help="Move even though the current node is alive.")
+    ] = False,
+) -> None:
+    """Bind a session to another node, after copying its directory there (see the README)."""
+    record = run(move_session(session_id, to, force=force))
+    out.print(
+        f"session {session_id} is now on node {record.node} ({record.workspace_path}); "
+        "remove the copy on its old node",
+        highlight=False,
+    )
 
 
 def main() -> None:

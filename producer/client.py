@@ -17,10 +17,13 @@ from typing import Any, Self
 
 from redis.exceptions import RedisError
 
-from producer import pool
+from producer import lifecycle, live, pool
+from producer.lease import Lease
+from producer.live import CodeStream, OutputCallback
 from tasks import names
 from tasks.connections import sync_redis
 from tasks.errors import InvalidRequestError
+from tasks.lifecycle import Checkpoint
 from tasks.models import (
     CleanupRequest,
     CleanupResult,
@@ -52,6 +55,10 @@ class ClaudeBox:
         template: str | None = None,
         workspace_dir: str | Path | None = None,
         agent: AgentName | None = None,
+        budget_usd: float | None = None,
+        egress_allow: list[str] | None = None,
+        template_session: str | None = None,
+        inputs: dict[str, str] | None = None,
     ) -> None:
         self._ephemeral = session_id is None
         self._session_id = (
@@ -63,11 +70,17 @@ class ClaudeBox:
             cpus=cpus, memory_mib=memory_mib, disk_size_gb=disk_size_gb, template=template
         )
         self._env = dict(env or {})
+        self._budget_usd = budget_usd
+        self._egress_allow = tuple(egress_allow or ())
         self._agent: AgentName = agent or pool.settings().agent
         self._workspace_dir = Path(workspace_dir).expanduser() if workspace_dir else None
         self._mode: str = "create"
         self._record: SessionRecord | None = None
         self._order = asyncio.Lock()
+        self._task_id: str | None = None
+        self._template_session = lifecycle.template_of(self._session_id, template_session)
+        self._inputs = lifecycle.validated_inputs(inputs)
+        self._lease = Lease(self._session_id)
 
     @property
     def session_id(self) -> str:
@@ -86,7 +99,12 @@ class ClaudeBox:
 
     async def __aenter__(self) -> Self:
         if self._record is None:
-            await self._open()
+            await self._lease.take()
+            try:
+                await self._open()
+            except BaseException:
+                await self._lease.release()
+                raise
         return self
 
     async def __aexit__(
@@ -95,9 +113,12 @@ class ClaudeBox:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._ephemeral and self._record is not None:
-            self._record = None
-            await ClaudeBox.cleanup_session(self._session_id, remove_workspace=True)
+        try:
+            if self._ephemeral and self._record is not None:
+                self._record = None
+                await ClaudeBox.cleanup_session(self._session_id, remove_workspace=True)
+        finally:
+            await self._lease.release()
 
     async def _open(self) -> None:
         await pool.ensure_workers()
@@ -106,6 +127,10 @@ class ClaudeBox:
             mode="reconnect" if self._mode == "reconnect" else "create",
             ephemeral=self._ephemeral,
             sandbox=self._sandbox,
+            budget_usd=self._budget_usd,
+            egress_allow=self._egress_allow,
+            template_session=self._template_session,
+            inputs=self._inputs,
         )
         raw = await pool.call(
             names.OPEN,
@@ -134,8 +159,15 @@ class ClaudeBox:
         *,
         timeout_s: int | None = None,
         agent: AgentName | None = None,
+        env: dict[str, str] | None = None,
+        on_output: OutputCallback | None = None,
     ) -> CodeResult:
-        """Run ``prompt`` in the session; the result says whether the agent succeeded."""
+        """Run ``prompt`` in the session; the result says whether the agent succeeded.
+
+        ``env`` adds to the box's environment for this call. ``on_output`` is called with each
+        :class:`StreamEvent` (output lines, tool calls) while the agent runs. Abandoning the
+        call (cancelling the awaiting task, Ctrl-C) cancels the task in the pool too.
+        """
         if self._record is None:
             raise InvalidRequestError(
                 "this box is not open: use `async with ClaudeBox(...) as box:` or "
@@ -157,15 +189,61 @@ class ClaudeBox:
             max_turns=max_turns,
             allowed_tools=tuple(allowed_tools or ()),
             disallowed_tools=tuple(disallowed_tools or ()),
-            env=self._env,
+            env={**self._env, **(env or {})},
             timeout_s=timeout_s,
             sandbox=self._sandbox,
         )
         shown = f"[session={self._session_id} agent={request.agent} prompt={_preview(prompt)}]"
         wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
         async with self._order:
-            raw = await pool.call(names.CODE, request.model_dump(mode="json"), shown, wait_s)
+            self._task_id, route = await live.send(
+                names.CODE, request.model_dump(mode="json"), shown
+            )
+            try:
+                raw = await live.wait(self._task_id, wait_s, on_output, route)
+            finally:
+                self._task_id = None
         return CodeResult.model_validate(raw)
+
+    def stream(
+        self,
+        prompt: str,
+        max_turns: int | None = None,
+        allowed_tools: list[str] | None = None,
+        disallowed_tools: list[str] | None = None,
+        *,
+        timeout_s: int | None = None,
+        agent: AgentName | None = None,
+        env: dict[str, str] | None = None,
+    ) -> CodeStream:
+        """``async for event in box.stream(prompt)``: the events of a ``code`` call as they
+        happen; the returned stream's ``result`` holds its CodeResult after the loop."""
+        return CodeStream(
+            lambda on_output: self.code(
+                prompt,
+                max_turns,
+                allowed_tools,
+                disallowed_tools,
+                timeout_s=timeout_s,
+                agent=agent,
+                env=env,
+                on_output=on_output,
+            )
+        )
+
+    async def cancel(self) -> str | None:
+        """Stop this box's running call inside its sandbox; the call then returns a result with
+        ``error="cancelled"`` and the session stays usable. Returns the id of the task asked to
+        stop, or None when no call was running."""
+        task_id = self._task_id
+        if task_id is None or not await live.cancel(task_id):
+            return None
+        return task_id
+
+    @property
+    def running_task_id(self) -> str | None:
+        """The task id of the call this box is running now (for `claudebox-pool cancel`)."""
+        return self._task_id
 
     @classmethod
     def reconnect(cls, session_id: str) -> _Reconnect:
@@ -192,13 +270,20 @@ class ClaudeBox:
         return [record for record in records if not _removed_by_hand(record)]
 
     @staticmethod
-    async def cleanup_session(session_id: str, remove_workspace: bool = False) -> CleanupResult:
+    async def cleanup_session(
+        session_id: str, remove_workspace: bool = False, archive: bool = False
+    ) -> CleanupResult:
         """Remove the session's sandbox; with ``remove_workspace`` its files too.
 
-        Without it, the workspace, session.json and history stay for inspection.
+        Without it, the workspace, session.json and history stay for inspection. With
+        ``archive``, the whole session is first written to a compressed archive in
+        CLAUDEBOX_ARCHIVE_DIR (``archive_path`` in the result), which
+        ``claudebox-pool sessions restore`` brings back.
         """
         request = CleanupRequest(
-            session_id=validate_session_id(session_id), remove_workspace=remove_workspace
+            session_id=validate_session_id(session_id),
+            remove_workspace=remove_workspace,
+            archive=archive,
         )
         await pool.ensure_workers()
         current = pool.settings()
@@ -209,6 +294,29 @@ class ClaudeBox:
             timeout_s=current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S,
         )
         return CleanupResult.model_validate(raw)
+
+    async def checkpoint(self, name: str, *, replace: bool = False) -> Checkpoint:
+        """Snapshot the workspace as ``name``, after this box's earlier calls (``replace``
+        overwrites a checkpoint of that name); recorded in the session's history."""
+        async with self._order:
+            return await lifecycle.checkpoint(self._session_id, name, replace)
+
+    async def restore(self, name: str) -> Checkpoint:
+        """Put the workspace back as checkpoint ``name`` holds it, once the session's running
+        task (from any producer) has ended; recorded in the session's history."""
+        async with self._order:
+            return await lifecycle.restore(self._session_id, name)
+
+    def checkpoints(self) -> list[str]:
+        """The names of the session's checkpoints, oldest first."""
+        return lifecycle.checkpoints(self._session_id)
+
+    @classmethod
+    async def fork(cls, source_session_id: str, new_session_id: str) -> ClaudeBox:
+        """Copy a session (workspace, agent home, history; under its lock) into a new
+        persistent session, and return that one open: ``box = await ClaudeBox.fork(a, b)``."""
+        await lifecycle.fork(source_session_id, new_session_id)
+        return await cls.reconnect(new_session_id)
 
     def __repr__(self) -> str:
         kind = "ephemeral" if self._ephemeral else "persistent"

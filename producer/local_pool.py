@@ -1,27 +1,40 @@
 """``claudebox-pool up`` / ``down``: a whole pool on one machine, for development and demos.
 
 It uses the Redis of CLAUDEBOX_BROKER_URL if one answers there, else starts the system's
-redis-server on that address (append-only file on, no eviction). Workers and beat are
-``claudebox-pool worker`` / ``beat`` processes. In the foreground, Ctrl-C reaches every process
-of the pool and Celery's warm shutdown lets running tasks finish; with ``--detach`` the pool's
-processes are written to ``<home>/run/pool.json`` for ``down``.
+redis-server on that address (append-only file on, no eviction). Workers, beat and, with
+``--flower``, Flower are ``claudebox-pool`` processes.
+
+Each process runs in a process group of its own, so that a Ctrl-C in the terminal reaches only
+``up``, which then stops the pool in order: the Celery processes first, with Celery's warm
+shutdown (running tasks finish, queued ones stay in Redis), and the Redis it started last, once
+nothing needs it. A second Ctrl-C turns that into a cold shutdown: running tasks are stopped
+and go back to the queue. In the foreground the processes' output is one stream, each line
+prefixed with its process's name; with ``--detach`` it goes to ``<home>/run/logs/<name>.log``.
+Either way the processes are recorded in ``<home>/run/pool.json`` for ``claudebox-pool down``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from types import FrameType
+from typing import IO, NoReturn
 from urllib.parse import urlsplit
 
 import redis
 from pydantic import BaseModel
 from rich.console import Console
+from rich.text import Text
 
 from tasks import keys
 from tasks.connections import redacted, sync_redis
@@ -29,15 +42,65 @@ from tasks.errors import InvalidRequestError, PoolUnavailableError
 from tasks.settings import Settings, get_settings
 
 READY_TIMEOUT_S = 90
-STOP_TIMEOUT_S = 120
+DOWN_TIMEOUT_S = 120
+"""How long `down` lets running tasks finish before it stops them (they are requeued)."""
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red")
+
+Step = tuple[signal.Signals, float | None]
+"""A signal, and how long to wait for the processes to go after it (None: as long as it takes)."""
+WARM: Step = (signal.SIGTERM, None)
+"""Celery's warm shutdown: running tasks finish; Redis: save and exit."""
+COLD: Step = (signal.SIGQUIT, 20)
+"""Celery's cold shutdown: running tasks are stopped, and requeued as they are acked late."""
+SOON: Step = (signal.SIGTERM, 30)
 
 
 class PoolState(BaseModel):
+    """What ``up`` started, for ``down`` (and for ``up`` to refuse starting a second pool)."""
+
+    members: dict[str, int] = {}
+    """Process name (``worker-1``, ``beat``, ``flower``) -> pid of each Celery process."""
     redis_pid: int | None = None
-    worker_pids: list[int] = []
-    beat_pid: int | None = None
     worker_names: list[str] = []
+
+
+@dataclass
+class Member:
+    """One process of the pool; ``proc`` is set in the process that started it."""
+
+    name: str
+    pid: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not _is_zombie(self.pid)
+
+    def signal(self, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
+    def kill_group(self) -> None:
+        """Kill whatever is left of its process group (pool children that outlived it)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Exited but not reaped, as under an init that reaps nothing (some containers)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def run_dir(settings: Settings) -> Path:
@@ -46,6 +109,62 @@ def run_dir(settings: Settings) -> Path:
 
 def state_file(settings: Settings) -> Path:
     return run_dir(settings) / "pool.json"
+
+
+def logs_dir(settings: Settings) -> Path:
+    return run_dir(settings) / "logs"
+
+
+@dataclass
+class Launcher:
+    """Starts the pool's processes, each in its own session, with its output where it belongs."""
+
+    settings: Settings
+    detach: bool
+    out: Console
+    exited: threading.Event = field(default_factory=threading.Event)
+    pumps: list[threading.Thread] = field(default_factory=list)
+    colours: Iterator[str] = field(default_factory=lambda: itertools.cycle(COLOURS))
+
+    def start(self, name: str, argv: list[str]) -> Member:
+        output: IO[bytes] | int = subprocess.PIPE
+        if self.detach:
+            logs_dir(self.settings).mkdir(parents=True, exist_ok=True)
+            output = (logs_dir(self.settings) / f"{name}.log").open("ab")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            if not isinstance(output, int):
+                output.close()
+        if proc.stdout is not None:
+            pump = threading.Thread(
+                target=self._pump, args=(name, proc.stdout, next(self.colours)), daemon=True
+            )
+            pump.start()
+            self.pumps.append(pump)
+        return Member(name, proc.pid, proc)
+
+    def _pump(self, name: str, stream: IO[bytes], colour: str) -> None:
+        prefix = f"{name:<9}| "
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            self.out.print(Text.assemble((prefix, colour), line), soft_wrap=True)
+        # End of output: the process (and every child sharing its stdout) has gone.
+        self.exited.set()
+
+    def drain(self) -> None:
+        for pump in self.pumps:
+            pump.join(5)
+
+
+def _cli(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "producer.cli", *arguments]
 
 
 def _redis_answers(settings: Settings) -> bool:
@@ -58,7 +177,7 @@ def _redis_answers(settings: Settings) -> bool:
         client.close()
 
 
-def _start_redis(settings: Settings, detach: bool) -> subprocess.Popen[bytes]:
+def _redis_argv(settings: Settings) -> list[str]:
     url = urlsplit(settings.broker_url)
     if url.scheme != "redis" or (url.hostname or "") not in LOCAL_HOSTS:
         raise PoolUnavailableError(
@@ -72,176 +191,171 @@ def _start_redis(settings: Settings, detach: bool) -> subprocess.Popen[bytes]:
         )
     directory = run_dir(settings) / "redis"
     directory.mkdir(parents=True, exist_ok=True)
-    argv = [
-        server,
-        "--bind",
-        url.hostname or "127.0.0.1",
-        "--port",
-        str(url.port or 6379),
-        "--dir",
-        str(directory),
-        "--appendonly",
-        "yes",
-        "--maxmemory-policy",
-        "noeviction",
-    ]
+    argv = [server, "--bind", url.hostname or "127.0.0.1", "--port", str(url.port or 6379)]
+    argv += ["--dir", str(directory), "--appendonly", "yes", "--maxmemory-policy", "noeviction"]
     if url.password:
         argv += ["--requirepass", url.password]
-    proc = _spawn(argv, settings, "redis", detach)
-    deadline = time.monotonic() + 10
-    while not _redis_answers(settings):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise PoolUnavailableError(
-                f"redis-server did not start (see {run_dir(settings) / 'logs' / 'redis.log'})"
-            )
-        time.sleep(0.05)
-    return proc
+    return argv
 
 
-def _spawn(argv: list[str], settings: Settings, name: str, detach: bool) -> subprocess.Popen[bytes]:
-    output: IO[bytes] | None = None
-    if detach:
-        logs = run_dir(settings) / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        output = (logs / f"{name}.log").open("ab")
-    try:
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT if detach else None,
-            start_new_session=detach,
-        )
-    finally:
-        if output is not None:
-            output.close()
-
-
-def _cli(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "producer.cli", *arguments]
-
-
-def _wait_ready(settings: Settings, names: list[str], procs: list[subprocess.Popen[bytes]]) -> None:
-    client = sync_redis(settings)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    try:
-        while not all(client.zscore(keys.workers(), name) is not None for name in names):
-            if any(proc.poll() is not None for proc in procs):
+def _wait_for(condition: Callable[[], bool], members: list[Member], timeout_s: float) -> None:
+    """Poll ``condition`` until true; PoolUnavailableError if a member exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for member in members:
+            if not member.alive():
                 raise PoolUnavailableError(
-                    f"a worker exited during start; see {run_dir(settings) / 'logs'}"
+                    f"{member.name} exited during start; see its output above (or with "
+                    f"--detach, {logs_dir(get_settings()) / member.name}.log)"
                 )
-            if time.monotonic() > deadline:
-                raise PoolUnavailableError(f"workers not ready after {READY_TIMEOUT_S}s")
-            time.sleep(0.1)
+        if time.monotonic() > deadline:
+            raise PoolUnavailableError(f"the pool was not ready after {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
+def _workers_ready(settings: Settings, names: list[str]) -> Callable[[], bool]:
+    def ready() -> bool:
+        client = sync_redis(settings)
+        try:
+            return all(client.zscore(keys.workers(), name) is not None for name in names)
+        finally:
+            client.close()
+
+    return ready
+
+
+def stop(members: list[Member], steps: list[Step]) -> None:
+    """Signal what still runs, step by step, then kill what is left of each process group."""
+    try:
+        for sig, wait_s in steps:
+            running = [member for member in members if member.alive()]
+            for member in running:
+                member.signal(sig)
+            deadline = None if wait_s is None else time.monotonic() + wait_s
+            while any(member.alive() for member in running):
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
     finally:
-        client.close()
+        for member in members:
+            member.kill_group()
 
 
-def up(workers: int, concurrency: int, detach: bool, out: Console) -> None:
+def up(
+    workers: int,
+    concurrency: int,
+    detach: bool,
+    out: Console,
+    *,
+    flower_port: int | None = None,
+) -> None:
     settings = get_settings()
     if workers < 1 or concurrency < 1:
         raise InvalidRequestError("--workers and --concurrency must be at least 1")
-    if detach and state_file(settings).exists() and _alive(_read_state(settings)):
+    if flower_port is not None and settings.flower_basic_auth is None:
+        raise InvalidRequestError(
+            "--flower needs CLAUDEBOX_FLOWER_BASIC_AUTH=user:password: Flower shows every task "
+            "of the pool and is never started without a password"
+        )
+    if any(member.alive() for member in _recorded(settings)):
         raise InvalidRequestError(
             "a local pool is already running; stop it with `claudebox-pool down`"
         )
+    launcher = Launcher(settings, detach, out)
     state = PoolState()
-    redis_proc = None
-    if _redis_answers(settings):
-        out.print(f"using the Redis at {redacted(settings.broker_url)}", highlight=False)
-    else:
-        redis_proc = _start_redis(settings, detach)
-        state.redis_pid = redis_proc.pid
-        out.print(f"started redis-server at {redacted(settings.broker_url)}", highlight=False)
-    node = os.uname().nodename
-    procs = []
-    for index in range(1, workers + 1):
-        name = f"w{index}@{node}"
-        argv = _cli("worker", "--concurrency", str(concurrency), "--hostname", name)
-        procs.append(_spawn(argv, settings, f"worker-{index}", detach))
-        state.worker_names.append(name)
-    state.worker_pids = [proc.pid for proc in procs]
-    beat = _spawn(_cli("beat"), settings, "beat", detach)
-    state.beat_pid = beat.pid
-    if detach:
+    started: list[Member] = []
+    celery: list[Member] = []
+    try:
+        if _redis_answers(settings):
+            out.print(f"using the Redis at {redacted(settings.broker_url)}", highlight=False)
+        else:
+            started.append(launcher.start("redis", _redis_argv(settings)))
+            state.redis_pid = started[0].pid
+            _wait_for(lambda: _redis_answers(settings), started, 10)
+            out.print(f"started redis-server at {redacted(settings.broker_url)}", highlight=False)
+        host = os.uname().nodename
+        for index in range(1, workers + 1):
+            name = f"w{index}@{host}"
+            argv = _cli("worker", "--concurrency", str(concurrency), "--hostname", name)
+            celery.append(launcher.start(f"worker-{index}", argv))
+            state.worker_names.append(name)
+        celery.append(launcher.start("beat", _cli("beat")))
+        if flower_port is not None:
+            celery.append(launcher.start("flower", _cli("flower", "--port", str(flower_port))))
+        state.members = {member.name: member.pid for member in celery}
         state_file(settings).parent.mkdir(parents=True, exist_ok=True)
         state_file(settings).write_text(state.model_dump_json())
-    everyone = [*procs, beat]
-    try:
         with out.status(f"waiting for {workers} worker(s)"):
-            _wait_ready(settings, state.worker_names, procs)
+            _wait_for(_workers_ready(settings, state.worker_names), celery, READY_TIMEOUT_S)
     except BaseException:
-        _stop([proc.pid for proc in everyone], signal.SIGTERM, 30)
-        if redis_proc is not None:
-            _stop([redis_proc.pid], signal.SIGTERM, 30)
+        stop(celery, [SOON])
+        stop(started, [SOON])
         state_file(settings).unlink(missing_ok=True)
         raise
     out.print(
-        f"pool up: {workers} worker(s) x {concurrency} slots, beat; sessions in "
-        f"{settings.sessions_root}",
+        f"pool up: {workers} worker(s) x {concurrency} slots, beat"
+        + (f", Flower at http://127.0.0.1:{flower_port} (basic auth)" if flower_port else "")
+        + f"; sessions in {settings.sessions_root}",
         highlight=False,
     )
     if detach:
-        out.print(f"logs in {run_dir(settings) / 'logs'}; stop with `claudebox-pool down`")
+        out.print(f"logs in {logs_dir(settings)}; stop with `claudebox-pool down`")
         return
+    _run_in_foreground(launcher, celery, started, out)
+    state_file(settings).unlink(missing_ok=True)
+
+
+def _run_in_foreground(
+    launcher: Launcher, celery: list[Member], started_redis: list[Member], out: Console
+) -> None:
+    """Until Ctrl-C (or SIGTERM, or a process of the pool exits), then stop the pool."""
+    # SIGINT too: a shell starts background jobs with it ignored, and Python then leaves it so.
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in handled}
     try:
-        for proc in everyone:
-            proc.wait()
-    except KeyboardInterrupt:
-        out.print("stopping: running tasks finish first (Ctrl-C again to stop at once)")
-        for proc in everyone:
-            proc.wait()
+        try:
+            launcher.exited.wait()
+            gone = [member.name for member in [*celery, *started_redis] if not member.alive()]
+            shown = ", ".join(gone) or "a process"
+            out.print(f"[red]{shown} exited; stopping the pool[/]", highlight=False)
+        except KeyboardInterrupt:
+            out.print("stopping: running tasks finish first (Ctrl-C again to requeue them now)")
+        try:
+            stop(celery, [WARM, COLD])
+        except KeyboardInterrupt:
+            out.print("stopping now: running tasks go back to the queue")
+            stop(celery, [COLD])
+        stop(started_redis, [SOON])
     finally:
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(30)
-
-
-def down(out: Console) -> None:
-    settings = get_settings()
-    path = state_file(settings)
-    if not path.exists():
-        raise InvalidRequestError(f"no local pool is recorded in {path}; nothing to stop")
-    state = _read_state(settings)
-    pool = [*state.worker_pids, *([state.beat_pid] if state.beat_pid else [])]
-    _stop(pool, signal.SIGTERM, STOP_TIMEOUT_S)
-    if state.redis_pid:
-        _stop([state.redis_pid], signal.SIGTERM, 30)
-    path.unlink()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        launcher.drain()
     out.print("pool stopped")
 
 
-def _read_state(settings: Settings) -> PoolState:
-    return PoolState.model_validate_json(state_file(settings).read_text())
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
 
 
-def _alive(state: PoolState) -> bool:
-    return any(_exists(pid) for pid in state.worker_pids)
+def down(out: Console, timeout_s: float = DOWN_TIMEOUT_S) -> None:
+    settings = get_settings()
+    path = state_file(settings)
+    if not path.exists():
+        out.print(f"no local pool is recorded in {path}; nothing to stop")
+        return
+    state = PoolState.model_validate_json(path.read_text())
+    celery = [Member(name, pid) for name, pid in state.members.items()]
+    stop(celery, [(signal.SIGTERM, timeout_s), COLD])
+    if state.redis_pid:
+        stop([Member("redis", state.redis_pid)], [SOON])
+    # A foreground `up` whose processes this stopped may have removed it already.
+    path.unlink(missing_ok=True)
+    out.print("pool stopped")
 
 
-def _exists(pid: int) -> bool:
+def _recorded(settings: Settings) -> list[Member]:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _stop(pids: list[int], sig: signal.Signals, timeout_s: float) -> None:
-    """Signal each leader (Celery's warm shutdown then stops its own pool), wait for them to
-    go, and kill whatever is left of their process groups at the deadline."""
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            continue
-    deadline = time.monotonic() + timeout_s
-    while any(_exists(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
+        state = PoolState.model_validate_json(state_file(settings).read_text())
+    except (OSError, ValueError):
+        return []
+    return [Member(name, pid) for name, pid in state.members.items()]

@@ -7,6 +7,7 @@ one event loop.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -15,10 +16,17 @@ from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from tasks import keys
+from producer import routing
+from producer.routing import Route
+from tasks import keys, names
 from tasks.app import app
 from tasks.connections import async_redis, redacted
-from tasks.errors import ClaudeBoxError, PoolUnavailableError, TaskFailedError
+from tasks.errors import (
+    ClaudeBoxError,
+    NodeUnavailableError,
+    PoolUnavailableError,
+    TaskFailedError,
+)
 from tasks.settings import Settings, get_settings
 
 START_HINT = (
@@ -53,23 +61,30 @@ async def ensure_workers() -> None:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
 
 
-def send(name: str, payload: dict[str, Any], shown: str) -> str:
-    """Queue task ``name``; ``shown`` is what monitors (Flower) display instead of the payload."""
+def send(name: str, payload: dict[str, Any], shown: str, queue: str | None = None) -> str:
+    """Queue task ``name`` (on ``queue``, else the common one); ``shown`` is what monitors
+    (Flower) display instead of the payload."""
     try:
         result: AsyncResult[Any] = app.send_task(
-            name, args=[payload], argsrepr=shown, kwargsrepr="{}"
+            name, args=[payload], argsrepr=shown, kwargsrepr="{}", queue=queue
         )
     except OperationalError as exc:
         raise unreachable(exc) from None
     return str(result.id)
 
 
-async def wait(task_id: str, timeout_s: float) -> Any:
-    """The task's return value, or its error re-raised as the same ClaudeBoxError class."""
+async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) -> Any:
+    """The task's return value, or its error re-raised as the same ClaudeBoxError class.
+
+    A task bound to a node fails with NodeUnavailableError once that node is silent past the
+    grace period: it stays in the node's queue, and would run only there.
+    """
     backend = app.backend
     key = backend.get_key_for_task(task_id)
-    client = async_redis(settings())
+    current = settings()
+    client = async_redis(current)
     deadline = time.monotonic() + timeout_s
+    next_node_check = time.monotonic() + current.worker_heartbeat_s
     try:
         async with client.pubsub() as channel:
             await channel.subscribe(key)
@@ -79,6 +94,11 @@ async def wait(task_id: str, timeout_s: float) -> Any:
                     meta = backend.decode_result(raw)
                     if meta["status"] in states.READY_STATES:
                         return _outcome(task_id, meta)
+                if route.node is not None and time.monotonic() >= next_node_check:
+                    next_node_check = time.monotonic() + current.worker_heartbeat_s
+                    silent_s = await routing.silent_for(client, route.node)
+                    if silent_s is None or silent_s > current.node_grace_s:
+                        raise NodeUnavailableError(route.session_id or "", route.node, silent_s)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TaskFailedError(
@@ -108,5 +128,31 @@ def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
 
 
 async def call(name: str, payload: dict[str, Any], shown: str, timeout_s: float) -> Any:
-    task_id = send(name, payload, shown)
-    return await wait(task_id, timeout_s)
+    """Send a task where its session lives (``producer.routing``) and wait for its result."""
+    client = async_redis(settings())
+    try:
+        route = await routing.route(payload, client)
+    except (RedisError, OSError) as exc:
+        raise unreachable(exc) from None
+    finally:
+        await client.aclose()
+    task_id = send(name, payload, shown, route.queue)
+    return await wait(task_id, timeout_s, route)
+
+
+async def call_on_every_node(
+    name: str, payload: dict[str, Any], shown: str, timeout_s: float
+) -> list[Any]:
+    """Run a task once on each live node (a reindex: each node sees only its own disk)."""
+    client = async_redis(settings())
+    try:
+        nodes = await routing.alive_nodes(client)
+    except (RedisError, OSError) as exc:
+        raise unreachable(exc) from None
+    finally:
+        await client.aclose()
+    if not nodes:
+        raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
+    routes = [Route(names.node_queue(node), node) for node in nodes]
+    sent = [(send(name, payload, shown, r.queue), r) for r in routes]
+    return list(await asyncio.gather(*(wait(task_id, timeout_s, r) for task_id, r in sent)))

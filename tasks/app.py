@@ -13,6 +13,7 @@ from typing import Any
 from celery import Celery
 
 from tasks import names
+from tasks.monitoring import RedactingAMQP
 from tasks.schedule import beat_schedule
 from tasks.settings import Settings, get_settings
 
@@ -58,5 +59,5 @@ def configure(settings: Settings | None = None) -> Celery:
     return app
 
 
-app = Celery("claudebox")
+app = Celery("claudebox", amqp=RedactingAMQP)
 configure()

@@ -9,10 +9,14 @@
     ├── SessionAlreadyExistsError    creating a session whose id is taken
     ├── SessionCorruptedError        session.json is missing or unreadable
     ├── SessionBusyError             another task held the session past the wait deadline
+    ├── CheckpointNotFoundError      no checkpoint by that name in the session
+    ├── DiskFullError                the sessions root is over its size limit or the disk is full
     ├── LockLostError                a task lost its session lock; its writes were refused
     ├── SandboxError                 the sandbox could not be started or run
     │   └── RuntimeUnavailableError  the configured runtime cannot run on this host
+    ├── WrongNodeError               a task reached a node that does not hold its session
     ├── PoolUnavailableError         Redis cannot be reached, or no worker is running
+    │   └── NodeUnavailableError     the node holding a session's files is gone
     └── TaskFailedError              the worker failed the task for a reason of its own
         └── TaskAttemptsExceededError  the task was delivered too often (it kills workers)
 
@@ -128,6 +132,47 @@ class PoolUnavailableError(ClaudeBoxError):
     """Redis cannot be reached or no worker is running; the message says how to start one."""
 
 
+class NodeUnavailableError(PoolUnavailableError):
+    """``silent_s`` is how long the node has sent no heartbeat; None if it never sent one."""
+
+    def __init__(self, session_id: str, node: str, silent_s: float | None) -> None:
+        Exception.__init__(self, session_id, node, silent_s)
+        self.session_id = session_id
+        self.node = node
+        self.silent_s = silent_s
+
+    def __str__(self) -> str:
+        silence = (
+            "has no worker on record"
+            if self.silent_s is None
+            else f"has sent no heartbeat for {self.silent_s:.0f}s"
+        )
+        return (
+            f"Session '{self.session_id}' lives on node '{self.node}', which {silence} "
+            "(CLAUDEBOX_NODE_GRACE_S); its files are only there, so its tasks run nowhere else. "
+            f"Start a worker with CLAUDEBOX_NODE_NAME={self.node}, or copy the session's "
+            "directory to another node and run "
+            f"`claudebox-pool sessions move {self.session_id} --to NODE`"
+        )
+
+
+class WrongNodeError(ClaudeBoxError):
+    def __init__(self, session_id: str, node: str, here: str) -> None:
+        Exception.__init__(self, session_id, node, here)
+        self.session_id = session_id
+        self.node = node
+        self.here = here
+
+    def __str__(self) -> str:
+        return (
+            f"Session '{self.session_id}' lives on node '{self.node}', but this task reached "
+            f"node '{self.here}', which does not hold its files; the task was refused. Send "
+            "tasks through ClaudeBox or claudebox-pool, which route them to the session's node "
+            f"(or, if its files were copied here, `claudebox-pool sessions move "
+            f"{self.session_id} --to {self.here}`)"
+        )
+
+
 class TaskFailedError(ClaudeBoxError):
     """The worker failed the task for a reason of its own (see the worker's log)."""
 
@@ -142,4 +187,35 @@ class TaskAttemptsExceededError(TaskFailedError):
         return (
             f"Task {self.task_id} was delivered {self.attempts} times and its worker died each "
             "time; it is failed instead of requeued again (CLAUDEBOX_MAX_ATTEMPTS)"
+        )
+
+
+class CheckpointNotFoundError(ClaudeBoxError):
+    def __init__(self, session_id: str, name: str) -> None:
+        Exception.__init__(self, session_id, name)
+        self.session_id = session_id
+        self.name = name
+
+    def __str__(self) -> str:
+        return (
+            f"Checkpoint '{self.name}' not found in session '{self.session_id}'; list its "
+            "checkpoints with box.checkpoints(), or make one with await box.checkpoint(name)"
+        )
+
+
+class DiskFullError(ClaudeBoxError):
+    """``largest`` maps the sessions using the most space to their size in bytes, largest first."""
+
+    def __init__(self, problem: str, largest: dict[str, int]) -> None:
+        Exception.__init__(self, problem, largest)
+        self.problem = problem
+        self.largest = largest
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{sid} ({size / 1e6:.1f} MB)" for sid, size in self.largest.items())
+        return (
+            f"{self.problem}. Largest sessions: {shown or 'none'}. Free space with "
+            "`claudebox-pool sessions cleanup ID --archive --yes` (`claudebox-pool sessions du` "
+            "lists them all), or raise CLAUDEBOX_MAX_SESSIONS_BYTES or lower "
+            "CLAUDEBOX_MIN_FREE_BYTES"
         )

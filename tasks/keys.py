@@ -10,6 +10,11 @@ Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
     claudebox:attempts:<task id>      int    deliveries of one task, against redelivery loops
     claudebox:workers                 zset   worker hostname scored by last heartbeat
     claudebox:workers:info            hash   worker hostname -> WorkerInfo JSON
+    claudebox:nodes                   zset   node name scored by the last heartbeat of its workers
+    claudebox:lease:<session>         string the producer holding the session open, with a TTL
+    claudebox:sweep:<sweep>           string when a sweep last ran, kept for most of its interval
+    claudebox:output:<task id>        stream a code task's live output (StreamEvent JSON), TTL
+    claudebox:cancel:<task id>        string set to ask a queued or running task to stop, TTL
 """
 
 from typing import Final
@@ -43,3 +48,23 @@ def workers() -> str:
 
 def worker_info() -> str:
     return f"{PREFIX}workers:info"
+
+
+def nodes() -> str:
+    return f"{PREFIX}nodes"
+
+
+def task_output(task_id: str) -> str:
+    return f"{PREFIX}output:{task_id}"
+
+
+def task_cancel(task_id: str) -> str:
+    return f"{PREFIX}cancel:{task_id}"
+
+
+def session_lease(session_id: str) -> str:
+    return f"{PREFIX}lease:{session_id}"
+
+
+def sweep_claim(sweep: str) -> str:
+    return f"{PREFIX}sweep:{sweep}"

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from tasks.errors import InvalidSessionIdError
+from tasks.errors import InvalidRequestError, InvalidSessionIdError
 from tasks.settings import AgentName
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -33,6 +33,24 @@ def validate_session_id(session_id: object) -> str:
 
 
 SessionId = Annotated[str, AfterValidator(validate_session_id)]
+
+
+def validate_name(value: object, what: str) -> str:
+    """Return ``value`` if it is a valid ``what`` (a checkpoint or input name: the session id
+    rules, as it becomes a path component), else raise InvalidRequestError."""
+    if not isinstance(value, str) or not SESSION_ID_PATTERN.fullmatch(value):
+        shown = str(value) if len(str(value)) <= 60 else str(value)[:57] + "..."
+        raise InvalidRequestError(
+            f"Invalid {what} {shown!r}: use 1 to 255 characters from a-z, A-Z, 0-9, '-' and '_' "
+            "(no spaces, dots or slashes), e.g. 'before-refactor'"
+        )
+    return value
+
+
+CheckpointName = Annotated[
+    str, AfterValidator(lambda value: validate_name(value, "checkpoint name"))
+]
+InputName = Annotated[str, AfterValidator(lambda value: validate_name(value, "input name"))]
 
 
 def utc_now() -> str:
@@ -64,6 +82,10 @@ class OpenRequest(_Message):
     mode: Literal["create", "reconnect"]
     ephemeral: bool = False
     sandbox: SandboxOptions = SandboxOptions()
+    budget_usd: float | None = Field(default=None, gt=0)
+    egress_allow: tuple[str, ...] = ()
+    template_session: SessionId | None = None
+    inputs: dict[InputName, SessionId] = Field(default_factory=dict)
     enqueued_at: float = Field(default_factory=time.time)
 
 
@@ -84,6 +106,16 @@ class CleanupRequest(_Message):
     session_id: SessionId
     remove_workspace: bool
     reason: str = "requested"
+    archive: bool = False
+    enqueued_at: float = Field(default_factory=time.time)
+
+
+class AdoptRequest(_Message):
+    """Bind a session to ``node``, whose sessions root now holds a copy of its files."""
+
+    session_id: SessionId
+    node: str
+    previous_node: str
     enqueued_at: float = Field(default_factory=time.time)
 
 
@@ -111,6 +143,7 @@ class CleanupResult(BaseModel):
     session_id: str
     removed_workspace: bool
     removed_sandbox: bool
+    archive_path: str | None = None
 
 
 class ReindexResult(BaseModel):
@@ -119,6 +152,9 @@ class ReindexResult(BaseModel):
     indexed: int
     dropped: int
     corrupted: list[str] = Field(default_factory=list)
+    elsewhere: list[str] = Field(
+        default_factory=list, description="On this disk, but bound to another node: left alone."
+    )
 
 
 class SessionRecord(BaseModel):
@@ -143,6 +179,13 @@ class SessionRecord(BaseModel):
     total_turns: int = 0
     total_duration_ms: int = 0
     total_cost_usd: float = 0.0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+    total_model_requests: int = 0
+    budget_usd: float | None = None
+    egress_allow: list[str] = Field(default_factory=list)
+    inputs: dict[str, str] = Field(default_factory=dict)
+    checkpoints: list[str] = Field(default_factory=list)
     claude_session_id: str | None = None
     sandbox: SandboxOptions = SandboxOptions()
     node: str = ""

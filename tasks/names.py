@@ -10,6 +10,31 @@ CLEANUP: Final = "claudebox.cleanup"
 """Remove a session's sandbox, and its workspace if asked."""
 REINDEX: Final = "claudebox.reindex"
 """Rebuild the Redis registry from the sessions on disk."""
+CHECKPOINT: Final = "claudebox.checkpoint"
+"""Snapshot a session's workspace under a name."""
+RESTORE_CHECKPOINT: Final = "claudebox.restore_checkpoint"
+"""Put a session's workspace back as a checkpoint holds it."""
+FORK: Final = "claudebox.fork"
+"""Copy a session (workspace, history, agent home) into a new one, under the source's lock."""
+RESTORE_ARCHIVE: Final = "claudebox.restore_archive"
+"""Bring back a session from the archive its cleanup wrote."""
+DISK_USAGE: Final = "claudebox.disk_usage"
+"""Measure the sessions root: each session's size, the disk's free space, the limits."""
+SWEEP_AGE: Final = "claudebox.sweep_age"
+"""Beat's age sweep: remove sessions idle past their age rule."""
+SWEEP_LEAKS: Final = "claudebox.sweep_leaks"
+"""Beat's leak sweep: remove ephemeral sessions whose producer vanished, and orphan sandboxes."""
+ADOPT: Final = "claudebox.adopt"
+"""Bind a session whose files were copied onto this node to it (`claudebox-pool sessions move`)."""
+
+EVENT_RUNNING: Final = "task-running"
+"""Custom Celery event sent when a code task holds its session and starts the agent; monitors
+(Flower) then show the task in state RUNNING, with ``session_id`` and ``agent`` among its fields."""
 
 QUEUE: Final = "claudebox"
 """The queue every worker consumes."""
+
+
+def node_queue(node: str) -> str:
+    """The queue only ``node``'s workers consume: tasks of the sessions whose files it holds."""
+    return f"{QUEUE}.node.{node}"

@@ -13,22 +13,21 @@ from tasks import keys
 from tasks.models import SessionRecord
 
 
-def read_all(client: redis.Redis) -> list[SessionRecord]:
-    """Every registered session, oldest first."""
-    records = []
-    for raw in client.hvals(keys.registry()):
-        try:
-            records.append(SessionRecord.model_validate_json(raw))
-        except ValidationError:
-            continue
-    return sorted(records, key=lambda record: (record.created_at, record.session_id))
-
-
-def read_one(client: redis.Redis, session_id: str) -> SessionRecord | None:
-    raw = client.hget(keys.registry(), session_id)
+def parse(raw: bytes | str | None) -> SessionRecord | None:
+    """A registry entry as a record; None for a missing or unreadable one."""
     if raw is None:
         return None
     try:
         return SessionRecord.model_validate_json(raw)
     except ValidationError:
         return None
+
+
+def read_all(client: redis.Redis) -> list[SessionRecord]:
+    """Every registered session, oldest first."""
+    records = [record for raw in client.hvals(keys.registry()) if (record := parse(raw))]
+    return sorted(records, key=lambda record: (record.created_at, record.session_id))
+
+
+def read_one(client: redis.Redis, session_id: str) -> SessionRecord | None:
+    return parse(client.hget(keys.registry(), session_id))

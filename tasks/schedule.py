@@ -1,4 +1,8 @@
-"""The beat schedule: what the pool does on its own, and how often."""
+"""The beat schedule: what the pool does on its own, and how often.
+
+Each sweep gets its interval in its arguments: the worker keeps the sweep's claim (see
+``workers.sweeps``) for most of the interval that beat fires it at, whatever its own settings.
+"""
 
 from __future__ import annotations
 
@@ -14,5 +18,15 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "task": names.REINDEX,
             "schedule": float(settings.reindex_every_s),
             "args": ({},),
+        },
+        "sweep-age": {
+            "task": names.SWEEP_AGE,
+            "schedule": float(settings.sweep_age_every_s),
+            "args": ({"every_s": settings.sweep_age_every_s},),
+        },
+        "sweep-leaks": {
+            "task": names.SWEEP_LEAKS,
+            "schedule": float(settings.sweep_leaks_every_s),
+            "args": ({"every_s": settings.sweep_leaks_every_s},),
         },
     }

@@ -8,19 +8,40 @@ this class by :func:`settings_markdown` and a test keeps the two equal.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RuntimeName = Literal["auto", "boxlite", "bwrap", "local"]
 AgentName = Literal["claude", "shell"]
 
 CLAUDE_CLI_VERSION = "2.1.332"
 """The Claude Code CLI release this project is tested against (npm `@anthropic-ai/claude-code`)."""
+
+
+class ModelPrice(BaseModel):
+    """USD per million tokens; ``cache_write`` is the 5-minute cache's write price."""
+
+    model_config = ConfigDict(frozen=True)
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cache_write: float = Field(ge=0)
+    cache_read: float = Field(ge=0)
+
+
+DEFAULT_MODEL_PRICES = {
+    "opus": ModelPrice(input=5.0, output=25.0, cache_write=6.25, cache_read=0.50),
+    "sonnet": ModelPrice(input=3.0, output=15.0, cache_write=3.75, cache_read=0.30),
+    "haiku": ModelPrice(input=1.0, output=5.0, cache_write=1.25, cache_read=0.10),
+}
+"""Anthropic's list prices for the current generation (Opus 4.5, Sonnet 4.5, Haiku 4.5)."""
 
 
 def default_cli_dir() -> Path:
@@ -99,6 +120,18 @@ class Settings(BaseSettings):
         gt=0,
         description="Agent output kept in a result (`raw_output`); the tail is kept beyond it.",
     )
+    stream_ttl_s: int = Field(
+        default=86400,
+        gt=0,
+        description="How long a task's live output stream stays in Redis after its last line, "
+        "for consumers that attach late (`box.stream`, `claudebox-pool code`).",
+    )
+    stream_max_events: int = Field(
+        default=10_000,
+        gt=0,
+        description="Events kept in one task's live output stream; the oldest are trimmed "
+        "beyond it (the result's `raw_output` still holds the output's tail).",
+    )
     reindex_every_s: int = Field(
         default=3600,
         gt=0,
@@ -110,6 +143,20 @@ class Settings(BaseSettings):
         description="How often a worker announces itself in Redis; producers refuse to "
         "enqueue when no worker was seen for three of these.",
     )
+    node_name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$",
+        description="The worker's node: the place its sessions root lives. A session is bound "
+        "to the node that created it and its tasks go to that node's queue "
+        "(`claudebox.node.<name>`); workers sharing one sessions root (one host, or shared "
+        "storage) use one name. Default: the hostname.",
+    )
+    node_grace_s: int = Field(
+        default=60,
+        gt=0,
+        description="How long a node may send no heartbeat before tasks for its sessions fail "
+        "with NodeUnavailableError instead of waiting in its queue.",
+    )
     claude_cli: Path | None = Field(
         default=None,
         description="Path of the Claude Code CLI; default: the pinned install of "
@@ -117,11 +164,34 @@ class Settings(BaseSettings):
     )
     anthropic_api_key: SecretStr | None = Field(
         default=None,
-        description="Model API key for the `claude` agent (else the worker's `ANTHROPIC_API_KEY`).",
+        description="Model API key, held by the worker's model gateway only (else the worker's "
+        "`ANTHROPIC_API_KEY`); sandboxes never see it.",
     )
     claude_code_oauth_token: SecretStr | None = Field(
         default=None,
-        description="Claude Code OAuth token (else the worker's `CLAUDE_CODE_OAUTH_TOKEN`).",
+        description="Claude Code OAuth token, held like the API key (else the worker's "
+        "`CLAUDE_CODE_OAUTH_TOKEN`).",
+    )
+    model_api_url: str = Field(
+        default="https://api.anthropic.com",
+        description="Where the model gateway forwards the sandboxes' model calls.",
+    )
+    model_prices: dict[str, ModelPrice] = Field(
+        default_factory=lambda: dict(DEFAULT_MODEL_PRICES),
+        description="USD per million tokens by model family (a substring of the model name), "
+        "as JSON like `{\"opus\": {\"input\": 5, \"output\": 25, \"cache_write\": 6.25, "
+        "\"cache_read\": 0.5}}`; an unknown model is charged as `sonnet`.",
+    )
+    session_budget_usd: float | None = Field(
+        default=None,
+        gt=0,
+        description="Default spend cap of a session's model calls, in USD (unset: none); "
+        "`ClaudeBox(budget_usd=...)` sets one per session.",
+    )
+    egress_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="`host[:port]` entries every sandbox may reach through the egress proxy, "
+        "comma-separated (default: none); `ClaudeBox(egress_allow=[...])` adds per session.",
     )
     flower_basic_auth: SecretStr | None = Field(
         default=None,
@@ -153,6 +223,55 @@ class Settings(BaseSettings):
         description="Longest a session's micro-VM may take to start (image import and boot) "
         "before the task fails.",
     )
+    archive_dir: Path | None = Field(
+        default=None,
+        description="Where session archives are written (`cleanup_session(..., archive=True)`, "
+        "the age sweep) and restored from; default: `<home>/archives`.",
+    )
+    lease_ttl_s: int = Field(
+        default=600,
+        gt=0,
+        description="How long an open box counts as in use after its producer's last sign of "
+        "life (the producer renews it every third of it); sweeps never remove a leased session.",
+    )
+    sweep_leaks_every_s: int = Field(
+        default=300,
+        gt=0,
+        description="How often beat runs the leak sweep: ephemeral sessions with no producer "
+        "lease, idle for `CLAUDEBOX_LEASE_TTL_S`, and sandboxes kept for sessions that are gone.",
+    )
+    sweep_age_every_s: int = Field(
+        default=3600,
+        gt=0,
+        description="How often beat runs the age sweep (see `CLAUDEBOX_SWEEP_MAX_AGE_DAYS`).",
+    )
+    sweep_max_age_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Days since `updated_at` after which the age sweep removes a session; unset: "
+        "never, except where `CLAUDEBOX_SWEEP_AGE_RULES` says.",
+    )
+    sweep_age_rules: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default={},
+        description='Age limits in days by session id prefix, as JSON like `{"temp-": 7}`; '
+        "the longest matching prefix wins over `CLAUDEBOX_SWEEP_MAX_AGE_DAYS`.",
+    )
+    sweep_archive: bool = Field(
+        default=True,
+        description="Whether the age sweep archives a session before removing it.",
+    )
+    max_sessions_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Size limit of the sessions root (unset: none); tasks that would grow it "
+        "past the limit fail with DiskFullError. Checking it walks the root before each task.",
+    )
+    min_free_bytes: int = Field(
+        default=1_000_000_000,
+        ge=0,
+        description="Free space the sessions root's disk must keep; below it, tasks that write "
+        "fail with DiskFullError instead of filling the disk (0: no floor).",
+    )
 
     @field_validator(
         "anthropic_api_key", "claude_code_oauth_token", "flower_basic_auth", mode="before"
@@ -160,6 +279,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("egress_allow", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [host.strip() for host in value.split(",") if host.strip()]
+        return value
 
     @field_validator("home", mode="after")
     @classmethod
@@ -169,6 +295,14 @@ class Settings(BaseSettings):
     @property
     def sessions_root(self) -> Path:
         return self.home / "sessions"
+
+    @property
+    def node(self) -> str:
+        return self.node_name or socket.gethostname()
+
+    @property
+    def archives_root(self) -> Path:
+        return (self.archive_dir or self.home / "archives").expanduser().absolute()
 
     @property
     def visibility_timeout_s(self) -> int:
@@ -186,7 +320,9 @@ def settings_markdown() -> str:
     """The README's settings table, generated from :class:`Settings`."""
     rows = ["| variable | default | description |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = field.default
-        shown = "(unset)" if default is None else f"`{default}`"
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, dict):
+            default = json.dumps({key: value.model_dump() for key, value in default.items()})
+        shown = "(unset)" if default in (None, []) else f"`{default}`"
         rows.append(f"| `CLAUDEBOX_{name.upper()}` | {shown} | {field.description} |")
     return "\n".join(rows)

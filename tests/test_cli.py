@@ -155,7 +155,17 @@ def test_submit_names_the_line_of_a_bad_job(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "verb",
-    [[], ["worker"], ["beat"], ["flower"], ["code"], ["submit"], ["sessions", "list"], ["up"]],
+    [
+        [],
+        ["worker"],
+        ["beat"],
+        ["flower"],
+        ["code"],
+        ["submit"],
+        ["cancel"],
+        ["sessions", "list"],
+        ["up"],
+    ],
 )
 def test_every_verb_has_help(verb: list[str]) -> None:
     done = claudebox_pool(*verb, "--help")

@@ -10,7 +10,9 @@ import pytest
 import tasks.errors
 from tasks.app import app
 from tasks.errors import (
+    CheckpointNotFoundError,
     ClaudeBoxError,
+    DiskFullError,
     InvalidRequestError,
     InvalidSessionIdError,
     LockLostError,
@@ -45,6 +47,12 @@ EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
     ),
     TaskFailedError: TaskFailedError("task 1 failed on the worker: KeyError: 'x'"),
     TaskAttemptsExceededError: TaskAttemptsExceededError("5f1c-task-id", 3),
+    CheckpointNotFoundError: CheckpointNotFoundError("my-project", "phase1"),
+    DiskFullError: DiskFullError(
+        "session 'my-project' cannot run a task: the sessions in /srv/sessions take 5000.0 MB, "
+        "over the limit of 4000.0 MB (CLAUDEBOX_MAX_SESSIONS_BYTES)",
+        {"big-data": 3_000_000_000, "my-project": 1_500_000_000},
+    ),
 }
 
 ADVICE: dict[type[ClaudeBoxError], list[str]] = {
@@ -66,6 +74,13 @@ ADVICE: dict[type[ClaudeBoxError], list[str]] = {
     SessionBusyError: ["Session 'my-project'", "600s", "CLAUDEBOX_LOCK_WAIT_S"],
     LockLostError: ["session 'my-project'", "CLAUDEBOX_LOCK_TTL_S", "Run it again"],
     TaskAttemptsExceededError: ["5f1c-task-id", "3 times", "CLAUDEBOX_MAX_ATTEMPTS"],
+    CheckpointNotFoundError: ["Checkpoint 'phase1'", "session 'my-project'", "box.checkpoints()"],
+    DiskFullError: [
+        "session 'my-project' cannot run a task",
+        "big-data (3000.0 MB), my-project (1500.0 MB)",
+        "claudebox-pool sessions cleanup ID --archive --yes",
+        "claudebox-pool sessions du",
+    ],
 }
 """For errors that compose their own message: what it must name, and what it tells to do."""
 

@@ -1,8 +1,10 @@
 """The worker's entry point: ``celery -A workers.app worker`` (``claudebox-pool worker`` runs it).
 
-Importing this module registers the task bodies on the shared app and adds two things to every
-worker: a heartbeat in Redis, so that producers can tell no worker is running instead of
-waiting forever, and a reconciliation of the session registry with the disk at start.
+Importing this module registers the task bodies on the shared app (``jobs``, ``lifecycle_jobs``,
+``moves``), has every worker consume its node's own queue too (``affinity``), and adds two
+things to every worker: a heartbeat in Redis (of the worker and of its node), so that
+producers can tell no worker is running instead of waiting forever, and a reconciliation of
+the session registry with the disk at start.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.worker import WorkController
 
-import workers.jobs  # noqa: F401  (registers the task bodies)
 from tasks import keys
 from tasks.app import app
 from tasks.models import WorkerInfo
-from workers import registry
+from workers import affinity, jobs, lifecycle_jobs, moves, registry  # noqa: F401
 from workers.agents.claude import cli_version, find_cli
 from workers.context import context
 from workers.runtimes.auto import choose
@@ -52,7 +53,12 @@ class Heartbeat(bootsteps.StartStopStep):
         if not _ready.is_set():
             return
         try:
-            context().redis.zadd(keys.workers(), {worker.hostname: time.time()})
+            ctx, now = context(), time.time()
+            pipe = ctx.redis.pipeline()
+            pipe.zadd(keys.workers(), {worker.hostname: now})
+            # A node lives while any of its workers does: tasks for its sessions wait for it.
+            pipe.zadd(keys.nodes(), {ctx.node: now})
+            pipe.execute()
         except Exception as exc:  # a Redis outage must not stop the worker's timer
             log.warning("heartbeat failed: %s", exc)
 
@@ -75,6 +81,14 @@ def describe(hostname: str) -> WorkerInfo:
         claude_cli=str(cli) if cli else None,
         claude_version=cli_version(cli) if cli else None,
     )
+
+
+@signals.worker_process_shutdown.connect
+def stop_gateway(**_: Any) -> None:
+    """Remove the gateway's sockets with the pool process that served them."""
+    ctx = context()
+    if "gateway" in ctx.__dict__:
+        ctx.gateway.stop()
 
 
 @signals.worker_ready.connect

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import redis
@@ -19,6 +18,8 @@ from tasks.settings import AgentName, Settings, get_settings
 from workers.agents.base import Agent
 from workers.agents.claude import ClaudeAgent
 from workers.agents.shell import ShellAgent
+from workers.gateway import Gateway
+from workers.model_access import credential, start_gateway
 from workers.runtimes.auto import choose
 from workers.runtimes.base import Runtime
 from workers.store import SessionStore
@@ -29,11 +30,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class WorkerContext:
     settings: Settings
-    node: str = field(default_factory=socket.gethostname)
+
+    @property
+    def node(self) -> str:
+        return self.settings.node
 
     @cached_property
     def store(self) -> SessionStore:
-        return SessionStore(self.settings.sessions_root)
+        return SessionStore(self.settings.sessions_root, node=self.node)
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -44,6 +48,14 @@ class WorkerContext:
         choice = choose(self.settings.runtime)
         log.info("runtime: %s", choice.reason)
         return choice.runtime()
+
+    @cached_property
+    def gateway(self) -> Gateway:
+        return start_gateway(self.settings)
+
+    @cached_property
+    def has_credential(self) -> bool:
+        return credential(self.settings) is not None
 
     def agent(self, name: AgentName) -> Agent:
         if name == "shell":

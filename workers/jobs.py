@@ -20,9 +20,12 @@ from tasks import keys, names
 from tasks.app import app
 from tasks.errors import ClaudeBoxError, SessionBusyError, TaskAttemptsExceededError
 from tasks.models import CleanupRequest, CodeRequest, OpenRequest
-from workers import registry, sessions
+from workers import forks, registry, sessions
+from workers.affinity import refuse_if_elsewhere
+from workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from workers.context import WorkerContext, context
 from workers.lock import SessionLock
+from workers.streaming import OutputPublisher, announce_running
 
 LOCK_POLL_S = 2.0
 """How long a task holds its worker slot waiting for a busy session before it retries."""
@@ -52,8 +55,14 @@ def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
 
 @contextmanager
 def session_lock(
-    task: Task[Any, Any], ctx: WorkerContext, session_id: str, enqueued_at: float
+    task: Task[Any, Any],
+    ctx: WorkerContext,
+    session_id: str,
+    enqueued_at: float,
+    *,
+    check_node: bool = True,
 ) -> Iterator[SessionLock]:
+    """Hold the session's lock; with ``check_node``, refuse a session bound to another node."""
     lock = SessionLock(ctx.redis, session_id, ctx.settings.lock_ttl_s)
     if not lock.acquire(LOCK_POLL_S):
         waited = time.time() - enqueued_at
@@ -63,6 +72,8 @@ def session_lock(
         backoff = min(0.5 * 2**task.request.retries, MAX_BACKOFF_S, remaining)
         raise task.retry(countdown=backoff)
     with lock:
+        if check_node:
+            refuse_if_elsewhere(ctx, session_id)
         yield lock
 
 
@@ -75,10 +86,15 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
     request = OpenRequest.model_validate(payload)
     ctx = context()
     if request.mode == "reconnect":
+        refuse_if_elsewhere(ctx, request.session_id)
         # Reading session.json needs no lock: it is only ever replaced whole.
         return ctx.store.load(request.session_id).model_dump(mode="json")
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
-        return sessions.create_session(ctx, request, lock).model_dump(mode="json")
+        if request.template_session is None:
+            return sessions.create_session(ctx, request, lock).model_dump(mode="json")
+        template = forks.other(request.template_session, lock)
+        with session_lock(self, ctx, template, request.enqueued_at):
+            return forks.from_template(ctx, request, lock).model_dump(mode="json")
 
 
 @app.task(name=names.CODE, **RETRYING)
@@ -89,8 +105,20 @@ def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     with (
         counted_delivery(ctx, task_id) as attempt,
         session_lock(self, ctx, request.session_id, request.enqueued_at) as lock,
+        OutputPublisher(ctx.redis, task_id, request.agent, ctx.settings) as output,
+        CancelWatch(ctx.redis, task_id, lock.lost) as watch,
     ):
-        result = sessions.run_code(ctx, request, lock, task_id, attempt)
+        if watch.requested:
+            result = cancelled_before_start(ctx.store, request, task_id, lock)
+        else:
+            announce_running(self, request)
+            result = sessions.run_code(
+                ctx, request, lock, task_id, attempt, on_line=output.on_line, cancel=watch.stop
+            )
+            # The flag may come just as the agent ends by itself: then nothing was stopped.
+            if watch.requested and (result.error or "").startswith("cancelled"):
+                record_cancelled(ctx.store, request.session_id, task_id, lock)
+        output.end(result)
     return result.model_dump(mode="json")
 
 

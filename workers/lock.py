@@ -105,3 +105,18 @@ class SessionLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+_RAISE_FENCE = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
+"""
+
+
+def raise_fence(client: redis.Redis, session_id: str, at_least: int) -> None:
+    """Make the session's next lock holder get a fencing number above ``at_least``.
+
+    For a session.json that comes back from elsewhere (an archive) carrying the number of a
+    holder this Redis may never have counted to: a lower number would fail every later write.
+    """
+    client.eval(_RAISE_FENCE, 1, keys.session_fence(session_id), at_least)

@@ -7,6 +7,7 @@ reconciles it at start and ``claudebox-pool sessions reindex`` does the same on 
 from __future__ import annotations
 
 import redis
+from redis.client import Pipeline
 
 from tasks import keys
 from tasks.errors import SessionCorruptedError
@@ -14,11 +15,18 @@ from tasks.models import ReindexResult, SessionRecord, iso_to_epoch
 from tasks.registry import read_all
 from workers.store import SessionStore
 
+REINDEX_BATCH = 500
+"""Sessions registered per Redis round trip while reindexing."""
+
+
+def _stage(pipe: Pipeline, record: SessionRecord) -> None:
+    pipe.hset(keys.registry(), record.session_id, record.model_dump_json())
+    pipe.zadd(keys.registry_by_updated(), {record.session_id: iso_to_epoch(record.updated_at)})
+
 
 def put(client: redis.Redis, record: SessionRecord) -> None:
     pipe = client.pipeline()
-    pipe.hset(keys.registry(), record.session_id, record.model_dump_json())
-    pipe.zadd(keys.registry_by_updated(), {record.session_id: iso_to_epoch(record.updated_at)})
+    _stage(pipe, record)
     pipe.execute()
 
 
@@ -34,22 +42,42 @@ def drop(client: redis.Redis, session_id: str) -> bool:
 def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:
     """Register every session on this store's disk; drop entries of this store that are gone.
 
-    Entries whose workspace lies under another sessions root (another host's) are left alone.
+    Entries bound to another node (or, without a node, under another sessions root) are left
+    alone, and so is a copy on this disk of a session bound to another node.
     """
     on_disk: set[str] = set()
     corrupted: list[str] = []
+    elsewhere = {r.session_id for r in read_all(client) if _bound_elsewhere(r, store)}
+    left: list[str] = []
+    pipe = client.pipeline(transaction=False)
     for session_id in store.ids():
+        if session_id in elsewhere:
+            # A copy left behind by `sessions move`: registering it would pull the session back.
+            left.append(session_id)
+            continue
         try:
             record = store.load(session_id)
         except SessionCorruptedError:
             corrupted.append(session_id)
             continue
-        put(client, record)
+        _stage(pipe, record)
         on_disk.add(session_id)
+        if len(on_disk) % REINDEX_BATCH == 0:
+            pipe.execute()
+    pipe.execute()
     root = str(store.root) + "/"
     dropped = 0
     for record in read_all(client):
-        if record.session_id not in on_disk and record.workspace_path.startswith(root):
+        if (
+            record.session_id not in on_disk
+            and not _bound_elsewhere(record, store)
+            and (bool(record.node and store.node) or record.workspace_path.startswith(root))
+        ):
             drop(client, record.session_id)
             dropped += 1
-    return ReindexResult(indexed=len(on_disk), dropped=dropped, corrupted=corrupted)
+    return ReindexResult(indexed=len(on_disk), dropped=dropped, corrupted=corrupted, elsewhere=left)
+
+
+def _bound_elsewhere(record: SessionRecord, store: SessionStore) -> bool:
+    """Registered to another node: that node holds the live copy, whatever lies on this disk."""
+    return bool(record.node and store.node and record.node != store.node)

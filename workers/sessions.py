@@ -7,6 +7,7 @@ updated after the disk, so that the registry never shows what the disk does not 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from tasks.models import (
@@ -20,11 +21,12 @@ from tasks.models import (
     SessionRecord,
     utc_now,
 )
-from workers import registry
+from workers import archive, disk, inputs, registry
 from workers.agents.base import AgentOutcome
 from workers.context import WorkerContext
 from workers.lock import SessionLock
-from workers.runtimes.base import SandboxSpec
+from workers.model_access import passage
+from workers.runtimes.base import LineSink, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ PROMPT_IN_HISTORY_CHARS = 10_000
 
 
 def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
+    inputs.check(ctx.store, request.session_id, request.inputs)
+    disk.guard(ctx.settings, ctx.store, f"session '{request.session_id}' cannot be created")
     now = utc_now()
     record = SessionRecord(
         session_id=request.session_id,
@@ -42,6 +46,9 @@ def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) 
         ephemeral=request.ephemeral,
         runtime=ctx.runtime.name,
         sandbox=request.sandbox,
+        budget_usd=request.budget_usd,
+        egress_allow=list(request.egress_allow),
+        inputs=dict(request.inputs),
         node=ctx.node,
         fence=lock.fence,
     )
@@ -66,15 +73,26 @@ def sandbox_spec(
         memory_mib=pick("memory_mib"),
         disk_size_gb=pick("disk_size_gb"),
         image=override.template or record.sandbox.template,
+        mounts=inputs.mounts(ctx.store, record),
         persistent=not record.ephemeral,
     )
 
 
 def run_code(
-    ctx: WorkerContext, request: CodeRequest, lock: SessionLock, task_id: str, attempt: int
+    ctx: WorkerContext,
+    request: CodeRequest,
+    lock: SessionLock,
+    task_id: str,
+    attempt: int,
+    *,
+    on_line: LineSink | None = None,
+    cancel: threading.Event | None = None,
 ) -> CodeResult:
+    """``on_line`` gets the agent's output as it prints; ``cancel`` stops the agent (it defaults
+    to the lock's ``lost`` Event; a caller passing its own must set it when the lock is lost)."""
     store, guard = ctx.store, lock.check
     record = store.load(request.session_id)
+    disk.guard(ctx.settings, store, f"session '{request.session_id}' cannot run a task")
     record = record.model_copy(
         update={"status": "running", "last_accessed": utc_now(), "fence": lock.fence}
     )
@@ -89,20 +107,32 @@ def run_code(
 
     agent = ctx.agent(request.agent)
     spec = sandbox_spec(ctx, record, request.sandbox)
-    spec = SandboxSpec(**{**spec.__dict__, "mounts": spec.mounts + agent.mounts()})
     timeout_s = float(
         min(request.timeout_s or ctx.settings.task_time_limit_s, ctx.settings.task_time_limit_s)
     )
     before = store.workspace_files(request.session_id)
     started_at = utc_now()
     started = time.monotonic()
-    try:
-        with ctx.runtime.open(spec) as sandbox:
-            invocation = agent.invocation(request, record, sandbox)
-            executed = sandbox.exec(invocation.argv, invocation.env, timeout_s, cancel=lock.lost)
-        outcome = agent.outcome(executed, timeout_s)
-    except FileNotFoundError as exc:
-        outcome = agent_missing(str(exc))
+    with passage(ctx, request, record) as way_out:
+        extra = agent.mounts() + ((way_out.mount,) if way_out else ())
+        spec = SandboxSpec(**{**spec.__dict__, "mounts": spec.mounts + extra})
+        try:
+            with ctx.runtime.open(spec) as sandbox:
+                invocation = agent.invocation(request, record, sandbox)
+                if way_out is not None:
+                    invocation = way_out.wrap(invocation, sandbox)
+                executed = sandbox.exec(
+                    invocation.argv,
+                    invocation.env,
+                    timeout_s,
+                    on_line=on_line,
+                    cancel=cancel if cancel is not None else lock.lost,
+                )
+            outcome = agent.outcome(executed, timeout_s)
+        except FileNotFoundError as exc:
+            outcome = agent_missing(str(exc))
+        if way_out is not None:
+            outcome = way_out.settle(outcome, request.session_id)
     duration_s = time.monotonic() - started
     lock.check()
     created = sorted(store.workspace_files(request.session_id) - before)
@@ -118,6 +148,9 @@ def run_code(
             "total_turns": record.total_turns + outcome.num_turns,
             "total_duration_ms": record.total_duration_ms + int(duration_s * 1000),
             "total_cost_usd": record.total_cost_usd + outcome.cost_usd,
+            "total_input_tokens": record.total_input_tokens + outcome.input_tokens,
+            "total_output_tokens": record.total_output_tokens + outcome.output_tokens,
+            "total_model_requests": record.total_model_requests + outcome.model_requests,
             "claude_session_id": outcome.cli_session_id or record.claude_session_id,
         }
     )
@@ -168,6 +201,7 @@ def cleanup_session(
         )
     record = store.load(request.session_id)
     removed_sandbox = ctx.runtime.remove(request.session_id)
+    archived = archive.write(ctx.settings, store, request.session_id) if request.archive else None
     if request.remove_workspace:
         store.remove(request.session_id, guard)
         registry.drop(ctx.redis, request.session_id)
@@ -185,6 +219,7 @@ def cleanup_session(
                     "remove_workspace": False,
                     "removed_sandbox": removed_sandbox,
                     "reason": request.reason,
+                    **({"archive": str(archived)} if archived else {}),
                 },
             ),
             guard,
@@ -195,6 +230,7 @@ def cleanup_session(
         session_id=request.session_id,
         removed_workspace=request.remove_workspace,
         removed_sandbox=removed_sandbox,
+        archive_path=str(archived) if archived else None,
     )
 
 

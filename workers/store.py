@@ -6,6 +6,7 @@
     <root>/<session_id>/.claudebox/session.json    SessionRecord, replaced atomically
     <root>/<session_id>/.claudebox/history.jsonl   one HistoryEntry a line, appended
     <root>/<session_id>/.claudebox/agent-home/     the agent's $HOME (Claude Code's ~/.claude)
+    <root>/<session_id>/.claudebox/checkpoints/<name>/   a checkpoint (workers.checkpoints)
 
 Every write takes a ``guard``: a callable that raises LockLostError when the caller no longer
 holds the session's lock. session.json also carries the fencing number of the lock holder that
@@ -52,11 +53,14 @@ class SessionPaths:
     session_json: Path
     history: Path
     agent_home: Path
+    checkpoints: Path
 
 
 class SessionStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, node: str = "") -> None:
+        """``node``: the node this root belongs to (a worker's store; tests may leave it out)."""
         self.root = root
+        self.node = node
 
     def paths(self, session_id: str) -> SessionPaths:
         root = self.root / validate_session_id(session_id)
@@ -68,6 +72,7 @@ class SessionStore:
             session_json=meta / "session.json",
             history=meta / "history.jsonl",
             agent_home=meta / "agent-home",
+            checkpoints=meta / "checkpoints",
         )
 
     def exists(self, session_id: str) -> bool:
@@ -117,10 +122,15 @@ class SessionStore:
                 session_id, str(paths.session_json), f"cannot be read ({exc.strerror})"
             ) from None
         try:
-            return SessionRecord.model_validate_json(raw)
+            record = SessionRecord.model_validate_json(raw)
         except ValidationError as exc:
             problem = "is not valid JSON" if _is_json_error(exc) else "lacks required fields"
             raise SessionCorruptedError(session_id, str(paths.session_json), problem) from None
+        if not self.node:
+            return record
+        # Files copied here from another node (`claudebox-pool sessions move`) still name that
+        # node and its path: wherever a record is read from, that is where the session lives.
+        return record.model_copy(update={"node": self.node, "workspace_path": str(paths.workspace)})
 
     def save(self, record: SessionRecord, guard: Guard) -> None:
         """Replace session.json atomically (temp file, fsync, rename) after the guard's check."""

@@ -193,6 +193,12 @@ class ModelServer:
         self._httpd.server_close()
         self._thread.join(timeout=5)
 
+    def reset(self) -> None:
+        """Forget the script and the recorded requests (a module-scoped server between tests)."""
+        with self._lock:
+            self._turns.clear()
+            self._requests.clear()
+
     def push(self, *turns: Turn) -> None:
         """Append turns to the script."""
         with self._lock:

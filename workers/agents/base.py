@@ -32,6 +32,9 @@ class AgentOutcome:
     num_turns: int = 0
     cost_usd: float = 0.0
     cli_session_id: str | None = None
+    model_requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
     events: list[tuple[str, dict[str, object]]] = field(default_factory=list)
 
 

@@ -3,12 +3,12 @@
 The command is an argv, never a shell string. The CLI's own home (``~/.claude``, where it keeps
 transcripts keyed by the working directory) is the session's agent home, so every ``code`` call
 after the first resumes the conversation with ``--resume`` from the same cwd. The CLI binary is
-bound read-only into the sandbox at :data:`CLI_GUEST_DIR`.
+bound read-only into the sandbox at :data:`CLI_GUEST_DIR`. The model credential never enters
+the sandbox: the CLI reaches the model through the worker's gateway (``workers.model_access``).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -82,10 +82,9 @@ def build_argv(cli: str, request: CodeRequest, resume: str | None) -> list[str]:
 class ClaudeAgent(Agent):
     name = "claude"
 
-    def __init__(self, settings: Settings, model_env: dict[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cli = find_cli(settings)
-        self.model_env = model_env if model_env is not None else credentials_env(settings)
 
     def mounts(self) -> tuple[Mount, ...]:
         if self.cli is None:
@@ -102,7 +101,7 @@ class ClaudeAgent(Agent):
             )
         cli_mount = self.mounts()[0]
         cli = f"{sandbox.path_of(cli_mount)}/{self.cli.name}"
-        env = {**BASE_ENV, **CLI_ENV, "HOME": sandbox.home, **request.env, **self.model_env}
+        env = {**BASE_ENV, **CLI_ENV, "HOME": sandbox.home, **request.env}
         return Invocation(build_argv(cli, request, session.claude_session_id), env)
 
     def outcome(self, result: ExecResult, timeout_s: float) -> AgentOutcome:
@@ -138,17 +137,3 @@ class ClaudeAgent(Agent):
             cost_usd=float(cost) if isinstance(cost, int | float) else 0.0,
             cli_session_id=summary.cli_session_id,
         )
-
-
-def credentials_env(settings: Settings) -> dict[str, str]:
-    """The model credential for the sandbox's environment (never a task message or argv)."""
-    env: dict[str, str] = {}
-    key = settings.anthropic_api_key
-    token = settings.claude_code_oauth_token
-    api_key = key.get_secret_value() if key else os.environ.get("ANTHROPIC_API_KEY")
-    oauth = token.get_secret_value() if token else os.environ.get("CLAUDE_CODE_OAUTH_TOKEN")
-    if api_key:
-        env["ANTHROPIC_API_KEY"] = api_key
-    if oauth:
-        env["CLAUDE_CODE_OAUTH_TOKEN"] = oauth
-    return env

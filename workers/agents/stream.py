@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.streaming import StreamEvent, shorten
+
 
 @dataclass
 class StreamSummary:
@@ -64,3 +66,49 @@ def _content(event: dict[str, Any]) -> list[dict[str, Any]]:
     message = event.get("message")
     content = message.get("content") if isinstance(message, dict) else None
     return [block for block in content or [] if isinstance(block, dict)]
+
+
+def live_events(line: str) -> list[StreamEvent] | None:
+    """What a stream-json line shows a watcher: answer text and tool calls and results.
+
+    None when the line is not stream-json (it is then shown as a plain line); an empty list for
+    stream-json that shows nothing (the init message, the final result).
+    """
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return None
+    shown: list[StreamEvent] = []
+    for block in _content(event) if event["type"] in ("assistant", "user") else []:
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            shown.append(StreamEvent(kind="text", text=shorten(block["text"])))
+        elif kind == "tool_use":
+            shown.append(
+                StreamEvent(
+                    kind="tool_use",
+                    tool=str(block.get("name")),
+                    tool_use_id=str(block.get("id")),
+                    text=shorten(json.dumps(block.get("input"), ensure_ascii=False), 2000),
+                )
+            )
+        elif kind == "tool_result":
+            shown.append(
+                StreamEvent(
+                    kind="tool_result",
+                    tool_use_id=str(block.get("tool_use_id")),
+                    is_error=bool(block.get("is_error")),
+                    text=shorten(_result_text(block.get("content")), 2000),
+                )
+            )
+    return shown
+
+
+def _result_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""

@@ -51,7 +51,7 @@ class Gateway:
     def __init__(
         self,
         upstream_url: str,
-        credential: Credential,
+        credential: Credential | None,
         prices: Mapping[str, Price] = DEFAULT_PRICES,
         egress_allow: Iterable[str] = (),
         *,

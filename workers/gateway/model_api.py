@@ -41,7 +41,7 @@ class ModelApi:
         self,
         client: httpx.AsyncClient,
         upstream_url: str,
-        credential: Credential,
+        credential: Credential | None,
         prices: Mapping[str, Price],
     ) -> None:
         self._client = client
@@ -70,7 +70,8 @@ class ModelApi:
             return True
         headers = request_headers(request.headers, drop=_DROPPED)
         headers["accept-encoding"] = "identity"
-        self._credential.apply(headers)
+        if self._credential is not None:
+            self._credential.apply(headers)
         upstream = self._client.build_request(
             request.method, self._base + request.target, headers=headers, content=request.body
         )
@@ -134,7 +135,9 @@ class ModelApi:
         context: dict[str, Any] = {"status": status}
         if isinstance(error.get("type"), str):
             context["type"] = error["type"]
-        message = self._credential.redact(str(error.get("message", "")))
+        message = str(error.get("message", ""))
+        if self._credential is not None:
+            message = self._credential.redact(message)
         context["message"] = message[:_MESSAGE_LIMIT]
         ledger.record("model_error", context)
         log.warning("session %s: model API error %s: %s", ledger.session_id, status, message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from tasks.settings import DEFAULT_MODEL_PRICES, ModelPrice
 from workers.gateway.usage import Tokens
 
 _PER_TOKEN = 1e-6
@@ -28,12 +29,12 @@ class Price:
         )
 
 
-DEFAULT_PRICES: Mapping[str, Price] = {
-    "opus": Price(input=5.0, output=25.0, cache_write=6.25, cache_read=0.50),
-    "sonnet": Price(input=3.0, output=15.0, cache_write=3.75, cache_read=0.30),
-    "haiku": Price(input=1.0, output=5.0, cache_write=1.25, cache_read=0.10),
-}
-"""Anthropic's list prices for the current generation (Opus 4.5, Sonnet 4.5, Haiku 4.5)."""
+def prices_from(table: Mapping[str, ModelPrice]) -> dict[str, Price]:
+    """The gateway's prices from the settings' table."""
+    return {family: Price(**price.model_dump()) for family, price in table.items()}
+
+
+DEFAULT_PRICES: Mapping[str, Price] = prices_from(DEFAULT_MODEL_PRICES)
 
 FALLBACK_FAMILY = "sonnet"
 """An unknown model is charged as this family: the mid price, so a typo neither stops a session

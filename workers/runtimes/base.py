@@ -2,8 +2,8 @@
 
 A runtime is created once per worker process. ``open`` gives a :class:`Sandbox` for one task;
 ``exec`` runs one command in it with the session's workspace at :attr:`Sandbox.workdir`.
-``remove`` drops what a runtime keeps for a session between tasks (a boxlite box); for
-runtimes that keep nothing it is a no-op.
+``remove`` drops what a runtime keeps for a session between tasks (a boxlite box), ``kept``
+lists the sessions it keeps something for; for runtimes that keep nothing both are no-ops.
 """
 
 from __future__ import annotations
@@ -71,6 +71,8 @@ class Sandbox(ABC):
 
     workdir: str = WORKSPACE
     home: str = AGENT_HOME
+    private_network: bool = True
+    """Whether loopback inside is the sandbox's own (False: the host's, as for ``local``)."""
 
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec
@@ -124,6 +126,10 @@ class Runtime(ABC):
     def remove(self, session_id: str) -> bool:
         """Drop what is kept for the session between tasks; True if something was removed."""
         return False
+
+    def kept(self) -> list[str]:
+        """Ids of the sessions this runtime keeps something for (what ``remove`` would drop)."""
+        return []
 
     def close(self) -> None:
         """Release the runtime at worker shutdown."""

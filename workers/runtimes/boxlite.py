@@ -353,6 +353,16 @@ class BoxliteRuntime(Runtime):
         except _sdk().BoxliteError as exc:
             raise sandbox_error(exc, f"remove the box of session '{session_id}'") from exc
 
+    def kept(self) -> list[str]:
+        """Ids of the sessions with a box in this process's home (the leak sweep's view)."""
+        try:
+            names = self.loop.run(self._names(), _CALL_TIMEOUT_S)
+        except _sdk().BoxliteError as exc:
+            raise sandbox_error(exc, "list its boxes") from exc
+        return sorted(
+            name.removeprefix(BOX_PREFIX) for name in names if name.startswith(BOX_PREFIX)
+        )
+
     def info(self, session_id: str) -> Any:
         """boxlite's ``BoxInfo`` of the session's box in this process's home, or None."""
         return self.loop.run(self._info(box_name(session_id)), _CALL_TIMEOUT_S)
@@ -423,6 +433,9 @@ class BoxliteRuntime(Runtime):
 
     async def _info(self, name: str) -> Any:
         return await self._boxlite.get_info(name)
+
+    async def _names(self) -> list[str]:
+        return [str(info.name or "") for info in await self._boxlite.list_info()]
 
     async def _shutdown(self) -> None:
         await self._boxlite.shutdown(_SHUTDOWN_TIMEOUT_S)

@@ -18,6 +18,8 @@ from workers.runtimes.process import run_process
 
 
 class LocalSandbox(Sandbox):
+    private_network = False
+
     def __init__(self, spec: SandboxSpec) -> None:
         super().__init__(spec)
         self.workdir = str(spec.workspace)

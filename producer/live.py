@@ -1,0 +1,195 @@
+"""Watching and stopping a running code task, by its task id.
+
+- :func:`events` reads the task's live output stream (see ``tasks.streaming``) from its first
+  entry, so a consumer that attaches late, even after the task ended, misses nothing that was
+  kept; it ends with the task's ``end`` event, or when the task is over without one (it failed
+  before its agent started).
+- :func:`cancel` sets the task's cancel flag; the worker watching it stops the agent inside
+  its sandbox and ends the task normally (``workers.cancel``).
+- :class:`CodeStream` is what ``ClaudeBox.stream`` returns: the events while the task runs,
+  then its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import redis.asyncio
+from celery import states
+from redis.exceptions import RedisError
+
+from producer import pool, routing
+from producer.routing import Route
+from tasks import keys
+from tasks.app import app
+from tasks.connections import async_redis
+from tasks.errors import ClaudeBoxError, InvalidRequestError
+from tasks.models import CodeResult
+from tasks.streaming import FIELD, StreamEvent
+
+OutputCallback = Callable[[StreamEvent], object]
+"""Called with each event as it arrives; may be a coroutine function."""
+
+BLOCK_MS = 1000
+"""How long one read of the stream waits for news before checking whether the task ended."""
+BATCH = 500
+DRAIN_S = 10.0
+"""After a task's result arrived, how long its last events may take to be read."""
+
+
+async def finished(client: redis.asyncio.Redis, task_id: str) -> bool:
+    """Whether the task has a final result (succeeded, failed or revoked)."""
+    raw = await client.get(app.backend.get_key_for_task(task_id))
+    if raw is None:
+        return False
+    return bool(app.backend.decode_result(raw)["status"] in states.READY_STATES)
+
+
+async def events(task_id: str) -> AsyncGenerator[StreamEvent, None]:
+    """Every event of a code task's live output, from the first, as the task prints them."""
+    client = async_redis(pool.settings())
+    key = keys.task_output(task_id)
+    last = "0-0"
+    over = False
+    try:
+        while True:
+            # One stream asked, so a reply is [[key, [(entry id, {field: value}), ...]]].
+            reply: Any = await client.xread(
+                {key: last}, count=BATCH, block=None if over else BLOCK_MS
+            )
+            if not reply:
+                if over:
+                    return
+                # Checked after an empty read: the end event is written before the result,
+                # so one more read finds it if the task ended in between.
+                over = await finished(client, task_id)
+                continue
+            for entry_id, fields in reply[0][1]:
+                last = entry_id.decode()
+                event = StreamEvent.model_validate_json(fields[FIELD.encode()])
+                yield event
+                if event.kind == "end":
+                    return
+    except (RedisError, OSError) as exc:
+        raise pool.unreachable(exc) from None
+    finally:
+        await client.aclose()
+
+
+async def follow(task_id: str, on_output: OutputCallback) -> None:
+    """Call ``on_output`` with each event of the task until its end."""
+    async for event in events(task_id):
+        outcome = on_output(event)
+        if inspect.isawaitable(outcome):
+            await outcome
+
+
+async def send(name: str, payload: dict[str, Any], shown: str) -> tuple[str, Route]:
+    """Queue a task where its session lives (``producer.routing``); its id and route."""
+    client = async_redis(pool.settings())
+    try:
+        route = await routing.route(payload, client)
+    except (RedisError, OSError) as exc:
+        raise pool.unreachable(exc) from None
+    finally:
+        await client.aclose()
+    return pool.send(name, payload, shown, route.queue), route
+
+
+async def wait(
+    task_id: str,
+    timeout_s: float,
+    on_output: OutputCallback | None = None,
+    route: Route = routing.ANYWHERE,
+) -> Any:
+    """The task's result, as ``pool.wait``; with ``on_output``, its events go there meanwhile.
+
+    Every event is delivered before this returns (the worker writes the last one before the
+    result), unless delivery takes longer than :data:`DRAIN_S` after the result. When the wait
+    is abandoned (the caller is cancelled, Ctrl-C, ``on_output`` raised), the task is cancelled
+    too: nobody is left to take its result, and it would hold its session until it ended.
+    """
+    waiter = asyncio.ensure_future(pool.wait(task_id, timeout_s, route))
+    follower = asyncio.ensure_future(follow(task_id, on_output)) if on_output else None
+    watched = {waiter} if follower is None else {waiter, follower}
+    try:
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        if follower is not None and follower.done() and not waiter.done():
+            follower.result()  # on_output raised: that ends the wait
+        raw = await waiter
+        if follower is not None:
+            await asyncio.wait({follower}, timeout=DRAIN_S)
+            if follower.done():
+                follower.result()
+        return raw
+    except ClaudeBoxError:
+        raise  # the task failed, or the pool is gone: nothing is left to stop
+    except BaseException:
+        with contextlib.suppress(ClaudeBoxError):
+            await asyncio.shield(cancel(task_id))
+        raise
+    finally:
+        for pending in watched:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
+
+
+async def cancel(task_id: str) -> bool:
+    """Ask a queued or running task to stop; False if it had already finished.
+
+    The agent is stopped inside its sandbox within a second or so; the task then ends with
+    ``success=False`` and ``error="cancelled"``, its session's history records ``cancelled``,
+    and the session takes its next task. A task still queued stops as soon as it starts.
+    """
+    if not task_id or any(c.isspace() for c in task_id) or len(task_id) > 255:
+        raise InvalidRequestError(f"{task_id!r} is not a task id (a UUID like 5f1c2a...)")
+    current = pool.settings()
+    client = async_redis(current)
+    try:
+        if await finished(client, task_id):
+            return False
+        await client.set(keys.task_cancel(task_id), "1", ex=current.visibility_timeout_s)
+        return True
+    except (RedisError, OSError) as exc:
+        raise pool.unreachable(exc) from None
+    finally:
+        await client.aclose()
+
+
+class CodeStream:
+    """``async for event in box.stream(prompt)``: the run's events, then its :attr:`result`.
+
+    The task is sent when iteration starts. Leaving the loop early (``break``, an exception)
+    cancels the task, as nobody is left to take its result.
+    """
+
+    def __init__(self, run: Callable[[OutputCallback], Awaitable[CodeResult]]) -> None:
+        self._run = run
+        self.result: CodeResult | None = None
+        """The run's result, once the loop has ended."""
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        call = asyncio.ensure_future(self._run(queue.put_nowait))
+        try:
+            while not call.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, call}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            while not queue.empty():
+                yield queue.get_nowait()
+            self.result = call.result()
+        finally:
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await call

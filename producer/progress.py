@@ -1,0 +1,160 @@
+"""The live display of a running batch, and the summary printed after it.
+
+The display redraws a few times a second: one line for the whole batch (a bar, jobs done, ok
+and failed, elapsed time) and a table with each session's state (waiting, opening, running,
+retrying, done, failed), its jobs done of its total, and its current job. Sessions that are at
+work are listed first; beyond :data:`MAX_ROWS` the rest are counted, not listed. On a terminal
+the display is replaced by the summary at the end; elsewhere (a CI log) only the summary shows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import TYPE_CHECKING, Self
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from producer.batch import Job, JobResult
+
+MAX_ROWS = 20
+MAX_FAILURES_LISTED = 20
+ACTIVE_FIRST = {"running": 0, "retrying": 0, "opening": 1, "waiting": 2, "failed": 3, "done": 4}
+STYLES = {
+    "running": "cyan",
+    "retrying": "yellow",
+    "opening": "cyan",
+    "failed": "red",
+    "done": "green",
+}
+
+
+@dataclass
+class SessionView:
+    name: str
+    total: int
+    ok: int = 0
+    failed: int = 0
+    state: str = "waiting"
+    job_id: str | None = None
+    since: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> int:
+        return self.ok + self.failed
+
+
+class BatchProgress:
+    """A :class:`producer.batch.BatchObserver` that draws the batch live on ``console``."""
+
+    def __init__(
+        self,
+        console: Console,
+        jobs: Sequence[Job],
+        done: Mapping[str, JobResult],
+        record: Callable[[JobResult], None],
+    ) -> None:
+        self.console = console
+        self.record = record
+        self.started = time.monotonic()
+        self.total = len(jobs)
+        self.sessions: dict[str, SessionView] = {}
+        for job in jobs:
+            view = self.sessions.setdefault(job.session_key, SessionView(job.session_key, 0))
+            view.total += 1
+            if job.id in done:
+                view.ok += 1
+        self._session_of = {job.id: job.session_key for job in jobs}
+        self._live = Live(self, console=console, refresh_per_second=4, transient=True)
+
+    def session_state(self, session: str, state: str, job_id: str | None = None) -> None:
+        view = self.sessions[session]
+        if (view.state, view.job_id) != (state, job_id):
+            view.state, view.job_id, view.since = state, job_id, time.monotonic()
+
+    def job_done(self, result: JobResult) -> None:
+        self.record(result)
+        view = self.sessions[self._session_of[result.id]]
+        if result.success:
+            view.ok += 1
+        else:
+            view.failed += 1
+
+    def __rich__(self) -> RenderableType:
+        views = list(self.sessions.values())
+        ok = sum(view.ok for view in views)
+        failed = sum(view.failed for view in views)
+        at_work = sum(view.state in ("running", "retrying", "opening") for view in views)
+        elapsed = time.monotonic() - self.started
+        header = Table.grid(padding=(0, 1))
+        header.add_row(
+            ProgressBar(total=self.total, completed=ok + failed, width=30),
+            Text(f"{ok + failed}/{self.total} jobs"),
+            Text(f"{ok} ok", style="green"),
+            Text(f"{failed} failed", style="red" if failed else ""),
+            Text(f"{len(views)} sessions, {at_work} at work, {elapsed:.0f}s"),
+        )
+        table = Table("session", "state", "jobs", "failed", "job", "for", box=None)
+        ordered = sorted(views, key=lambda view: ACTIVE_FIRST.get(view.state, 5))
+        for view in ordered[:MAX_ROWS]:
+            table.add_row(
+                escape(view.name),
+                Text(view.state, style=STYLES.get(view.state, "")),
+                f"{view.finished}/{view.total}",
+                str(view.failed or ""),
+                escape(view.job_id or ""),
+                f"{time.monotonic() - view.since:.0f}s",
+            )
+        if len(ordered) > MAX_ROWS:
+            table.add_row(f"... {len(ordered) - MAX_ROWS} more", "", "", "", "", "")
+        return Group(header, table)
+
+    def __enter__(self) -> Self:
+        self._live.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._live.stop()
+
+
+def summary(results: Sequence[JobResult]) -> RenderableType:
+    """Per session: jobs, ok, failed, seconds; then the failed jobs with their errors."""
+    per_session: dict[str, list[JobResult]] = {}
+    for result in results:
+        per_session.setdefault(result.session_id or "(not opened)", []).append(result)
+    table = Table("session", "jobs", "ok", "failed", "seconds", title="batch summary")
+    for session_id, session_results in sorted(per_session.items()):
+        ok = sum(result.success for result in session_results)
+        table.add_row(
+            escape(session_id),
+            str(len(session_results)),
+            str(ok),
+            str(len(session_results) - ok),
+            f"{sum(result.duration_s for result in session_results):.2f}",
+        )
+    failures = [result for result in results if not result.success]
+    lines = [
+        Text.assemble(("failed ", "red"), f"{result.id}: ", _first_line(result.error))
+        for result in failures[:MAX_FAILURES_LISTED]
+    ]
+    if len(failures) > MAX_FAILURES_LISTED:
+        lines.append(Text(f"... and {len(failures) - MAX_FAILURES_LISTED} more failed jobs"))
+    return Group(table, *lines)
+
+
+def _first_line(error: str | None) -> str:
+    lines = (error or "failed").strip().splitlines()
+    return lines[0] if lines else "failed"

@@ -1,0 +1,169 @@
+"""Flower on a real pool: `claudebox-pool flower` started as a process, driven over HTTP.
+
+Flower learns about tasks from Celery's events, which are not kept: the test waits until Flower
+has heard a worker's heartbeat (its Prometheus gauge says the worker is online) before it runs
+the tasks it then looks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer import ClaudeBox
+from tasks.settings import get_settings
+from tests.conftest import WorkerFactory
+from tests.support.processes import REPO, Worker, free_port, wait_for
+
+USER, PASSWORD = "ops", "flower-test-password"
+CANARY = "sk-canary-never-in-flower"
+LONG_PROMPT = "echo hi # " + "x" * 500
+
+
+class FlowerClient:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, str]:
+        request = urllib.request.Request(self.base + path)
+        if auth is not None:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return reply.status, reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+
+    def json(self, path: str) -> Any:
+        status, body = self.get(path)
+        assert status == 200, body
+        return json.loads(body)
+
+    def answers(self) -> bool:
+        try:
+            return self.get("/healthcheck")[0] == 200
+        except OSError:
+            return False
+
+
+def metric_lines(flower: FlowerClient, name: str, *labels: str) -> list[str]:
+    """The lines of Flower's Prometheus output for metric ``name`` carrying all ``labels``."""
+    lines = flower.get("/metrics")[1].splitlines()
+    return [
+        line for line in lines if line.startswith(name + "{") and all(x in line for x in labels)
+    ]
+
+
+@pytest.fixture(scope="module")
+def worker(start_workers: WorkerFactory) -> Worker:
+    return start_workers(1, concurrency=2)[0]
+
+
+@pytest.fixture(scope="module")
+def flower(worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerClient]:
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("flower") / "flower.log"
+    env = {**os.environ, "CLAUDEBOX_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
+    with log_path.open("wb") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "flower", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    client = FlowerClient(f"http://127.0.0.1:{port}")
+    try:
+        wait_for(lambda: client.answers() or child.poll() is not None, 60, "Flower to answer")
+        assert child.poll() is None, Path(log_path).read_text()
+        online = f'worker="{worker.hostname}"'
+        wait_for(
+            lambda: any(
+                line.endswith(" 1.0")
+                for line in metric_lines(client, "flower_worker_online", online)
+            ),
+            60,
+            "Flower to hear the worker",
+        )
+        yield client
+    finally:
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait(30)
+
+
+pytestmark = pytest.mark.usefixtures("clean_state")
+
+
+def test_flower_refuses_a_request_without_or_with_wrong_credentials(flower: FlowerClient) -> None:
+    assert flower.get("/api/tasks", auth=None)[0] == 401
+    assert flower.get("/api/workers", auth=(USER, "wrong"))[0] == 401
+
+
+def test_flower_lists_the_worker(flower: FlowerClient, worker: Worker) -> None:
+    assert worker.hostname in flower.json("/api/workers?refresh=1")
+
+
+def test_a_finished_task_shows_its_session_and_a_short_prompt_but_no_env_value(
+    flower: FlowerClient,
+) -> None:
+    async def scenario() -> str:
+        async with ClaudeBox(session_id="watched", env={"API_TOKEN": CANARY}) as box:
+            return (await box.code(LONG_PROMPT)).task_id
+
+    task_id = asyncio.run(scenario())
+
+    def finished() -> bool:
+        return flower.json("/api/tasks").get(task_id, {}).get("state") == "SUCCESS"
+
+    wait_for(finished, 30, "Flower to see the task succeed")
+    task = flower.json(f"/api/task/info/{task_id}")
+    assert task["name"] == "claudebox.code"
+    assert task["args"].startswith("[session=watched agent=shell prompt=echo hi # xxx")
+    assert len(task["args"]) < 120
+    assert task["kwargs"] == "{}"
+    assert CANARY not in json.dumps(flower.json("/api/tasks"))
+    counted = metric_lines(flower, "flower_events_total", f'worker="{task["worker"]}"')
+    assert any('type="task-succeeded"' in line and "claudebox.code" in line for line in counted)
+
+
+def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerClient) -> None:
+    workspace = get_settings().sessions_root / "long-one" / "workspace"
+
+    async def scenario() -> str:
+        async with ClaudeBox(session_id="long-one") as box:
+            call = asyncio.ensure_future(box.code("while [ ! -f go ]; do sleep 0.02; done"))
+            while box.running_task_id is None:
+                await asyncio.sleep(0.01)
+            task_id = box.running_task_id
+            await asyncio.to_thread(
+                wait_for,
+                lambda: flower.json("/api/tasks").get(task_id, {}).get("state") == "RUNNING",
+                30,
+                "Flower to show the task RUNNING",
+            )
+            (workspace / "go").touch()
+            await call
+            return task_id
+
+    task_id = asyncio.run(scenario())
+
+    wait_for(
+        lambda: flower.json(f"/api/task/info/{task_id}")["state"] == "SUCCESS",
+        30,
+        "Flower to show the task's end",
+    )

@@ -1,0 +1,85 @@
+"""The task bodies of a session's lifecycle: checkpoints, forks, archives, disk usage, sweeps.
+
+Like :mod:`workers.jobs`, each takes the lock of every session it writes (a busy one makes the
+task retry with backoff until ``CLAUDEBOX_LOCK_WAIT_S``) and leaves the work to a module of
+its own. Sweeps are the exception: they never wait for a lock (see :mod:`workers.sweeps`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from tasks import names
+from tasks.app import app
+from tasks.errors import ClaudeBoxError
+from tasks.lifecycle import (
+    CheckpointRequest,
+    ForkRequest,
+    RestoreArchiveRequest,
+    RestoreCheckpointRequest,
+    SweepRequest,
+)
+from workers import archive, checkpoints, disk, forks, sweeps
+from workers.context import context
+from workers.jobs import RETRYING, session_lock
+from workers.lock import raise_fence
+
+
+@app.task(name=names.CHECKPOINT, **RETRYING)
+def checkpoint(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request = CheckpointRequest.model_validate(payload)
+    ctx = context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        return checkpoints.create(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.RESTORE_CHECKPOINT, **RETRYING)
+def restore_checkpoint(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request = RestoreCheckpointRequest.model_validate(payload)
+    ctx = context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        return checkpoints.restore(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.FORK, **RETRYING)
+def fork(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request = ForkRequest.model_validate(payload)
+    ctx = context()
+    # The new session's lock first, as for a template (workers.jobs.open_session): one order.
+    with (
+        session_lock(self, ctx, request.session_id, request.enqueued_at) as lock,
+        session_lock(self, ctx, forks.other(request.source_session_id, lock), request.enqueued_at),
+    ):
+        return forks.fork(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.RESTORE_ARCHIVE, **RETRYING)
+def restore_archive(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request = RestoreArchiveRequest.model_validate(payload)
+    ctx = context()
+    contents = archive.inspect(ctx.settings, ctx.store, request.archive)
+    # Before the lock is taken, so that its fencing number is above the archived one.
+    raise_fence(ctx.redis, contents.session_id, contents.record.fence)
+    with session_lock(self, ctx, contents.session_id, request.enqueued_at) as lock:
+        return archive.restore(ctx, contents, lock).model_dump(mode="json")
+
+
+@app.task(name=names.DISK_USAGE, throws=(ClaudeBoxError,))
+def disk_usage(payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    ctx = context()
+    return disk.usage(ctx.settings, ctx.store).model_dump(mode="json")
+
+
+# Their reports go to <home>/sweeps.jsonl; nobody waits for a sweep's result.
+@app.task(name=names.SWEEP_AGE, throws=(ClaudeBoxError,), ignore_result=True)
+def sweep_age(payload: dict[str, Any]) -> dict[str, Any] | None:
+    report = sweeps.sweep_age(context(), SweepRequest.model_validate(payload).every_s)
+    return report.model_dump(mode="json") if report else None
+
+
+@app.task(name=names.SWEEP_LEAKS, throws=(ClaudeBoxError,), ignore_result=True)
+def sweep_leaks(payload: dict[str, Any]) -> dict[str, Any] | None:
+    report = sweeps.sweep_leaks(context(), SweepRequest.model_validate(payload).every_s)
+    return report.model_dump(mode="json") if report else None
