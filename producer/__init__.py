@@ -16,6 +16,7 @@ from tasks.errors import (
     InvalidRequestError,
     InvalidSessionIdError,
     LockLostError,
+    NodeUnavailableError,
     PoolUnavailableError,
     RuntimeUnavailableError,
     SandboxError,
@@ -25,6 +26,7 @@ from tasks.errors import (
     SessionNotFoundError,
     TaskAttemptsExceededError,
     TaskFailedError,
+    WrongNodeError,
 )
 from tasks.lifecycle import Checkpoint
 from tasks.models import CleanupResult, CodeResult, SessionRecord
@@ -44,6 +46,7 @@ __all__ = [
     "Job",
     "JobResult",
     "LockLostError",
+    "NodeUnavailableError",
     "PoolUnavailableError",
     "QueuedJob",
     "RuntimeUnavailableError",
@@ -57,6 +60,7 @@ __all__ = [
     "StreamEvent",
     "TaskAttemptsExceededError",
     "TaskFailedError",
+    "WrongNodeError",
     "enqueue",
     "submit",
 ]

@@ -18,8 +18,8 @@ Waiting for a batch (``submit``, ``claudebox-pool submit --wait``, the default) 
 producer up anyway: it shows the progress and writes each result as it comes. Ordering the
 jobs in that same event loop does what chains and groups cannot:
 
-- a dependency is exact: a job waits for the jobs it names, not for whole groups, as a canvas
-  (chains of groups) must when dependencies cross sessions;
+- a dependency is exact: a job waits for the jobs it names and nothing else, where a canvas
+  must join whole chains (a chord) or run dependent sessions in one chain;
 - a job whose dependency *failed* is skipped: an agent's failure is a result, not an exception,
   and a chain goes on after a step that returned one;
 - ``--retry`` runs a failed job again in its place, before its session's next job;
@@ -30,7 +30,7 @@ jobs in that same event loop does what chains and groups cannot:
   results file; a canvas would run on with nobody collecting its results.
 
 ``--no-wait`` has nobody to order anything, so there the order is handed to Celery as chains
-and groups (:mod:`producer.canvas`), with the differences its docstring lists.
+(:mod:`producer.canvas`), with the differences its docstring lists.
 """
 
 from __future__ import annotations
@@ -357,13 +357,13 @@ async def _open(session_id: str | None, stack: AsyncExitStack) -> ClaudeBox:
     if session_id is None:
         return await stack.enter_async_context(ClaudeBox())
     try:
-        return await ClaudeBox.reconnect(session_id)
+        return await stack.enter_async_context(ClaudeBox.reconnect(session_id))
     except SessionNotFoundError:
         pass
     try:
         return await stack.enter_async_context(ClaudeBox(session_id=session_id))
     except SessionAlreadyExistsError:  # another producer created it a moment ago
-        return await ClaudeBox.reconnect(session_id)
+        return await stack.enter_async_context(ClaudeBox.reconnect(session_id))
 
 
 async def _attempt(box: ClaudeBox, job: Job, attempt: int) -> JobResult:

@@ -1,29 +1,34 @@
 """Sending a batch that nobody waits for (``submit --no-wait``): the order goes to Celery.
 
 The sessions are opened first (that takes a moment, and a bad session id fails here, not in a
-worker's log); then each session's jobs become one Celery chain of immutable signatures, sent
-by the workers one after another, and the chains go out as a group, side by side. A session
-whose jobs depend on another session's jobs waits for that whole session: sessions are put in
-stages by their dependencies, and the stages are chained (a chord per stage), since a canvas
-can only join whole groups. An ephemeral job's chain ends with the cleanup of its session.
+worker's log). Then the jobs become Celery chains of immutable signatures, which the workers
+send on one step after another: a session's jobs form one chain, and sessions tied together
+by ``depends_on`` share one chain, their jobs in an order that keeps both each session's file
+order and every dependency. Unrelated chains go out side by side, as a group's members would;
+they are sent one by one, as a group would leave a group result in this process holding every
+member's result, subscribed, until someone drained it, and nobody here will (the tasks are
+followed by id, ``producer.live``). A job without a session gets a session of its own, which
+the step after it removes.
 
 What differs from waiting (see :mod:`producer.batch` for why the waiting path orders jobs
-itself): a job runs after its dependencies even when they *returned* a failure (only a task
-that raised stops its chain, and the later stages); there is no ``--retry`` and no
-``--concurrency`` (the workers' slots are the only bound); dependencies that go both ways
-between two sessions cannot be staged and are refused; and a step that finds its session busy
-with another producer's task waits ``CLAUDEBOX_LOCK_WAIT_S`` counted from the submission.
+itself): sessions tied by dependencies run one job at a time between them; a job runs after
+its dependencies even when they *returned* a failure (only a task that raised stops its
+chain); there is no ``--retry`` and no ``--concurrency`` (the workers' slots are the only
+bound); and a step that finds its session busy with another producer's task waits
+``CLAUDEBOX_LOCK_WAIT_S`` counted from the submission.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from celery import chain, group
+from celery import chain
 from celery.canvas import Signature
 from pydantic import BaseModel
 from redis.exceptions import RedisError
@@ -34,8 +39,10 @@ from producer.client import ClaudeBox
 from tasks import names
 from tasks.app import app
 from tasks.connections import async_redis
-from tasks.errors import InvalidRequestError, SessionAlreadyExistsError, SessionNotFoundError
+from tasks.errors import SessionAlreadyExistsError, SessionNotFoundError
 from tasks.models import CleanupRequest, CodeRequest
+
+UNNAMED_PREFIX = "batch-"
 
 
 class QueuedJob(BaseModel):
@@ -51,76 +58,96 @@ async def enqueue(
 ) -> list[QueuedJob]:
     """Send a batch for the workers to run in order; return at once with the jobs' task ids.
 
-    Jobs in ``done`` (an earlier run's successes) are left out.
+    Jobs in ``done`` (an earlier run's successes) are left out; dependencies on them are met.
     """
-    checked = plan(jobs)
     finished = done or {}
-    todo = [job for job in checked if job.id not in finished]
+    todo = [job for job in plan(jobs) if job.id not in finished]
     if not todo:
         return []
-    groups = by_session(todo)
-    stages = _stages(groups, {job.id: job.session_key for job in checked}, set(finished))
     await pool.ensure_workers()
-    opened = await asyncio.gather(*(_open(jobs[0]) for jobs in groups.values()))
+    groups = by_session(todo)
+    opened = await asyncio.gather(*(_open(session_jobs[0]) for session_jobs in groups.values()))
     session_ids = dict(zip(groups, opened, strict=True))
     queues = await _queues(session_ids.values())
-    queued: list[QueuedJob] = []
-    chains: dict[str, Signature] = {}
-    for key, session_jobs in groups.items():
-        steps = []
-        for job in session_jobs:
-            task_id = str(uuid.uuid4())
-            steps.append(_code_step(job, session_ids[key], task_id, queues[session_ids[key]]))
-            queued.append(QueuedJob(id=job.id, session_id=session_ids[key], task_id=task_id))
-        if session_jobs[0].session_id is None:
-            steps.append(_cleanup_step(session_ids[key], queues[session_ids[key]]))
-        chains[key] = chain(*steps)
-    canvas = [group(*(chains[key] for key in stage)) for stage in stages]
-    (canvas[0] if len(canvas) == 1 else chain(*canvas)).apply_async()
-    order = {job.id: index for index, job in enumerate(checked)}
-    return sorted(queued, key=lambda item: order[item.id])
-
-
-def _stages(
-    groups: Mapping[str, list[Job]], session_of: Mapping[str, str], finished: set[str]
-) -> list[list[str]]:
-    """Sessions in stages: each after every session it depends on (done jobs count as met)."""
-    needs = {
-        key: {
-            session_of[name]
-            for job in jobs
-            for name in job.depends_on
-            if name not in finished and session_of[name] != key
-        }
-        for key, jobs in groups.items()
+    queued = {
+        job.id: QueuedJob(
+            id=job.id, session_id=session_ids[job.session_key], task_id=str(uuid.uuid4())
+        )
+        for job in todo
     }
-    stages: list[list[str]] = []
-    placed: set[str] = set()
-    while len(placed) < len(groups):
-        stage = [key for key in groups if key not in placed and needs[key] <= placed]
-        if not stage:
-            tangled = sorted(key for key in groups if key not in placed)
-            raise InvalidRequestError(
-                f"sessions {tangled} depend on each other both ways; Celery can only order "
-                "whole sessions, so run this batch with --wait"
-            )
-        stages.append(stage)
-        placed.update(stage)
-    return stages
+    for strand in _strands(todo):
+        steps = []
+        for job in strand:
+            session_id = session_ids[job.session_key]
+            steps.append(_code_step(job, session_id, queued[job.id].task_id, queues[session_id]))
+            if job.session_id is None:
+                steps.append(_cleanup_step(session_id, queues[session_id]))
+        chain(*steps).apply_async()
+    return [queued[job.id] for job in todo]
+
+
+def _strands(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs in chains: sessions tied by dependencies share one."""
+    tied = {job.session_key: job.session_key for job in jobs}
+
+    def root(key: str) -> str:
+        while tied[key] != key:
+            key = tied[key]
+        return key
+
+    session_of = {job.id: job.session_key for job in jobs}
+    for job in jobs:
+        for name in job.depends_on:
+            if name in session_of:  # a dependency done in an earlier run ties nothing
+                tied[root(session_of[name])] = root(job.session_key)
+    strands: dict[str, list[Job]] = {}
+    for job in jobs:
+        strands.setdefault(root(job.session_key), []).append(job)
+    return [_in_order(strand) for strand in strands.values()]
+
+
+def _in_order(jobs: list[Job]) -> list[Job]:
+    """``jobs`` (in file order) in an order that keeps each session's file order and puts
+    dependencies first; of the jobs free to go, the earliest in the file goes first."""
+    position = {job.id: index for index, job in enumerate(jobs)}
+    needs = {job.id: {name for name in job.depends_on if name in position} for job in jobs}
+    for session_jobs in by_session(jobs).values():
+        for earlier, later in itertools.pairwise(session_jobs):
+            needs[later.id].add(earlier.id)
+    ready = [position[job_id] for job_id, wanted in needs.items() if not wanted]
+    heapq.heapify(ready)
+    ordered: list[Job] = []
+    while ready:
+        job = jobs[heapq.heappop(ready)]
+        ordered.append(job)
+        for other, wanted in needs.items():
+            if job.id in wanted:
+                wanted.discard(job.id)
+                if not wanted:
+                    heapq.heappush(ready, position[other])
+    return ordered
 
 
 async def _open(job: Job) -> str:
-    """Create the job's session, or check that it exists; its id."""
+    """Create the job's session, or check that it exists; its id.
+
+    A job without a session gets a named one (``batch-<hex>``) rather than an ephemeral one:
+    the leak sweep collects ephemeral sessions whose producer is gone, and this producer leaves
+    at once. The job's chain removes the session in its last step.
+    """
     if job.session_id is None:
-        box = ClaudeBox()
-        await box.__aenter__()  # left open: the chain's last step removes it
-        return box.session_id
+        session_id = f"{UNNAMED_PREFIX}{uuid.uuid4().hex[:16]}"
+        async with ClaudeBox(session_id=session_id):
+            return session_id
     try:
-        await ClaudeBox.reconnect(job.session_id)
+        async with ClaudeBox.reconnect(job.session_id):
+            return job.session_id
     except SessionNotFoundError:
-        # Another producer may have created it a moment ago.
-        with contextlib.suppress(SessionAlreadyExistsError):
-            await ClaudeBox(session_id=job.session_id).__aenter__()
+        pass
+    # Another producer may have created it a moment ago.
+    with contextlib.suppress(SessionAlreadyExistsError):
+        async with ClaudeBox(session_id=job.session_id):
+            pass
     return job.session_id
 
 

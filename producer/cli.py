@@ -2,7 +2,8 @@
 
 Exit codes scripts can rely on: 0 done; 1 the work ran and failed (an agent's non-zero exit, a
 failed job); 2 a usage mistake (bad id, unknown session, refused input); 3 the pool cannot be
-reached (no Redis, no worker). A user mistake is one line on stderr, never a traceback.
+reached (no Redis, no worker); 130 interrupted (the tasks it waited for are cancelled). A user
+mistake is one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -238,7 +239,10 @@ def submit(
     """Run a batch: jobs of one session in file order, sessions in parallel, live progress."""
     if not wait:
         if retry or concurrency is not None:
-            fail("--retry and --concurrency need --wait (without it Celery runs the batch)", 2)
+            fail(
+                "--retry and --concurrency need --wait (without it Celery runs the batch)",
+                EXIT_USAGE,
+            )
         done = guarded(lambda: read_results(resume)) if resume is not None else {}
         queued = run(enqueue(guarded(lambda: read_jobs(jobs_file)), done=done))
         for job in queued:

@@ -64,5 +64,8 @@ def doctor_report(out: Console) -> bool:
             else ("claude CLI not found (claudebox-pool install-cli)")
         )
         out.print(f"  {name}: {info.runtime_reason}", highlight=False)
-        out.print(f"  {' ' * len(name)}  {cli}; sessions in {info.sessions_root}", highlight=False)
+        out.print(
+            f"  {' ' * len(name)}  {cli}; node {info.node}, sessions in {info.sessions_root}",
+            highlight=False,
+        )
     return True

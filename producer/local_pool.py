@@ -191,10 +191,16 @@ def _redis_argv(settings: Settings) -> list[str]:
         )
     directory = run_dir(settings) / "redis"
     directory.mkdir(parents=True, exist_ok=True)
-    argv = [server, "--bind", url.hostname or "127.0.0.1", "--port", str(url.port or 6379)]
-    argv += ["--dir", str(directory), "--appendonly", "yes", "--maxmemory-policy", "noeviction"]
+    argv = [server]
     if url.password:
-        argv += ["--requirepass", url.password]
+        # In a file only its owner reads, not on the command line, which `ps` shows to all.
+        config = directory / "auth.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"requirepass {url.password}\n")
+        argv.append(str(config))  # redis-server takes its config file as the first argument
+    argv += ["--bind", url.hostname or "127.0.0.1", "--port", str(url.port or 6379)]
+    argv += ["--dir", str(directory), "--appendonly", "yes", "--maxmemory-policy", "noeviction"]
     return argv
 
 

@@ -98,7 +98,12 @@ async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) 
                     next_node_check = time.monotonic() + current.worker_heartbeat_s
                     silent_s = await routing.silent_for(client, route.node)
                     if silent_s is None or silent_s > current.node_grace_s:
-                        raise NodeUnavailableError(route.session_id or "", route.node, silent_s)
+                        if route.session_id is None:
+                            raise PoolUnavailableError(
+                                f"node '{route.node}' stopped sending heartbeats while task "
+                                f"{task_id} waited for it; start a worker there again"
+                            )
+                        raise NodeUnavailableError(route.session_id, route.node, silent_s)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TaskFailedError(

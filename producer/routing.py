@@ -30,7 +30,7 @@ from tasks.errors import InvalidRequestError, NodeUnavailableError
 from tasks.registry import parse
 from tasks.settings import get_settings
 
-SESSION_FIELDS = ("session_id", "template_session")
+SESSION_FIELDS = ("session_id", "template_session", "source_session_id")
 """Payload fields naming a session whose files a task needs; ``inputs`` maps names to more."""
 
 

@@ -215,7 +215,7 @@ class DiskFullError(ClaudeBoxError):
         shown = ", ".join(f"{sid} ({size / 1e6:.1f} MB)" for sid, size in self.largest.items())
         return (
             f"{self.problem}. Largest sessions: {shown or 'none'}. Free space with "
-            "`claudebox-pool sessions cleanup ID --archive --yes` (`claudebox-pool sessions du` "
-            "lists them all), or raise CLAUDEBOX_MAX_SESSIONS_BYTES or lower "
-            "CLAUDEBOX_MIN_FREE_BYTES"
+            "`claudebox-pool sessions cleanup ID --yes` (`--archive` keeps a compressed copy; "
+            "`claudebox-pool sessions du` lists them all), or raise CLAUDEBOX_MAX_SESSIONS_BYTES "
+            "or lower CLAUDEBOX_MIN_FREE_BYTES"
         )

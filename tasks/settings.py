@@ -179,8 +179,8 @@ class Settings(BaseSettings):
     model_prices: dict[str, ModelPrice] = Field(
         default_factory=lambda: dict(DEFAULT_MODEL_PRICES),
         description="USD per million tokens by model family (a substring of the model name), "
-        "as JSON like `{\"opus\": {\"input\": 5, \"output\": 25, \"cache_write\": 6.25, "
-        "\"cache_read\": 0.5}}`; an unknown model is charged as `sonnet`.",
+        'as JSON like `{"opus": {"input": 5, "output": 25, "cache_write": 6.25, '
+        '"cache_read": 0.5}}`; an unknown model is charged as `sonnet`.',
     )
     session_budget_usd: float | None = Field(
         default=None,

@@ -103,7 +103,8 @@ def clean_state(redis_server: RedisServer) -> Iterator[redis.Redis]:
         if sessions.exists():
             shutil.rmtree(sessions)
         for key in client.scan_iter(f"{keys.PREFIX}*"):
-            if key != keys.workers().encode():
+            # Heartbeats stay: the running workers (and their nodes) are still alive.
+            if key not in (keys.workers().encode(), keys.nodes().encode()):
                 client.delete(key)
 
     wipe()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import ClaudeBox, SessionAlreadyExistsError
+from producer import ClaudeBox, InvalidRequestError, SessionAlreadyExistsError, lifecycle
 from tasks import keys
 from tasks.settings import get_settings
 from tests.support.processes import REPO
@@ -146,9 +146,8 @@ def test_restore_refuses_a_session_that_exists() -> None:
     archive = asyncio.run(build())  # archived, and kept (remove_workspace=False)
 
     assert archive is not None
-    done = claudebox_pool("sessions", "restore", archive)
-    assert done.returncode == 2
-    assert str(SessionAlreadyExistsError("twice")) in done.stderr
+    with pytest.raises(SessionAlreadyExistsError, match="twice"):
+        asyncio.run(lifecycle.restore_archive(archive))
 
 
 def test_restore_refuses_an_archive_outside_the_archive_directory(tmp_path: Path) -> None:
@@ -156,10 +155,8 @@ def test_restore_refuses_an_archive_outside_the_archive_directory(tmp_path: Path
     with tarfile.open(outside, "w:gz") as tar:
         tar.add(tmp_path, arcname="x", recursive=False)
 
-    done = claudebox_pool("sessions", "restore", str(outside))
-
-    assert done.returncode == 2
-    assert "not in the archive directory" in done.stderr
+    with pytest.raises(InvalidRequestError, match="not in the archive directory"):
+        asyncio.run(lifecycle.restore_archive(str(outside)))
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes = b"", **fields: object) -> None:
@@ -197,10 +194,8 @@ def test_restore_refuses_an_archive_with_an_unsafe_member(
         assert isinstance(data, bytes)
         add(tar, name, data, **unsafe)
 
-    done = claudebox_pool("sessions", "restore", crafted.name)
-
-    assert done.returncode == 2, done.stdout
-    assert "is not a claudebox session archive" in done.stderr
+    with pytest.raises(InvalidRequestError, match="is not a claudebox session archive"):
+        asyncio.run(lifecycle.restore_archive(crafted.name))
     assert not session_dir("evil").exists()
     assert not list(get_settings().sessions_root.glob(".restore-*"))
     assert not (get_settings().home / "escaped.txt").exists()

@@ -8,6 +8,7 @@ the producer's side.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -94,7 +95,7 @@ def test_jobs_of_a_session_keep_file_order_while_sessions_overlap() -> None:
         assert result.success, result.error
         by_session.setdefault(result.session_id, []).append(span(result))
     for spans in by_session.values():
-        assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:]))
+        assert all(prev_end <= start for (_, prev_end), (start, _) in itertools.pairwise(spans))
     firsts = [spans[0] for spans in by_session.values()]
     assert max(start for start, _ in firsts) < min(end for _, end in firsts), "no overlap"
 
@@ -174,7 +175,7 @@ def test_no_wait_queues_chains_that_keep_order_and_cross_session_dependencies(
     assert ids == ["nw-a1", "nw-a2", "nw-b1", "nw-c1"]
     a1, a2, b1, c1 = (span(result) for result in results)
     assert a1[1] <= a2[0] <= a2[1] <= b1[0]
-    assert c1[0] < a1[1], "the ephemeral job's chain runs beside the first stage"
+    assert c1[0] < a1[1], "the unrelated job's chain runs beside the others"
     ephemeral = get_settings().sessions_root / results[3].session_id
     wait_for(lambda: not ephemeral.exists(), 30, "the ephemeral session's cleanup step")
 

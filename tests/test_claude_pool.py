@@ -192,7 +192,8 @@ def test_the_key_is_nowhere_but_in_the_upstream_request(
     fresh: redis.Redis, model: ModelServer, worker: Worker
 ) -> None:
     hunt = (
-        "env; tr '\\0' '\\n' < /proc/self/environ; cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n';"
+        "env; tr '\\0' '\\n' < /proc/self/environ;"
+        " cat /proc/1/environ 2>/dev/null | tr '\\0' '\\n';"
         " grep -rl 'sk-ant-api03' /workspace /root /tmp /etc /run /opt 2>/dev/null; echo hunted"
     )
     model.push(

@@ -16,6 +16,7 @@ from tasks.errors import (
     InvalidRequestError,
     InvalidSessionIdError,
     LockLostError,
+    NodeUnavailableError,
     PoolUnavailableError,
     RuntimeUnavailableError,
     SandboxError,
@@ -25,6 +26,7 @@ from tasks.errors import (
     SessionNotFoundError,
     TaskAttemptsExceededError,
     TaskFailedError,
+    WrongNodeError,
 )
 
 EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
@@ -53,9 +55,22 @@ EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
         "over the limit of 4000.0 MB (CLAUDEBOX_MAX_SESSIONS_BYTES)",
         {"big-data": 3_000_000_000, "my-project": 1_500_000_000},
     ),
+    NodeUnavailableError: NodeUnavailableError("my-project", "host-b", 95.5),
+    WrongNodeError: WrongNodeError("my-project", "host-b", "host-a"),
 }
 
 ADVICE: dict[type[ClaudeBoxError], list[str]] = {
+    NodeUnavailableError: [
+        "Session 'my-project' lives on node 'host-b'",
+        "no heartbeat for 96s",
+        "CLAUDEBOX_NODE_NAME=host-b",
+        "claudebox-pool sessions move my-project --to NODE",
+    ],
+    WrongNodeError: [
+        "Session 'my-project' lives on node 'host-b'",
+        "reached node 'host-a'",
+        "claudebox-pool sessions move my-project --to host-a",
+    ],
     InvalidSessionIdError: ["'my project'", "a-z, A-Z, 0-9, '-' and '_'", "'web-api-server'"],
     SessionNotFoundError: [
         "Session 'my-project' not found",
@@ -78,7 +93,7 @@ ADVICE: dict[type[ClaudeBoxError], list[str]] = {
     DiskFullError: [
         "session 'my-project' cannot run a task",
         "big-data (3000.0 MB), my-project (1500.0 MB)",
-        "claudebox-pool sessions cleanup ID --archive --yes",
+        "claudebox-pool sessions cleanup ID --yes",
         "claudebox-pool sessions du",
     ],
 }

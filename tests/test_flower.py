@@ -67,6 +67,12 @@ def metric_lines(flower: FlowerClient, name: str, *labels: str) -> list[str]:
     ]
 
 
+def state_of(flower: FlowerClient, task_id: str) -> str | None:
+    """The task's state in Flower's task list; None while Flower has not heard of it."""
+    task = flower.json("/api/tasks").get(task_id)
+    return None if task is None else str(task["state"])
+
+
 @pytest.fixture(scope="module")
 def worker(start_workers: WorkerFactory) -> Worker:
     return start_workers(1, concurrency=2)[0]
@@ -127,10 +133,7 @@ def test_a_finished_task_shows_its_session_and_a_short_prompt_but_no_env_value(
 
     task_id = asyncio.run(scenario())
 
-    def finished() -> bool:
-        return flower.json("/api/tasks").get(task_id, {}).get("state") == "SUCCESS"
-
-    wait_for(finished, 30, "Flower to see the task succeed")
+    wait_for(lambda: state_of(flower, task_id) == "SUCCESS", 30, "Flower to see the task end")
     task = flower.json(f"/api/task/info/{task_id}")
     assert task["name"] == "claudebox.code"
     assert task["args"].startswith("[session=watched agent=shell prompt=echo hi # xxx")
@@ -152,7 +155,7 @@ def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerC
             task_id = box.running_task_id
             await asyncio.to_thread(
                 wait_for,
-                lambda: flower.json("/api/tasks").get(task_id, {}).get("state") == "RUNNING",
+                lambda: state_of(flower, task_id) == "RUNNING",
                 30,
                 "Flower to show the task RUNNING",
             )
@@ -162,8 +165,4 @@ def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerC
 
     task_id = asyncio.run(scenario())
 
-    wait_for(
-        lambda: flower.json(f"/api/task/info/{task_id}")["state"] == "SUCCESS",
-        30,
-        "Flower to show the task's end",
-    )
+    wait_for(lambda: state_of(flower, task_id) == "SUCCESS", 30, "Flower to see the task end")

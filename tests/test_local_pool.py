@@ -100,7 +100,8 @@ def local_pool(tmp_path: Path) -> Iterator[LocalPool]:
     pool = LocalPool(tmp_path, port, env)
     yield pool
     # Whatever a failed test left running must not outlive it.
-    pool.run("down", "--timeout", "5")
+    if (tmp_path / ".claudebox" / "run" / "pool.json").exists():
+        pool.run("down", "--timeout", "5")
 
 
 def test_up_detach_submit_down_runs_the_batch_and_leaves_no_process(
@@ -134,9 +135,16 @@ def test_ctrl_c_finishes_the_running_task_and_a_restart_runs_the_queued_one(
     wait_for(lambda: client.exists(keys.session_lock("slow")), 30, "the slow task to run")
     # The only slot is busy: the first task of this call waits in the common queue.
     queued = local_pool.start("code", "queued", "true", output=local_pool.home / "queued.log")
-    wait_for(lambda: client.llen(names.QUEUE) == 1, 30, "a task to wait in the queue")
-    message = json.loads(client.lindex(names.QUEUE, 0))  # type: ignore[arg-type]
-    result_key = app.backend.get_key_for_task(message["headers"]["id"])
+
+    def queued_task() -> str | None:
+        for raw in client.lrange(names.QUEUE, 0, -1):
+            headers = json.loads(raw)["headers"]
+            if "session=queued" in headers.get("argsrepr", ""):
+                return str(headers["id"])
+        return None
+
+    wait_for(queued_task, 30, "a task to wait in the queue")
+    result_key = app.backend.get_key_for_task(queued_task())
 
     os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
 

@@ -30,6 +30,7 @@ import pytest
 
 from tasks.errors import RuntimeUnavailableError, SandboxError
 from tasks.settings import Settings, get_settings
+from tests.support.processes import RedisServer
 from workers.runtimes.auto import hardware_virtualisation
 from workers.runtimes.base import Mount, SandboxSpec
 from workers.runtimes.boxlite import (
@@ -44,6 +45,8 @@ from workers.runtimes.boxlite import (
     sandbox_error,
 )
 from workers.runtimes.supervise import LineSplitter, LoopThread, Output, supervise
+from workers.store import SessionStore
+from workers.sweeps import orphan_sandboxes
 
 REPO = Path(__file__).resolve().parents[1]
 OCI_SCRIPT = REPO / "deploy" / "image" / "oci_layout.py"
@@ -367,6 +370,20 @@ def test_a_box_created_with_other_volumes_is_replaced(
 
     assert replaced != without_cli
     assert runtime.prepare(with_cli) == replaced
+
+
+@pytest.mark.timeout(60)
+def test_the_leak_sweep_removes_the_boxes_of_sessions_that_are_gone(
+    runtime: BoxliteRuntime, spec: SandboxSpec, settings: Settings, redis_server: RedisServer
+) -> None:
+    store = SessionStore(settings.sessions_root)
+    store.paths("alive").root.mkdir(parents=True)
+    runtime.prepare(SandboxSpec(**{**spec.__dict__, "session_id": "alive"}))
+    runtime.prepare(spec)  # session s1 has no directory: its box is an orphan
+
+    assert runtime.kept() == ["alive", "s1"]
+    assert orphan_sandboxes(runtime, store, redis_server.client(), lock_ttl_s=10) == ["s1"]
+    assert runtime.kept() == ["alive"]
 
 
 @pytest.mark.timeout(60)

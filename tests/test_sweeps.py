@@ -5,7 +5,6 @@ ephemeral session of a producer that was killed is collected while a live produc
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import select
 import shutil
@@ -29,7 +28,7 @@ from tasks.settings import Settings, get_settings
 from tests.conftest import WorkerFactory
 from tests.support.beat import Beat
 from tests.support.processes import REPO, Worker, wait_for
-from workers.sweeps import CLAIM_SHARE, LOG_NAME, age_limit
+from workers.sweeps import LOG_NAME, age_limit
 
 EVERY_S = 1
 SWEEPING = {
@@ -84,9 +83,9 @@ def backdate(session_id: str, days: float) -> None:
     path.write_text(json.dumps(record))
 
 
-def start_producer(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    """A producer process holding an ephemeral box open; returns it and the box's session id."""
-    proc = subprocess.Popen(
+def start_producer(env: dict[str, str]) -> subprocess.Popen[str]:
+    """A producer process that opens an ephemeral box, prints its session id and waits."""
+    return subprocess.Popen(
         [sys.executable, "-c", PRODUCER],
         env=env,
         cwd=REPO,
@@ -95,10 +94,14 @@ def start_producer(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
         text=True,
         start_new_session=True,
     )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
+
+
+def opened_box(producer: subprocess.Popen[str]) -> str:
+    """The session id of the box ``producer`` holds open, once it is open."""
+    assert producer.stdout is not None
+    ready, _, _ = select.select([producer.stdout], [], [], 60)
     assert ready, "the producer never opened its box"
-    return proc, proc.stdout.readline().strip()
+    return producer.stdout.readline().strip()
 
 
 def read_reports(log: Path) -> list[SweepReport]:
@@ -122,21 +125,22 @@ def test_two_beats_sweep_old_and_leaked_sessions_once_and_never_one_in_use(
     asyncio.run(create("temp-old-1", "temp-old-2", "temp-busy", "temp-new", "keep-old"))
     for session_id in ("temp-old-1", "temp-old-2", "temp-busy", "keep-old"):
         backdate(session_id, days=2)
-    (leaky, leaked_id), (live, live_id) = start_producer(env), start_producer(env)
-    leaky.send_signal(signal.SIGKILL)
     busy_result: list[CodeResult] = []
 
     async def keep_busy() -> None:
         async with ClaudeBox.reconnect("temp-busy") as box:
-            busy_result.append(await box.code("sleep 7; echo done > done.txt"))
+            busy_result.append(await box.code("sleep 6; echo done > done.txt"))
 
     busy = threading.Thread(target=lambda: asyncio.run(keep_busy()))
     busy.start()
     wait_for(lambda: clean_state.exists(keys.session_lock("temp-busy")), 30, "the busy lock")
     beats = [Beat(env, tmp_path / "beats"), Beat(env, tmp_path / "beats")]
+    leaky, live = start_producer(env), start_producer(env)
     try:
         for beat in beats:
             beat.start()
+        leaked_id, live_id = opened_box(leaky), opened_box(live)
+        leaky.send_signal(signal.SIGKILL)
         gone = ("temp-old-1", "temp-old-2", leaked_id)
         wait_for(lambda: not any(session_dir(s).exists() for s in gone), 30, "the sweeps")
         busy.join(30)
@@ -169,15 +173,11 @@ def test_two_beats_sweep_old_and_leaked_sessions_once_and_never_one_in_use(
         assert session_dir(kept).exists(), kept
 
     for sweep in ("age", "leaks"):
-        starts = sorted(
-            datetime.fromisoformat(report.started_at).timestamp()
-            for report in reports
-            if report.sweep == sweep
-        )
-        gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
-        assert len(starts) >= 3, sweep
-        assert min(gaps) >= CLAIM_SHARE * EVERY_S - 0.05, (sweep, gaps)
-        assert all(beat.sent(f"sweep-{sweep}") >= 2 for beat in beats), "both beats fire"
+        runs = sum(report.sweep == sweep for report in reports)
+        sent = [beat.sent(f"sweep-{sweep}") for beat in beats]
+        assert min(sent) >= 2, f"both beats fire the {sweep} sweep: {sent}"
+        # Each firing of one beat ran it (+1: the beats' phases), the other beat's added none.
+        assert 3 <= runs <= max(sent) + 1 < sum(sent), (sweep, runs, sent)
 
 
 def test_the_longest_matching_prefix_sets_the_age_limit() -> None:

@@ -24,13 +24,15 @@ from workers.context import WorkerContext
 log = logging.getLogger(__name__)
 
 
-@signals.celeryd_after_setup.connect
 def consume_node_queue(sender: str, instance: Any, **_: Any) -> None:
     # Added here rather than on the command line, so that every way of starting a worker
     # (`claudebox-pool worker`, `celery -A workers.app worker`, the tests) consumes it.
     queue = names.node_queue(get_settings().node)
     instance.app.amqp.queues.select_add(queue)
     log.info("%s also consumes %s", sender, queue)
+
+
+signals.celeryd_after_setup.connect(consume_node_queue)
 
 
 def refuse_if_elsewhere(ctx: WorkerContext, session_id: str) -> None:

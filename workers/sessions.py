@@ -93,6 +93,7 @@ def run_code(
     store, guard = ctx.store, lock.check
     record = store.load(request.session_id)
     disk.guard(ctx.settings, store, f"session '{request.session_id}' cannot run a task")
+    inputs.check(store, record.session_id, record.inputs)
     record = record.model_copy(
         update={"status": "running", "last_accessed": utc_now(), "fence": lock.fence}
     )

@@ -67,7 +67,9 @@ class OutputPublisher:
         self._pending: deque[StreamEvent] = deque(maxlen=self._max_events)
         self._wake = threading.Condition()
         self._closing = False
-        self._sender = threading.Thread(target=self._send_loop, name=f"output-{task_id}")
+        self._sender = threading.Thread(
+            target=self._send_loop, name=f"output-{task_id}", daemon=True
+        )
 
     def on_line(self, stream: str, line: str) -> None:
         events = line_events(self._agent, stream, line)

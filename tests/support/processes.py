@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -18,6 +20,16 @@ import redis
 from tasks import keys, names
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def die_with_parent() -> None:
+    """In the child before exec: be killed if the test process dies without its teardown
+    (a timeout, a Ctrl-C), so that no worker or Redis outlives the run that started it."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -72,6 +84,7 @@ class RedisServer:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
 
         def up() -> bool:
@@ -133,6 +146,7 @@ class Worker:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log.close()
 

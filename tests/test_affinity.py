@@ -1,0 +1,235 @@
+"""Session affinity across nodes that share no storage, on one machine.
+
+Two worker nodes, ``node-a`` and ``node-b``, each with a sessions root of its own
+(CLAUDEBOX_HOME), share one Redis. Sessions a1 and a2 are created while node-a is the only node
+up, b1 and b2 while node-b is: that is where their files live, and every task of theirs must
+run there and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import ClaudeBox, pool
+from producer.routing import Route
+from tasks import keys, names
+from tasks.app import app
+from tasks.errors import NodeUnavailableError, SessionAlreadyExistsError, WrongNodeError
+from tasks.models import CodeRequest
+from tasks.registry import read_one
+from tasks.settings import get_settings
+from tests.conftest import WorkerFactory
+from tests.support.processes import REPO, Worker, wait_for
+
+SESSIONS = {"node-a": ("a1", "a2"), "node-b": ("b1", "b2")}
+
+
+@dataclass
+class Nodes:
+    start_workers: WorkerFactory
+    homes: dict[str, Path]
+    running: dict[str, Worker] = field(default_factory=dict)
+
+    def start(self, node: str) -> None:
+        env = {"CLAUDEBOX_HOME": str(self.homes[node]), "CLAUDEBOX_NODE_NAME": node}
+        (self.running[node],) = self.start_workers(1, concurrency=2, **env)
+
+    def stop(self, node: str) -> None:
+        self.running.pop(node).stop()
+
+    def ensure(self, node: str, up: bool) -> None:
+        if up and node not in self.running:
+            self.start(node)
+        elif not up and node in self.running:
+            self.stop(node)
+
+    def workspace(self, node: str, session_id: str) -> Path:
+        return self.homes[node] / "sessions" / session_id / "workspace"
+
+
+def create(*session_ids: str) -> None:
+    async def go() -> None:
+        for session_id in session_ids:
+            async with ClaudeBox(session_id=session_id):
+                pass
+
+    asyncio.run(go())
+
+
+@pytest.fixture(scope="module")
+def nodes(
+    start_workers: WorkerFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nodes]:
+    base = tmp_path_factory.mktemp("nodes")
+    two = Nodes(start_workers, {node: base / node for node in SESSIONS})
+    # Creation goes to the common queue: the only node up takes it, and holds the session.
+    two.start("node-a")
+    create(*SESSIONS["node-a"])
+    two.start("node-b")
+    two.stop("node-a")
+    create(*SESSIONS["node-b"])
+    two.start("node-a")
+    yield two
+    client = redis.Redis.from_url(get_settings().result_backend)
+    for session_ids in SESSIONS.values():
+        client.hdel(keys.registry(), *session_ids)
+
+
+@pytest.fixture
+def grace_s(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """A short node grace period for this test's producer calls."""
+    monkeypatch.setenv("CLAUDEBOX_NODE_GRACE_S", "4")
+    get_settings.cache_clear()
+    yield 4
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
+def worker_of(task_id: str) -> str:
+    return str(app.backend.get_task_meta(task_id)["worker"])
+
+
+def test_every_task_of_a_session_runs_on_the_node_holding_it(nodes: Nodes) -> None:
+    async def run(session_id: str) -> list[str]:
+        async with ClaudeBox.reconnect(session_id) as box:
+            return [(await box.code(f"echo {n} >> log.txt")).task_id for n in range(3)]
+
+    async def run_all() -> list[list[str]]:
+        every = [sid for session_ids in SESSIONS.values() for sid in session_ids]
+        return await asyncio.gather(*(run(session_id) for session_id in every))
+
+    task_ids = iter(asyncio.run(run_all()))
+
+    for node, session_ids in SESSIONS.items():
+        other = next(n for n in SESSIONS if n != node)
+        for session_id in session_ids:
+            assert {worker_of(task_id) for task_id in next(task_ids)} == {
+                nodes.running[node].hostname
+            }
+            log = nodes.workspace(node, session_id) / "log.txt"
+            assert log.read_text().split() == ["0", "1", "2"]
+            assert not nodes.workspace(other, session_id).exists()
+
+
+def test_creating_a_session_whose_id_lives_on_another_node_is_refused_there(
+    nodes: Nodes,
+) -> None:
+    with pytest.raises(SessionAlreadyExistsError, match="'b1'"):
+        create("b1")
+
+    assert not nodes.workspace("node-a", "b1").exists()
+
+
+def test_a_task_that_reaches_the_wrong_node_is_refused_without_running(nodes: Nodes) -> None:
+    request = CodeRequest(session_id="a1", prompt="touch stray", agent="shell")
+    wrong = Route(names.node_queue("node-b"))
+
+    task_id = pool.send(names.CODE, request.model_dump(mode="json"), "[stray]", wrong.queue)
+    with pytest.raises(WrongNodeError, match=r"lives on node 'node-a'.*reached node 'node-b'"):
+        asyncio.run(pool.wait(task_id, 30, wrong))
+
+    assert not nodes.workspace("node-a", "a1").joinpath("stray").exists()
+    assert not nodes.workspace("node-b", "a1").exists()
+
+
+def test_a_task_for_a_stopped_node_waits_in_its_queue_until_it_returns(nodes: Nodes) -> None:
+    nodes.ensure("node-b", up=False)
+
+    async def scenario() -> str:
+        async with ClaudeBox.reconnect("b1") as box:
+            return (await box.code("echo back > back.txt")).task_id
+
+    async def while_node_b_is_down() -> str:
+        call = asyncio.ensure_future(scenario())
+        await asyncio.sleep(1.5)  # long enough for node-a to have taken it, were it routed there
+        assert not call.done()
+        await asyncio.to_thread(nodes.start, "node-b")
+        return await asyncio.wait_for(call, 30)
+
+    task_id = asyncio.run(while_node_b_is_down())
+
+    assert worker_of(task_id) == nodes.running["node-b"].hostname
+    assert (nodes.workspace("node-b", "b1") / "back.txt").read_text() == "back\n"
+    assert not nodes.workspace("node-a", "b1").exists()
+
+
+def test_a_task_for_a_node_gone_past_the_grace_fails_clearly_and_runs_nowhere(
+    nodes: Nodes, grace_s: int
+) -> None:
+    nodes.ensure("node-b", up=False)
+
+    async def reconnect() -> None:
+        await ClaudeBox.reconnect("b2")
+
+    # Sent within the grace period, the task waits in node-b's queue until the period ends.
+    with pytest.raises(NodeUnavailableError, match="node 'node-b'"):
+        asyncio.run(reconnect())
+    started = time.monotonic()
+    with pytest.raises(NodeUnavailableError) as refused:
+        asyncio.run(reconnect())
+
+    assert time.monotonic() - started < 1  # past the grace period nothing is even queued
+    assert "CLAUDEBOX_NODE_NAME=node-b" in str(refused.value)
+    assert "`claudebox-pool sessions move b2 --to NODE`" in str(refused.value)
+    assert "'b2'" not in nodes.running["node-a"].log()  # no task of b2 ran or failed there
+    assert not nodes.workspace("node-a", "b2").exists()
+
+
+def sessions_move(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", "sessions", "move", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "CLAUDEBOX_NODE_GRACE_S": "2"},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_sessions_move_binds_a_session_to_the_node_its_files_were_copied_to(
+    nodes: Nodes, redis_server: object
+) -> None:
+    nodes.ensure("node-b", up=False)
+    client = redis.Redis.from_url(get_settings().result_backend)
+    wait_for(
+        lambda: time.time() - (client.zscore(keys.nodes(), "node-b") or 0) > 2,
+        10,
+        "node-b to be silent past the grace period",
+    )
+    session = nodes.homes["node-b"] / "sessions" / "b1"
+
+    not_copied = sessions_move("b1", "--to", "node-a")
+    shutil.copytree(session, nodes.homes["node-a"] / "sessions" / "b1", symlinks=True)
+    moved = sessions_move("b1", "--to", "node-a")
+
+    assert not_copied.returncode == 2
+    assert "copy its directory there from node 'node-b' first" in not_copied.stderr
+    assert moved.returncode == 0, moved.stderr
+    record = read_one(client, "b1")
+    assert record is not None
+    assert record.node == "node-a"
+    assert record.workspace_path == str(nodes.workspace("node-a", "b1"))
+
+    async def continue_on_node_a() -> str:
+        async with ClaudeBox.reconnect("b1") as box:
+            return (await box.code("cat back.txt")).response
+
+    assert asyncio.run(continue_on_node_a()) == "back\n"
+
+    # node-b comes back with its old copy: the session stays where it was moved to.
+    nodes.ensure("node-b", up=True)
+    record = read_one(client, "b1")
+    assert record is not None
+    assert record.node == "node-a"
