@@ -56,7 +56,8 @@ sessions_cli = typer.Typer(
 )
 cli.add_typer(sessions_cli, name="sessions")
 
-out = Console()
+# Piped output (a log, a CI job) is not cut to 80 columns: tables keep their ids and paths.
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 

@@ -164,3 +164,17 @@ def test_error_keeps_its_fields_through_the_result_backend(exc: ClaudeBoxError) 
     restored = through_the_result_backend(exc)
 
     assert vars(restored) == vars(exc)
+
+
+def test_the_readme_shows_the_same_error_tree_as_the_module() -> None:
+    import re
+    from pathlib import Path
+
+    import tasks.errors
+
+    doc = tasks.errors.__doc__ or ""
+    found = re.search(r"::\n\n((?:    .*\n)+)", doc)
+    assert found is not None
+    tree = "\n".join(line[4:] for line in found.group(1).rstrip("\n").split("\n"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"```\n{tree}\n```" in readme

@@ -9,7 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
+from redis.exceptions import RedisError
+
+from tasks.errors import ClaudeBoxError
 from tasks.models import (
     CleanupRequest,
     CleanupResult,
@@ -27,6 +32,7 @@ from workers.context import WorkerContext
 from workers.lock import SessionLock
 from workers.model_access import passage
 from workers.runtimes.base import LineSink, SandboxSpec
+from workers.store import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +98,11 @@ def run_code(
     to the lock's ``lost`` Event; a caller passing its own must set it when the lock is lost)."""
     store, guard = ctx.store, lock.check
     record = store.load(request.session_id)
+    recorded = _recorded_run(store, request.session_id, task_id)
+    if recorded is not None:
+        # Delivered again after it ran to its end (a resend under the same id, a redelivery
+        # of a task whose worker died before the ack): give back its result, run nothing.
+        return recorded
     disk.guard(ctx.settings, store, f"session '{request.session_id}' cannot run a task")
     inputs.check(store, record.session_id, record.inputs)
     record = record.model_copy(
@@ -114,7 +125,7 @@ def run_code(
     before = store.workspace_files(request.session_id)
     started_at = utc_now()
     started = time.monotonic()
-    with passage(ctx, request, record) as way_out:
+    with passage(ctx, request, record) as way_out, _stopped_on_error(ctx, record, lock):
         extra = agent.mounts() + ((way_out.mount,) if way_out else ())
         spec = SandboxSpec(**{**spec.__dict__, "mounts": spec.mounts + extra})
         try:
@@ -166,6 +177,10 @@ def run_code(
                 "started_at": started_at,
                 "agent": request.agent,
                 "task_id": task_id,
+                "response": outcome.response[:PROMPT_IN_HISTORY_CHARS],
+                "cost_usd": outcome.cost_usd,
+                "num_turns": outcome.num_turns,
+                "files_created": created,
                 **({"error": outcome.error} if outcome.error else {}),
                 **({"env_keys": sorted(request.env)} if request.env else {}),
             },
@@ -233,6 +248,50 @@ def cleanup_session(
         removed_sandbox=removed_sandbox,
         archive_path=str(archived) if archived else None,
     )
+
+
+@contextmanager
+def _stopped_on_error(
+    ctx: WorkerContext, record: SessionRecord, lock: SessionLock
+) -> Iterator[None]:
+    """A run that fails with an error of its own leaves the session stopped, not running."""
+    try:
+        yield
+    except BaseException:
+        stopped = record.model_copy(update={"status": "stopped", "updated_at": utc_now()})
+        with suppress(ClaudeBoxError, OSError, RedisError):
+            ctx.store.save(stopped, lock.check)
+            registry.put(ctx.redis, stopped)
+        raise
+
+
+def _recorded_run(store: SessionStore, session_id: str, task_id: str) -> CodeResult | None:
+    """The result that a completed run of ``task_id`` recorded in history (its response cut
+    at PROMPT_IN_HISTORY_CHARS, no raw output), or None if it has none."""
+    try:
+        if not task_id or task_id.encode() not in store.paths(session_id).history.read_bytes():
+            return None
+    except FileNotFoundError:
+        return None
+    for entry in reversed(store.history(session_id)):
+        if entry.action == "code_execution" and entry.context.get("task_id") == task_id:
+            context = entry.context
+            return CodeResult.model_validate(
+                {
+                    "success": context.get("success"),
+                    "response": context.get("response", ""),
+                    "exit_code": context.get("exit_code"),
+                    "raw_output": "",
+                    "error": context.get("error"),
+                    "duration_s": context.get("duration_s"),
+                    "cost_usd": context.get("cost_usd", 0.0),
+                    "num_turns": context.get("num_turns", 0),
+                    "session_id": session_id,
+                    "task_id": task_id,
+                    "files_created": context.get("files_created", []),
+                }
+            )
+    return None
 
 
 def agent_missing(message: str) -> AgentOutcome:
