@@ -217,6 +217,13 @@ class Settings(BaseSettings):
         "disk); default: `<home>/boxlite`. Each worker process takes its own "
         "`<hostname>/slot-<n>` below it, as boxlite allows one runtime per directory.",
     )
+    boxlite_host_alias: str = Field(
+        default="host.boxlite.internal",
+        min_length=1,
+        description="The name under which a boxlite micro-VM reaches its host's loopback, where "
+        "the model gateway listens for it; boxlite's user-mode network (gvproxy) resolves "
+        "`host.boxlite.internal` to 192.168.127.254 and carries it to the host's 127.0.0.1.",
+    )
     boxlite_start_timeout_s: int = Field(
         default=120,
         gt=0,

@@ -144,8 +144,15 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(str(self._path))
 
 
-def _post_message(lease: Lease, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    connection = _UnixConnection(lease.socket_path)
+def _post_message(
+    lease: Lease, headers: dict[str, str] | None = None, *, over_tcp: bool = False
+) -> tuple[int, Any]:
+    connection: http.client.HTTPConnection
+    if over_tcp:
+        assert lease.tcp_address is not None
+        connection = http.client.HTTPConnection(*lease.tcp_address, timeout=10)
+    else:
+        connection = _UnixConnection(lease.socket_path)
     body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True, "messages": []}
     connection.request(
         "POST",
@@ -248,6 +255,46 @@ def test_earlier_spend_counts_against_the_budget(model: ModelServer, gateway: Ga
     assert "session 'spent'" in body["error"]["message"]
     assert model.requests == []
     assert events == [("budget_exceeded", {"budget_usd": 1.0, "spent_usd": 1.0})]
+
+
+# --- leases over TCP (a micro-VM's way in) -----------------------------------------------
+
+
+def test_a_request_through_a_lease_tcp_address_is_metered_to_that_lease(
+    model: ModelServer, gateway: Gateway
+) -> None:
+    model.push(Reply([Text("hi")]))
+    with gateway.lease("vm", tcp_host="127.0.0.1") as lease, gateway.lease("other") as other:
+        status, _body = _post_message(lease, over_tcp=True)
+        usage, other_usage = lease.usage, other.usage
+
+    assert other.tcp_address is None
+    assert status == 200
+    assert (usage.requests, usage.input_tokens, usage.output_tokens) == (1, 1200, 80)
+    assert other_usage.requests == 0
+    (request,) = model.message_requests()
+    assert request.headers["x-api-key"] == REAL_KEY
+
+
+def test_a_tcp_lease_keeps_its_budget(model: ModelServer, gateway: Gateway) -> None:
+    with gateway.lease("spent-vm", budget_usd=1.0, spent_usd=1.0, tcp_host="127.0.0.1") as lease:
+        status, body = _post_message(lease, over_tcp=True)
+
+    assert status == 400
+    assert body["error"]["type"] == "billing_error"
+    assert model.requests == []
+
+
+def test_closing_a_lease_closes_its_tcp_listener(gateway: Gateway) -> None:
+    lease = gateway.lease("closing", tcp_host="127.0.0.1")
+    assert lease.tcp_address is not None
+    host, port = lease.tcp_address
+    socket.create_connection((host, port), timeout=5).close()
+
+    lease.close()
+
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, port), timeout=5)
 
 
 def test_stream_reaches_the_sandbox_as_it_is_written(model: ModelServer, gateway: Gateway) -> None:

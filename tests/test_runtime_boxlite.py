@@ -21,6 +21,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,13 +30,18 @@ import boxlite
 import pytest
 
 from tasks.errors import RuntimeUnavailableError, SandboxError
+from tasks.models import CodeRequest, SessionRecord, utc_now
 from tasks.settings import Settings, get_settings
 from tests.support.processes import RedisServer
+from workers.agents.base import Invocation
+from workers.gateway import PLACEHOLDER_API_KEY, Credential, Gateway
+from workers.model_access import passage
 from workers.runtimes.auto import hardware_virtualisation
-from workers.runtimes.base import Mount, SandboxSpec
+from workers.runtimes.base import GatewayMount, Mount, Runtime, SandboxSpec
 from workers.runtimes.boxlite import (
     MARKER,
     BoxliteRuntime,
+    BoxliteSandbox,
     box_name,
     box_options,
     box_volumes,
@@ -406,6 +412,193 @@ def test_each_runtime_takes_its_own_home_slot_and_gives_it_back(
     assert again.home == first.home
 
 
+# --- the way to the model gateway, up to the boot -----------------------------------------
+
+REAL_KEY = "sk-ant-api03-real-key-held-only-by-the-gateway"
+
+
+@dataclass
+class Owner:
+    """What a run's passage needs of its worker (a WorkerContext in production)."""
+
+    settings: Settings
+    gateway: Gateway
+    runtime: Runtime
+    has_credential: bool = True
+
+
+@pytest.fixture
+def gateway() -> Iterator[Gateway]:
+    # Nothing is sent upstream here: only the lease and its address matter.
+    with Gateway("http://127.0.0.1:9", Credential.api_key(REAL_KEY)) as started:
+        yield started
+
+
+def record_of(spec: SandboxSpec, egress: list[str] | None = None) -> SessionRecord:
+    now = utc_now()
+    return SessionRecord(
+        session_id=spec.session_id,
+        created_at=now,
+        updated_at=now,
+        last_accessed=now,
+        workspace_path=str(spec.workspace),
+        egress_allow=egress or [],
+    )
+
+
+def with_way_out(spec: SandboxSpec, mount: Mount) -> SandboxSpec:
+    """The spec as ``run_code`` builds it: the passage's mount added to the others."""
+    return SandboxSpec(**{**spec.__dict__, "mounts": (*spec.mounts, mount)})
+
+
+def test_a_claude_run_gets_outbound_network_to_its_gateway_lease_only(
+    runtime: BoxliteRuntime, gateway: Gateway, spec: SandboxSpec, settings: Settings, layout: Path
+) -> None:
+    owner = Owner(settings, gateway, runtime)
+    request = CodeRequest(session_id=spec.session_id, prompt="hi", agent="claude")
+
+    with passage(owner, request, record_of(spec)) as way_out:
+        assert way_out is not None
+        assert way_out.lease.tcp_address is not None
+        host, port = way_out.lease.tcp_address
+        options = box_options(with_way_out(spec, way_out.mount), str(layout))
+        volumes = box_volumes(with_way_out(spec, way_out.mount))
+
+    assert host == "127.0.0.1"
+    assert runtime.gateway_host == "host.boxlite.internal"
+    assert port > 0
+    assert options.network.outbound.mode == "enabled"
+    # Only the host the gateway listens on: boxlite takes no port in a rule (see the next test).
+    assert options.network.outbound.allow_net == ["host.boxlite.internal"]
+    assert options.network.inbound.mode == "disabled"
+    # The lease's socket directory is not shared: a socket cannot cross the VM boundary.
+    assert [guest for _host, guest, _ro in volumes] == ["/workspace", "/root"]
+
+
+def test_a_shell_run_without_egress_keeps_the_network_disabled(
+    runtime: BoxliteRuntime, gateway: Gateway, spec: SandboxSpec, settings: Settings, layout: Path
+) -> None:
+    owner = Owner(settings, gateway, runtime)
+    request = CodeRequest(session_id=spec.session_id, prompt="true", agent="shell")
+
+    with passage(owner, request, record_of(spec)) as way_out:
+        assert way_out is None
+
+    options = box_options(spec, str(layout))
+    assert options.network.outbound.mode == "disabled"
+    assert list(options.network.outbound.allow_net) == []
+
+
+def test_a_shell_run_with_egress_hosts_goes_out_through_the_gateway_only(
+    runtime: BoxliteRuntime, gateway: Gateway, spec: SandboxSpec, settings: Settings, layout: Path
+) -> None:
+    owner = Owner(settings, gateway, runtime)
+    request = CodeRequest(session_id=spec.session_id, prompt="true", agent="shell")
+
+    with passage(owner, request, record_of(spec, ["pypi.org"])) as way_out:
+        assert way_out is not None and way_out.lease.tcp_address is not None
+        options = box_options(with_way_out(spec, way_out.mount), str(layout))
+
+    # pypi.org is reached through the gateway's egress proxy, never directly.
+    assert options.network.outbound.allow_net == ["host.boxlite.internal"]
+
+
+def test_the_agent_env_points_at_the_host_alias_with_no_bridge_and_no_credential(
+    runtime: BoxliteRuntime, gateway: Gateway, spec: SandboxSpec, settings: Settings
+) -> None:
+    owner = Owner(settings, gateway, runtime)
+    request = CodeRequest(session_id=spec.session_id, prompt="hi", agent="claude")
+    agent = Invocation(["/opt/claude-code/claude", "-p", "hi"], {"HOME": "/root"})
+
+    with passage(owner, request, record_of(spec)) as way_out:
+        assert way_out is not None and way_out.lease.tcp_address is not None
+        port = way_out.lease.tcp_address[1]
+        sandbox = BoxliteSandbox(with_way_out(spec, way_out.mount), runtime, box=None)
+        wrapped = way_out.wrap(agent, sandbox)
+
+    url = f"http://host.boxlite.internal:{port}"
+    assert wrapped.argv == agent.argv  # no socat: the VM speaks TCP to the host itself
+    assert wrapped.env["ANTHROPIC_BASE_URL"] == url
+    assert wrapped.env["HTTPS_PROXY"] == wrapped.env["HTTP_PROXY"] == url
+    assert wrapped.env["ANTHROPIC_API_KEY"] == PLACEHOLDER_API_KEY
+    assert not any(REAL_KEY in value for value in wrapped.env.values())
+    assert wrapped.env["HOME"] == "/root"
+
+
+def test_the_host_alias_is_a_setting(
+    tmp_path: Path, layout: Path, gateway: Gateway, spec: SandboxSpec
+) -> None:
+    settings = Settings(
+        home=tmp_path / "claudebox",
+        boxlite_image=str(layout),
+        boxlite_host_alias="192.168.127.254",
+    )
+    runtime = BoxliteRuntime(settings)
+    try:
+        owner = Owner(settings, gateway, runtime)
+        request = CodeRequest(session_id=spec.session_id, prompt="hi", agent="claude")
+        with passage(owner, request, record_of(spec)) as way_out:
+            assert way_out is not None and way_out.lease.tcp_address is not None
+            port = way_out.lease.tcp_address[1]
+            sandbox = BoxliteSandbox(with_way_out(spec, way_out.mount), runtime, box=None)
+            env = way_out.wrap(Invocation(["true"], {}), sandbox).env
+    finally:
+        runtime.close()
+
+    assert env["ANTHROPIC_BASE_URL"] == f"http://192.168.127.254:{port}"
+
+
+@pytest.mark.timeout(60)
+def test_boxlite_takes_no_port_in_an_allow_net_rule(
+    runtime: BoxliteRuntime, spec: SandboxSpec, layout: Path, tmp_path: Path
+) -> None:
+    """Why the box's allow-list holds the host alone: a ``host:port`` rule is refused."""
+    sdk_runtime = boxlite.Boxlite(boxlite.Options(home_dir=str(tmp_path / "raw")))
+    options = box_options(spec, str(layout))
+    options.network = boxlite.NetworkSpec(
+        outbound=boxlite.OutboundNetworkSpec(
+            mode="enabled", allow_net=["host.boxlite.internal:3128"]
+        ),
+        inbound=boxlite.InboundNetworkSpec(mode="disabled"),
+    )
+
+    async def create() -> Any:
+        return await sdk_runtime.create(options, name="port-rule")
+
+    with pytest.raises(boxlite.BoxliteError, match="invalid allow_net rule"):
+        asyncio.run(asyncio.wait_for(create(), 30))
+
+
+@pytest.mark.timeout(60)
+def test_a_session_keeps_its_box_from_run_to_run_despite_a_fresh_lease(
+    runtime: BoxliteRuntime, gateway: Gateway, spec: SandboxSpec, settings: Settings
+) -> None:
+    owner = Owner(settings, gateway, runtime)
+    request = CodeRequest(session_id=spec.session_id, prompt="hi", agent="claude")
+    boxes = []
+    for _run in range(2):
+        with passage(owner, request, record_of(spec)) as way_out:
+            assert way_out is not None
+            boxes.append(runtime.prepare(with_way_out(spec, way_out.mount)))
+
+    assert boxes[0] == boxes[1]
+
+
+@pytest.mark.timeout(60)
+def test_a_box_is_replaced_going_offline_but_not_for_another_lease_port(
+    runtime: BoxliteRuntime, spec: SandboxSpec, tmp_path: Path
+) -> None:
+    def way_out(port: int) -> GatewayMount:
+        return GatewayMount(tmp_path / f"lease-{port}", "/run/claudebox", False, port=port)
+
+    online = runtime.prepare(with_way_out(spec, way_out(41001)))
+    other_port = runtime.prepare(with_way_out(spec, way_out(41002)))
+    offline = runtime.prepare(spec)
+
+    assert other_port == online
+    assert offline != online
+
+
 # --- errors -------------------------------------------------------------------------------
 
 
@@ -657,3 +850,37 @@ def test_a_box_that_is_not_persistent_is_removed_when_the_task_ends(
         sandbox.exec(["true"], ENV, 30)
 
     assert vm_runtime.info(spec.session_id) is None
+
+
+@needs_vm
+@pytest.mark.timeout(180)
+def test_the_vm_reaches_its_gateway_lease_at_the_host_alias_and_nothing_beyond(
+    vm_runtime: BoxliteRuntime, spec: SandboxSpec, gateway: Gateway
+) -> None:
+    owner = Owner(vm_runtime.settings, gateway, vm_runtime)
+    # A spent budget: the gateway answers by itself, so no model server is needed.
+    record = record_of(spec).model_copy(update={"budget_usd": 0.01, "total_cost_usd": 0.01})
+    request = CodeRequest(session_id=spec.session_id, prompt="hi", agent="claude")
+    probe = (
+        "import json, os, socket, urllib.request, urllib.error\n"
+        "url = os.environ['ANTHROPIC_BASE_URL'] + '/v1/messages'\n"
+        "try:\n"
+        "    urllib.request.urlopen(urllib.request.Request(url, data=b'{}'), timeout=20)\n"
+        "except urllib.error.HTTPError as exc:\n"
+        "    print(json.loads(exc.read())['error']['type'])\n"
+        "try:\n"
+        "    socket.create_connection(('1.1.1.1', 443), timeout=5)\n"
+        "    print('outside reached')\n"
+        "except OSError:\n"
+        "    print('outside refused')\n"
+    )
+
+    with passage(owner, request, record) as way_out:
+        assert way_out is not None
+        with vm_runtime.open(with_way_out(spec, way_out.mount)) as sandbox:
+            invocation = way_out.wrap(Invocation(["python3", "-c", probe], dict(ENV)), sandbox)
+            result = sandbox.exec(invocation.argv, invocation.env, 60)
+        events = way_out.lease.events
+
+    assert result.stdout.split() == ["billing_error", "outside", "refused"], result.stderr
+    assert [action for action, _ in events] == ["budget_exceeded"]

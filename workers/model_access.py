@@ -3,6 +3,12 @@
 The claude agent always goes through it (that is where the credential, the metering and the
 budget live); the shell agent only when the session may reach some host, since with an empty
 allow-list the proxy would refuse everything the sandbox's missing network refuses already.
+
+A sandbox reaches its lease one of two ways (:attr:`Sandbox.gateway_host`): the lease's unix
+socket bound in and bridged to loopback by socat (bwrap, local), or, for a micro-VM that no
+socket can enter, the lease's TCP port on the host's loopback under the name the VM's network
+gives the host (boxlite). The spec carries the way out as a :class:`GatewayMount`, which for
+TCP holds the port the runtime must open the sandbox's network to.
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ from workers.gateway import (
 )
 from workers.gateway.bridge import SOCKET_NAME
 from workers.gateway.pricing import prices_from
-from workers.runtimes.base import Mount, Sandbox
+from workers.runtimes.base import GatewayMount, Runtime, Sandbox
+
+_TCP_HOST = "127.0.0.1"
+"""Where a TCP lease listens: boxlite's user-mode network carries the VM's connections to its
+host alias to the host's loopback, and nothing outside this host should reach a lease."""
 
 
 def credential(settings: Settings) -> Credential | None:
@@ -58,18 +68,32 @@ class Passage:
     """The gateway lease of one run, and how the sandbox reaches it."""
 
     lease: Lease
-    mount: Mount
+    mount: GatewayMount
     has_credential: bool
 
     def wrap(self, invocation: Invocation, sandbox: Sandbox) -> Invocation:
-        """The agent's command behind the bridge, with the gateway's environment."""
+        """The agent's command with the gateway's environment, behind the bridge if the
+        sandbox reaches the gateway through the lease's socket."""
+        if sandbox.gateway_host is not None:
+            if self.lease.tcp_address is None:
+                raise RuntimeError(
+                    f"the sandbox reaches the gateway over TCP at {sandbox.gateway_host} but "
+                    "the lease was made without a TCP address"
+                )
+            port = self.lease.tcp_address[1]
+            env = self._env(invocation, sandbox_env(port, sandbox.gateway_host))
+            return Invocation(list(invocation.argv), env)
         port = DEFAULT_PORT if sandbox.private_network else _free_port()
         guest_socket = f"{sandbox.path_of(self.mount)}/{SOCKET_NAME}"
-        env = {**invocation.env, **sandbox_env(port)}
+        env = self._env(invocation, sandbox_env(port))
+        return Invocation(bridged_argv(invocation.argv, guest_socket, port), env)
+
+    def _env(self, invocation: Invocation, gateway_env: dict[str, str]) -> dict[str, str]:
+        env = {**invocation.env, **gateway_env}
         if not self.has_credential:
             # No key anywhere: let the CLI say "Not logged in" instead of calling in vain.
             env.pop("ANTHROPIC_API_KEY", None)
-        return Invocation(bridged_argv(invocation.argv, guest_socket, port), env)
+        return env
 
     def settle(self, outcome: AgentOutcome, session_id: str) -> AgentOutcome:
         """Fold the gateway's metering and events into the agent's outcome."""
@@ -108,6 +132,9 @@ class GatewayOwner(Protocol):
     @property
     def has_credential(self) -> bool: ...
 
+    @property
+    def runtime(self) -> Runtime: ...
+
 
 @contextmanager
 def passage(
@@ -121,11 +148,17 @@ def passage(
         yield None
         return
     budget = record.budget_usd if record.budget_usd is not None else settings.session_budget_usd
+    over_tcp = owner.runtime.gateway_host is not None
     lease = owner.gateway.lease(
-        record.session_id, budget_usd=budget, spent_usd=record.total_cost_usd, egress_allow=hosts
+        record.session_id,
+        budget_usd=budget,
+        spent_usd=record.total_cost_usd,
+        egress_allow=hosts,
+        tcp_host=_TCP_HOST if over_tcp else None,
     )
     try:
-        mount = Mount(lease.socket_dir, GUEST_SOCKET_DIR, read_only=False)
+        port = lease.tcp_address[1] if lease.tcp_address is not None else None
+        mount = GatewayMount(lease.socket_dir, GUEST_SOCKET_DIR, read_only=False, port=port)
         yield Passage(lease, mount, owner.has_credential)
     finally:
         lease.close()

@@ -79,9 +79,10 @@ def bridged_argv(
     ]
 
 
-def sandbox_env(port: int = DEFAULT_PORT) -> dict[str, str]:
-    """The environment that sends the CLI's model calls and every HTTP client to the bridge."""
-    url = f"http://127.0.0.1:{port}"
+def sandbox_env(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> dict[str, str]:
+    """The environment that sends the CLI's model calls and every HTTP client to the bridge
+    (or, given ``host``, straight to a lease's TCP address as the sandbox names it)."""
+    url = f"http://{host}:{port}"
     loopback = "127.0.0.1,localhost,::1"
     return {
         "ANTHROPIC_BASE_URL": url,

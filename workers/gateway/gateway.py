@@ -3,6 +3,11 @@
 Celery task bodies are synchronous, so every public method here blocks until the loop has
 done the work. A lease gets its own socket, which is how the gateway knows which session
 every request belongs to without trusting anything the sandbox sends.
+
+A lease may also listen on TCP (``tcp_host``), for a sandbox that cannot be given a unix
+socket (a micro-VM: a socket does not cross the VM boundary through a shared folder). It is
+served by the same per-lease handler, so metering, budget and egress are the socket's; the
+lease is still known by where the connection arrived, its own port.
 """
 
 from __future__ import annotations
@@ -100,22 +105,30 @@ class Gateway:
         budget_usd: float | None = None,
         spent_usd: float = 0.0,
         egress_allow: Iterable[str] = (),
+        *,
+        tcp_host: str | None = None,
     ) -> Lease:
         """A fresh socket for one sandbox run of ``session_id``.
 
         Model calls are refused once ``spent_usd`` (the session's spend before this run) plus
         this lease's cost reaches ``budget_usd`` (None: no budget). ``egress_allow`` adds hosts
-        for this lease only.
+        for this lease only. With ``tcp_host`` the lease also listens on TCP there (see
+        :attr:`Lease.tcp_address`); anyone who can connect to it uses the lease, so give a
+        loopback address.
         """
         if self._root is None or not self._thread.is_alive():
             raise RuntimeError("the gateway is not running; call start() first")
         ledger = Ledger(session_id, budget_usd, spent_usd, AllowList.of(egress_allow))
         directory = Path(tempfile.mkdtemp(prefix="lease-", dir=self._root))
         path = directory / SOCKET_NAME
-        served = self._call(self._serve_lease(ledger, path))
+        try:
+            served = self._call(self._serve_lease(ledger, path, tcp_host))
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         with self._leases_lock:
             self._leases[path] = served
-        return Lease(ledger, path, lambda: self._close_lease(path))
+        return Lease(ledger, path, lambda: self._close_lease(path), served.tcp_address)
 
     def __repr__(self) -> str:
         return f"Gateway(upstream_url={self.upstream_url!r}, leases={len(self._leases)})"
@@ -147,7 +160,7 @@ class Gateway:
         await self._model_client.aclose()
         await self._egress_client.aclose()
 
-    async def _serve_lease(self, ledger: Ledger, path: Path) -> _Served:
+    async def _serve_lease(self, ledger: Ledger, path: Path, tcp_host: str | None) -> _Served:
         served = _Served()
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -165,7 +178,16 @@ class Gateway:
                     served.connections.discard(task)
                 writer.close()
 
-        served.server = await asyncio.start_unix_server(on_connect, path=str(path))
+        served.servers.append(await asyncio.start_unix_server(on_connect, path=str(path)))
+        if tcp_host is not None:
+            try:
+                server = await asyncio.start_server(on_connect, tcp_host, 0)
+            except OSError:
+                await served.close()
+                raise
+            served.servers.append(server)
+            sockname = server.sockets[0].getsockname()
+            served.tcp_address = (str(sockname[0]), int(sockname[1]))
         return served
 
     async def _serve(self, ledger: Ledger, http: HttpConnection) -> None:
@@ -196,15 +218,16 @@ async def _refuse(http: HttpConnection, status: int, error_type: str, message: s
 
 
 class _Served:
-    """The loop-side state of a lease: its listening server and its open connections."""
+    """The loop-side state of a lease: its listening servers and its open connections."""
 
     def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
+        self.tcp_address: tuple[str, int] | None = None
         self.connections: set[asyncio.Task[Any]] = set()
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         for task in list(self.connections):
             task.cancel()
         await asyncio.gather(*self.connections, return_exceptions=True)

@@ -69,12 +69,21 @@ class Lease:
     """The gateway as one sandbox sees it; close it when the sandbox is gone.
 
     Bind :attr:`socket_dir` into the sandbox (read-write, it holds a socket) at
-    ``bridge.GUEST_SOCKET_DIR`` and wrap the agent's command with ``bridge.bridged_argv``.
+    ``bridge.GUEST_SOCKET_DIR`` and wrap the agent's command with ``bridge.bridged_argv``; or,
+    for a lease made with ``tcp_host``, let the sandbox connect to :attr:`tcp_address`.
     """
 
-    def __init__(self, ledger: Ledger, socket_path: Path, closer: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        socket_path: Path,
+        closer: Callable[[], None],
+        tcp_address: tuple[str, int] | None = None,
+    ) -> None:
         self._ledger = ledger
         self.socket_path = socket_path
+        self.tcp_address = tcp_address
+        """``(host, port)`` the lease also listens on, or None (socket only)."""
         self._closer = closer
 
     @property
@@ -94,7 +103,8 @@ class Lease:
         return self._ledger.events
 
     def close(self) -> None:
-        """Stop serving the socket, end its open connections and remove it; idempotent."""
+        """Stop serving the socket (and TCP port), end its open connections and remove the
+        socket; idempotent."""
         self._closer()
 
     def __repr__(self) -> str:

@@ -41,6 +41,19 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class GatewayMount(Mount):
+    """A run's way out to the worker's model gateway, among a spec's mounts.
+
+    Without ``port`` it is the lease's socket directory, bound in like any mount. With it (a
+    runtime whose sandboxes reach the gateway over TCP, :attr:`Runtime.gateway_host`) it is
+    not shared at all: it tells the runtime that the run needs its network opened to the
+    lease's TCP port on the host, and to nothing else the runtime can close.
+    """
+
+    port: int | None = None
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     """What a session's sandbox is made of."""
 
@@ -73,6 +86,10 @@ class Sandbox(ABC):
     home: str = AGENT_HOME
     private_network: bool = True
     """Whether loopback inside is the sandbox's own (False: the host's, as for ``local``)."""
+    gateway_host: str | None = None
+    """How the sandbox reaches the model gateway. None: through the lease's unix socket, bound
+    in and bridged to loopback by socat. Else the name under which the sandbox reaches the
+    host's loopback over TCP (a micro-VM, which a unix socket cannot enter); no bridge then."""
 
     def __init__(self, spec: SandboxSpec) -> None:
         self.spec = spec
@@ -113,6 +130,9 @@ class Sandbox(ABC):
 
 class Runtime(ABC):
     name: ClassVar[str]
+    gateway_host: str | None = None
+    """:attr:`Sandbox.gateway_host` of this runtime's sandboxes, known before one is opened
+    (the gateway lease is made first, and its way out is part of the sandbox's spec)."""
 
     @classmethod
     @abstractmethod

@@ -22,8 +22,25 @@ How it is laid out, and why:
   task may need others (another agent mounts other directories). So the session's home holds
   the id and shape of the box it last used (:data:`MARKER`): a box found under the name that
   is not that one, or not of that shape, is replaced, not reused.
-- **No network.** Outbound and inbound networking are disabled; the VM dies with the worker
-  (``detach=False``).
+- **No network but the gateway.** Inbound networking is disabled, and so is outbound unless
+  the run has a way out (the claude agent, or a shell with egress hosts); the VM dies with the
+  worker (``detach=False``). The model gateway's unix socket cannot cross the VM boundary
+  through a shared folder, so the lease also listens on TCP on the host's loopback and the VM
+  reaches it as ``<boxlite_host_alias>:<port>`` (``host.boxlite.internal``, which boxlite's
+  gvproxy resolves to 192.168.127.254 and NATs to the host's 127.0.0.1), with no socat bridge.
+  The lease is known by its own port, as a socket lease is by its path. Outbound is then
+  enabled with ``allow_net`` holding the alias alone, so nothing beyond the host is reachable
+  and the egress allow-list stays the gateway's. boxlite 0.10 refuses a port in an
+  ``allow_net`` rule (only hostnames, wildcards, IPv4 and CIDRs), and documents the host
+  address as reachable whenever outbound is on: a VM with a way out can reach *every* port on
+  the host's loopback, not only its lease's (see the README's security model). The box is
+  created with its network, but a port-free allow-list does not change from run to run, so a
+  fresh lease (a fresh port) never costs a box; only going from no way out to one, or back, or
+  another alias, reshapes it. Rejected: a fixed gateway port per worker with the lease named
+  in the request (a path token in the base URL, proxy credentials for egress), which would
+  need a secret to strip and check on every request and buys nothing while the port cannot
+  be filtered anyway. Not verifiable here (VMs cannot boot on these hosts): that the alias
+  resolves and reaches the host's loopback from inside a VM.
 - **Sync over async.** boxlite's calls return futures bound to the running asyncio loop of the
   calling thread; the runtime owns a private loop in a daemon thread and every method here
   blocks on it, as the task bodies are synchronous. Output lines reach ``on_line`` on the
@@ -52,6 +69,7 @@ from workers.runtimes.base import (
     AGENT_HOME,
     WORKSPACE,
     ExecResult,
+    GatewayMount,
     LineSink,
     Probe,
     Runtime,
@@ -73,6 +91,8 @@ T = TypeVar("T")
 BOX_PREFIX = "claudebox-"
 MARKER = ".claudebox-boxlite-box"
 """File in a session's agent home naming the box the session last used: its id and shape."""
+HOST_ALIAS = "host.boxlite.internal"
+"""boxlite's name for the host inside a VM (the default of ``CLAUDEBOX_BOXLITE_HOST_ALIAS``)."""
 IMAGE_BUILD_HINT = (
     "build a local image with deploy/image/build.sh (it writes the default, "
     "<CLAUDEBOX_HOME>/images/claudebox-sandbox) or point CLAUDEBOX_BOXLITE_IMAGE at an OCI image "
@@ -110,18 +130,46 @@ def image_problem(image: str | None) -> str | None:
     return None
 
 
+def gateway_port(spec: SandboxSpec) -> int | None:
+    """The host port of the run's gateway lease, or None if the run has no way out."""
+    return next(
+        (m.port for m in spec.mounts if isinstance(m, GatewayMount) and m.port is not None),
+        None,
+    )
+
+
 def box_volumes(spec: SandboxSpec) -> list[tuple[str, str, bool]]:
-    """boxlite volumes, ``(host, guest, read_only)``: workspace, agent home, then extra mounts."""
+    """boxlite volumes, ``(host, guest, read_only)``: workspace, agent home, then extra mounts.
+
+    A gateway reached over TCP is no volume: its lease directory changes every run, and the
+    socket in it would be of no use across the VM boundary.
+    """
+    shared = [m for m in spec.mounts if not (isinstance(m, GatewayMount) and m.port is not None)]
     return [
         (str(spec.workspace), WORKSPACE, False),
         (str(spec.home), AGENT_HOME, False),
-        *((str(mount.host), mount.guest, mount.read_only) for mount in spec.mounts),
+        *((str(mount.host), mount.guest, mount.read_only) for mount in shared),
     ]
 
 
-def box_options(spec: SandboxSpec, image: str) -> Any:
+def box_allow_net(spec: SandboxSpec, gateway_host: str) -> list[str]:
+    """What the box may reach: the host the gateway listens on, as the VM names it, or nothing.
+
+    Not ``host:port``: boxlite refuses a port in a rule, so the lease's port is not part of the
+    box and a new lease (a new port) does not mean a new box.
+    """
+    return [] if gateway_port(spec) is None else [gateway_host]
+
+
+def box_options(spec: SandboxSpec, image: str, gateway_host: str = HOST_ALIAS) -> Any:
     """The ``boxlite.BoxOptions`` of a session's box."""
     sdk = _sdk()
+    allow_net = box_allow_net(spec, gateway_host)
+    outbound = (
+        sdk.OutboundNetworkSpec(mode="enabled", allow_net=allow_net)
+        if allow_net
+        else sdk.OutboundNetworkSpec(mode="disabled")
+    )
     source = (
         {"rootfs_path": str(Path(image).expanduser())}
         if is_local_image(image)
@@ -134,10 +182,7 @@ def box_options(spec: SandboxSpec, image: str) -> Any:
         disk_size_gb=spec.disk_size_gb,
         working_dir=WORKSPACE,
         volumes=box_volumes(spec),
-        network=sdk.NetworkSpec(
-            outbound=sdk.OutboundNetworkSpec(mode="disabled"),
-            inbound=sdk.InboundNetworkSpec(mode="disabled"),
-        ),
+        network=sdk.NetworkSpec(outbound=outbound, inbound=sdk.InboundNetworkSpec(mode="disabled")),
         # boxlite's default (1) deletes a box when it stops; 0 keeps it until removed. This is
         # what the deprecated ``auto_remove`` flag maps to.
         auto_delete=0 if spec.persistent else 1,
@@ -145,9 +190,13 @@ def box_options(spec: SandboxSpec, image: str) -> Any:
     )
 
 
-def box_shape(spec: SandboxSpec, image: str) -> str:
+def box_shape(spec: SandboxSpec, image: str, gateway_host: str = HOST_ALIAS) -> str:
     """A digest of what a box is created with and cannot change later."""
-    shape = [image, spec.cpus, spec.memory_mib, spec.disk_size_gb, box_volumes(spec)]
+    shape: list[Any] = [image, spec.cpus, spec.memory_mib, spec.disk_size_gb, box_volumes(spec)]
+    allow_net = box_allow_net(spec, gateway_host)
+    if allow_net:
+        # Appended only when set, so boxes made with no network keep the shape they had.
+        shape.append(allow_net)
     return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
 
@@ -267,6 +316,7 @@ class BoxliteSandbox(Sandbox):
         super().__init__(spec)
         self.runtime = runtime
         self.box = box
+        self.gateway_host = runtime.gateway_host
         self._closed = False
 
     def exec(
@@ -303,6 +353,7 @@ class BoxliteRuntime(Runtime):
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.image = configured_image(self.settings)
+        self.gateway_host: str = self.settings.boxlite_host_alias
         sdk = _sdk()
         self.home, self._boxlite = _acquire_home(sdk, boxlite_root(self.settings))
         self.loop = LoopThread()
@@ -391,8 +442,8 @@ class BoxliteRuntime(Runtime):
 
     async def _prepare(self, spec: SandboxSpec, image: str) -> tuple[Any, bool]:
         name = box_name(spec.session_id)
-        options = box_options(spec, image)
-        shape = box_shape(spec, image)
+        options = box_options(spec, image, self.gateway_host)
+        shape = box_shape(spec, image, self.gateway_host)
         box, created = await self._boxlite.get_or_create(options, name=name)
         marker = spec.home / MARKER
         if not created and _read(marker) != f"{box.id} {shape}":
