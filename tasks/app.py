@@ -51,11 +51,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def configure(settings: Settings | None = None) -> Celery:
     """(Re)apply settings to the shared app; call it after changing the environment."""
     app.conf.update(celery_config(settings or get_settings()))
-    # Celery caches the result backend and the broker connection pool on first use; drop
-    # both so that the next use connects to the configured URLs.
+    # Celery caches the result backend, the broker connection pool and the producer pool on
+    # first use; drop them so that the next use connects to the configured URLs.
     app._backend_cache = None
     app._local.__dict__.pop("backend", None)
     app._pool = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
     return app
 
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import InvalidRequestError, InvalidSessionIdError
+from tasks.errors import ClaudeBoxError, InvalidRequestError, InvalidSessionIdError
 from tasks.settings import AgentName
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -212,3 +212,21 @@ class WorkerInfo(BaseModel):
     claude_cli: str | None = None
     claude_version: str | None = None
     started_at: str = Field(default_factory=utc_now)
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def parse_payload(model: type[ModelT], payload: object) -> ModelT:
+    """A task's payload as ``model``; a bad one raises a ClaudeBoxError that crosses the queue
+    (a pydantic ValidationError would reach the producer as an anonymous Exception)."""
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        for error in exc.errors():
+            cause = error.get("ctx", {}).get("error")
+            if isinstance(cause, ClaudeBoxError):
+                raise cause from None
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "payload"
+        raise InvalidRequestError(f"malformed {model.__name__}: {where}: {first['msg']}") from None

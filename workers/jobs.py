@@ -19,7 +19,7 @@ from celery.exceptions import Retry
 from tasks import keys, names
 from tasks.app import app
 from tasks.errors import ClaudeBoxError, SessionBusyError, TaskAttemptsExceededError
-from tasks.models import CleanupRequest, CodeRequest, OpenRequest
+from tasks.models import CleanupRequest, CodeRequest, OpenRequest, parse_payload
 from workers import forks, registry, sessions
 from workers.affinity import refuse_if_elsewhere
 from workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
@@ -83,7 +83,7 @@ RETRYING = {"bind": True, "throws": (ClaudeBoxError,), "max_retries": None}
 
 @app.task(name=names.OPEN, **RETRYING)
 def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = OpenRequest.model_validate(payload)
+    request = parse_payload(OpenRequest, payload)
     ctx = context()
     if request.mode == "reconnect":
         refuse_if_elsewhere(ctx, request.session_id)
@@ -99,7 +99,7 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
 
 @app.task(name=names.CODE, **RETRYING)
 def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = CodeRequest.model_validate(payload)
+    request = parse_payload(CodeRequest, payload)
     ctx = context()
     task_id = self.request.id or ""
     with (
@@ -124,7 +124,7 @@ def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name=names.CLEANUP, **RETRYING)
 def cleanup(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = CleanupRequest.model_validate(payload)
+    request = parse_payload(CleanupRequest, payload)
     ctx = context()
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
         return sessions.cleanup_session(ctx, request, lock).model_dump(mode="json")

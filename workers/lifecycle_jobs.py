@@ -21,6 +21,7 @@ from tasks.lifecycle import (
     RestoreCheckpointRequest,
     SweepRequest,
 )
+from tasks.models import parse_payload
 from workers import archive, checkpoints, disk, forks, sweeps
 from workers.context import context
 from workers.jobs import RETRYING, session_lock
@@ -29,7 +30,7 @@ from workers.lock import raise_fence
 
 @app.task(name=names.CHECKPOINT, **RETRYING)
 def checkpoint(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = CheckpointRequest.model_validate(payload)
+    request = parse_payload(CheckpointRequest, payload)
     ctx = context()
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
         return checkpoints.create(ctx, request, lock).model_dump(mode="json")
@@ -37,7 +38,7 @@ def checkpoint(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name=names.RESTORE_CHECKPOINT, **RETRYING)
 def restore_checkpoint(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = RestoreCheckpointRequest.model_validate(payload)
+    request = parse_payload(RestoreCheckpointRequest, payload)
     ctx = context()
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
         return checkpoints.restore(ctx, request, lock).model_dump(mode="json")
@@ -45,7 +46,7 @@ def restore_checkpoint(self: Task[Any, Any], payload: dict[str, Any]) -> dict[st
 
 @app.task(name=names.FORK, **RETRYING)
 def fork(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = ForkRequest.model_validate(payload)
+    request = parse_payload(ForkRequest, payload)
     ctx = context()
     # The new session's lock first, as for a template (workers.jobs.open_session): one order.
     with (
@@ -57,7 +58,7 @@ def fork(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name=names.RESTORE_ARCHIVE, **RETRYING)
 def restore_archive(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = RestoreArchiveRequest.model_validate(payload)
+    request = parse_payload(RestoreArchiveRequest, payload)
     ctx = context()
     contents = archive.inspect(ctx.settings, ctx.store, request.archive)
     # Before the lock is taken, so that its fencing number is above the archived one.
@@ -75,11 +76,11 @@ def disk_usage(payload: dict[str, Any] | None = None) -> dict[str, Any]:
 # Their reports go to <home>/sweeps.jsonl; nobody waits for a sweep's result.
 @app.task(name=names.SWEEP_AGE, throws=(ClaudeBoxError,), ignore_result=True)
 def sweep_age(payload: dict[str, Any]) -> dict[str, Any] | None:
-    report = sweeps.sweep_age(context(), SweepRequest.model_validate(payload).every_s)
+    report = sweeps.sweep_age(context(), parse_payload(SweepRequest, payload).every_s)
     return report.model_dump(mode="json") if report else None
 
 
 @app.task(name=names.SWEEP_LEAKS, throws=(ClaudeBoxError,), ignore_result=True)
 def sweep_leaks(payload: dict[str, Any]) -> dict[str, Any] | None:
-    report = sweeps.sweep_leaks(context(), SweepRequest.model_validate(payload).every_s)
+    report = sweeps.sweep_leaks(context(), parse_payload(SweepRequest, payload).every_s)
     return report.model_dump(mode="json") if report else None

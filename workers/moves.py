@@ -17,7 +17,7 @@ from celery import Task
 from tasks import names
 from tasks.app import app
 from tasks.errors import InvalidRequestError, WrongNodeError
-from tasks.models import AdoptRequest, HistoryEntry, utc_now
+from tasks.models import AdoptRequest, HistoryEntry, parse_payload, utc_now
 from workers import registry
 from workers.context import context
 from workers.jobs import RETRYING, session_lock
@@ -25,7 +25,7 @@ from workers.jobs import RETRYING, session_lock
 
 @app.task(name=names.ADOPT, **RETRYING)
 def adopt(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = AdoptRequest.model_validate(payload)
+    request = parse_payload(AdoptRequest, payload)
     ctx = context()
     if request.node != ctx.node:
         raise WrongNodeError(request.session_id, request.node, ctx.node)

@@ -1,0 +1,84 @@
+"""Helpers of the fault tests: open a session, send a `code` task, read its result and history.
+
+Tasks are sent with ``producer.pool.send`` rather than ``ClaudeBox.code`` so that a test holds
+the task id (to find the delivery in history, or to send it twice) while it breaks things.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from producer import ClaudeBox, pool
+from tasks import names
+from tasks.app import app
+from tasks.models import CodeRequest, CodeResult, HistoryEntry
+from tasks.settings import get_settings
+from workers.store import SessionStore
+
+
+def open_session(session_id: str) -> Path:
+    """Create the persistent session ``session_id``; its workspace."""
+
+    async def scenario() -> str:
+        async with ClaudeBox(session_id=session_id) as box:
+            return box.workspace_path
+
+    return Path(asyncio.run(scenario()))
+
+
+def send_code(session_id: str, prompt: str, task_id: str | None = None) -> str:
+    """Queue a shell-agent `code` task (under ``task_id`` if given); its task id."""
+    payload = CodeRequest(session_id=session_id, prompt=prompt, agent="shell")
+    if task_id is None:
+        return pool.send(names.CODE, payload.model_dump(mode="json"), f"[{session_id}]")
+    app.send_task(
+        names.CODE, args=[payload.model_dump(mode="json")], task_id=task_id, queue=names.QUEUE
+    )
+    return task_id
+
+
+def result_of(task_id: str, timeout_s: float) -> CodeResult:
+    """The task's result; its ClaudeBoxError re-raised as the same class."""
+    raw: Any = asyncio.run(pool.wait(task_id, timeout_s))
+    return CodeResult.model_validate(raw)
+
+
+def history(session_id: str) -> list[HistoryEntry]:
+    return SessionStore(get_settings().sessions_root).history(session_id)
+
+
+def entries_of(session_id: str, action: str, task_id: str) -> list[HistoryEntry]:
+    return [
+        entry
+        for entry in history(session_id)
+        if entry.action == action and entry.context.get("task_id") == task_id
+    ]
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid a task script wrote to ``path``, once it is there whole."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.endswith("\n") and text.strip().isdigit() else None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def reap_stray(pid: int | None) -> None:
+    """Kill what a task left running (a `local` runtime agent outlives a killed worker)."""
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

@@ -1,0 +1,142 @@
+"""redis-server killed (SIGKILL) and restarted with its append-only file while a small batch
+runs: every job finishes or fails with a reason, none silently disappears, and the registry is
+there again (kept by the AOF, or rebuilt from disk by a reindex when it was lost).
+
+This module runs its own Redis, home and worker, so that killing Redis hurts no other test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from producer import ClaudeBox
+from producer import pool as producer_pool
+from tasks import keys, names
+from tasks.app import app, configure
+from tasks.errors import ClaudeBoxError
+from tasks.settings import get_settings
+from tests.faults.conftest import open_session, result_of, send_code
+from tests.support.processes import RedisServer, Worker, wait_for
+
+JOBS = 4
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def aof_redis(
+    pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RedisServer]:
+    base = tmp_path_factory.mktemp("redis-restart")
+    server = RedisServer(base / "redis", appendonly=True)
+    server.start()
+    env = {
+        "CLAUDEBOX_BROKER_URL": server.url,
+        "CLAUDEBOX_RESULT_BACKEND": server.url,
+        "CLAUDEBOX_HOME": str(base / "home"),
+        "CLAUDEBOX_RUNTIME": "local",
+        "CLAUDEBOX_LOCK_TTL_S": "2",
+        "CLAUDEBOX_LOCK_WAIT_S": "30",
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    reconfigure()
+    worker = Worker({**pool_env, **env}, base / "logs", concurrency=2)
+    try:
+        worker.start()
+        worker.wait_ready(server.client())
+        yield server
+    finally:
+        worker.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reconfigure()
+        server.stop()
+
+
+def reconfigure() -> None:
+    """Point this process's producer at the Redis the environment names now.
+
+    ``tasks.app.configure`` drops the backend and connection pool, but not the producer pool
+    that Celery caches on first ``send_task``: without this, tasks would still be published to
+    the Redis of the tests that ran before.
+    """
+    get_settings.cache_clear()
+    configure()
+    app.amqp._producer_pool = None
+
+
+SETTLE_S = 15
+"""Each job runs 2 s: one that has no outcome this long after the restart is not coming."""
+
+
+def outcome(task_id: str) -> str:
+    try:
+        return result_of(task_id, SETTLE_S).response.strip()
+    except ClaudeBoxError as exc:
+        return f"failed: {type(exc).__name__}: {exc}"
+
+
+def held_by_broker(client: redis.Redis, task_id: str) -> bool:
+    """Whether the task's message is still in Redis, queued or unacked (kombu's own keys)."""
+    messages = [*client.lrange(names.QUEUE, 0, -1), *client.hvals("unacked")]
+    return any(task_id.encode() in message for message in messages)
+
+
+@pytest.fixture(scope="module")
+def crash_outcomes(aof_redis: RedisServer) -> dict[str, str]:
+    """Four jobs on four sessions, two running when Redis is killed: each job's outcome."""
+    server = aof_redis
+    workspaces = [open_session(f"aof-{n}") for n in range(JOBS)]
+    task_ids = [
+        send_code(f"aof-{n}", f"touch .started; sleep 2; echo job-{n}") for n in range(JOBS)
+    ]
+    wait_for(
+        lambda: sum((workspace / ".started").exists() for workspace in workspaces) >= 2,
+        20,
+        "two jobs to be running",
+    )
+
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait(10)
+    server.start()  # same port, same directory: the AOF is replayed
+    return {task_id: outcome(task_id) for task_id in task_ids}
+
+
+def test_after_a_redis_crash_every_job_ends_or_is_still_held_for_redelivery(
+    aof_redis: RedisServer, crash_outcomes: dict[str, str]
+) -> None:
+    client = aof_redis.client()
+    for n, (task_id, said) in enumerate(crash_outcomes.items()):
+        if "no result for task" in said:
+            assert held_by_broker(client, task_id), f"job {n} vanished: {crash_outcomes}"
+        else:
+            assert said == f"job-{n}" or said.startswith("failed: "), crash_outcomes
+    assert sorted(record.session_id for record in ClaudeBox.list_sessions()) == [
+        f"aof-{n}" for n in range(JOBS)
+    ]
+
+
+def test_a_lost_registry_is_rebuilt_from_disk_by_a_reindex(
+    aof_redis: RedisServer, crash_outcomes: dict[str, str]
+) -> None:
+    server = aof_redis
+    sessions = sorted(path.name for path in get_settings().sessions_root.iterdir())
+    assert sessions
+    server.client().delete(keys.registry())
+    assert ClaudeBox.list_sessions() == []
+
+    task_id = producer_pool.send(names.REINDEX, {}, "[reindex]")
+    indexed = asyncio.run(producer_pool.wait(task_id, 30))
+
+    assert indexed["indexed"] == len(sessions)
+    assert sorted(record.session_id for record in ClaudeBox.list_sessions()) == sessions
