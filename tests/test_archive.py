@@ -7,8 +7,6 @@ import asyncio
 import io
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ import redis
 from producer import ClaudeBox, InvalidRequestError, SessionAlreadyExistsError, lifecycle
 from tasks import keys
 from tasks.settings import get_settings
-from tests.support.processes import REPO
+from tests.support.processes import claudebox_pool
 
 pytestmark = pytest.mark.usefixtures("pool", "clean_state")
 
@@ -49,19 +47,6 @@ def everything(root: Path) -> dict[str, tuple[int, bytes | str]]:
             content = ""
         found[str(path.relative_to(root))] = (info.st_mode, content)
     return found
-
-
-def claudebox_pool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ),
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 SESSION_FILES = (

@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from producer.batch import read_jobs
 from tasks.errors import InvalidRequestError
 from tasks.settings import get_settings
 from tests.conftest import WorkerFactory
-from tests.support.processes import REPO, wait_for
+from tests.support.processes import REPO, claudebox_pool, wait_for
 
 TIMED = 's=$(date +%s.%N); sleep {pause}; e=$(date +%s.%N); echo "$s $e"'
 """A job that prints its start and end on the worker's clock."""
@@ -47,19 +44,6 @@ def timed(
     job_id: str, session_id: str | None, pause: float = 0.3, **extra: object
 ) -> dict[str, object]:
     return {"id": job_id, "session_id": session_id, "prompt": TIMED.format(pause=pause), **extra}
-
-
-def claudebox_pool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ),
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def workspace(session_id: str) -> Path:

@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tasks.settings import get_settings
-from tests.support.processes import REPO, free_port
+from tests.support.processes import claudebox_pool, free_port
 
 pytestmark = pytest.mark.usefixtures("pool")
-
-
-def claudebox_pool(
-    *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def test_code_creates_the_file_in_the_sessions_workspace(clean_state: object) -> None:

@@ -25,7 +25,7 @@ from producer import ClaudeBox, StreamEvent, live, pool
 from tasks import keys, names
 from tasks.models import CodeRequest
 from tasks.settings import get_settings
-from tests.support.processes import REPO
+from tests.support.processes import REPO, claudebox_pool
 from workers.streaming import line_events
 
 pytestmark = pytest.mark.usefixtures("pool", "clean_state")
@@ -183,18 +183,6 @@ async def wait_for_line(task_id: str, text: str) -> None:
             if event.text == text:
                 return
     raise AssertionError(f"task {task_id} ended without printing {text!r}")
-
-
-def claudebox_pool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
 
 
 def test_claudebox_pool_cancel_stops_a_task_by_id_then_says_it_has_finished() -> None:

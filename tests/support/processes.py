@@ -32,6 +32,22 @@ def die_with_parent() -> None:
 PR_SET_PDEATHSIG = 1
 
 
+def claudebox_pool(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the `claudebox-pool` command as a user would, with this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "producer.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
