@@ -768,7 +768,7 @@ def test_a_line_splitter_keeps_a_partial_line_until_flushed() -> None:
 def vm_runtime(tmp_path: Path) -> Iterator[BoxliteRuntime]:
     image = configured_image(get_settings())
     if image is None:
-        pytest.skip("needs the sandbox image: run deploy/image/build.sh")
+        pytest.skip("needs a sandbox image built on this host (deploy/image/build.sh)")
     made = BoxliteRuntime(Settings(home=tmp_path / "claudebox", boxlite_image=image))
     yield made
     made.close()

@@ -246,3 +246,16 @@ def test_remove_checks_the_guard_before_deleting(
         store.remove("proj", lost)
 
     assert store.exists("proj")
+
+
+def test_recent_history_reads_only_whole_lines_from_the_tail(
+    store: SessionStore, created: SessionRecord
+) -> None:
+    entries = [HistoryEntry(action="step", context={"n": n}) for n in range(200)]
+    store.append_history_many(created.session_id, entries, unguarded)
+    line_bytes = len(entries[-1].model_dump_json()) + 1
+
+    recent = store.recent_history(created.session_id, max_bytes=line_bytes * 10 + 5)
+
+    assert [entry.context["n"] for entry in recent] == list(range(190, 200))
+    assert len(store.recent_history(created.session_id, max_bytes=10**9)) == 201

@@ -37,8 +37,10 @@ def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
     """Count this delivery of ``task_id``. The count is kept only if the worker dies: a task
     that ends forgets it, and a retry for a busy session takes its own delivery back."""
     key = keys.task_attempts(task_id)
-    attempt = int(ctx.redis.incr(key))
-    ctx.redis.expire(key, ctx.settings.visibility_timeout_s * 2)
+    pipe = ctx.redis.pipeline()
+    pipe.incr(key)
+    pipe.expire(key, ctx.settings.visibility_timeout_s * 2)
+    attempt = int(pipe.execute()[0])
     try:
         if attempt > ctx.settings.max_attempts:
             raise TaskAttemptsExceededError(task_id, attempt - 1)

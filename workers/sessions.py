@@ -265,15 +265,17 @@ def _stopped_on_error(
         raise
 
 
+RECENT_HISTORY_BYTES = 1 << 20
+"""How far back a redelivered task's earlier run is looked for: a duplicate arrives within the
+visibility timeout, long before a session's history grows a megabyte past it."""
+
+
 def _recorded_run(store: SessionStore, session_id: str, task_id: str) -> CodeResult | None:
     """The result that a completed run of ``task_id`` recorded in history (its response cut
     at PROMPT_IN_HISTORY_CHARS, no raw output), or None if it has none."""
-    try:
-        if not task_id or task_id.encode() not in store.paths(session_id).history.read_bytes():
-            return None
-    except FileNotFoundError:
+    if not task_id:
         return None
-    for entry in reversed(store.history(session_id)):
+    for entry in reversed(store.recent_history(session_id, RECENT_HISTORY_BYTES)):
         if entry.action == "code_execution" and entry.context.get("task_id") == task_id:
             context = entry.context
             return CodeResult.model_validate(

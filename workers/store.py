@@ -188,6 +188,32 @@ class SessionStore:
             return []
         return entries
 
+    def recent_history(self, session_id: str, max_bytes: int) -> list[HistoryEntry]:
+        """The entries in the last ``max_bytes`` of history.jsonl, without reading the rest
+        (for checks on the per-task path, where a long history must not cost a full read)."""
+        path = self.paths(session_id).history
+        try:
+            with path.open("rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - max_bytes))
+                tail = handle.read()
+        except FileNotFoundError:
+            return []
+        lines = tail.splitlines()
+        if size > max_bytes:
+            lines = lines[1:]  # the first line of a cut tail is partial
+        entries = []
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                entries.append(HistoryEntry.model_validate_json(line))
+            except ValidationError:
+                raise SessionCorruptedError(
+                    session_id, str(path), "has an unreadable line near its end"
+                ) from None
+        return entries
+
     def workspace_files(self, session_id: str) -> set[str]:
         """Relative paths of the regular files and links in the workspace (.git left out)."""
         workspace = self.paths(session_id).workspace
