@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -93,6 +94,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     with bench_pool() as pool:
         for processes in (1, 2):
+            load = os.getloadavg()
             workers: list[Worker] = pool.workers(processes, concurrency=2)
             latencies = asyncio.run(pool_round_trips(args.calls // 2, str(processes)))
             rate = asyncio.run(pool_throughput(args.calls, str(processes)))
@@ -101,7 +103,7 @@ def main() -> None:
             plain_latencies, plain_rate = plain_figures(args.calls)
             plain.terminate()
             plain.wait(30)
-            print(f"{processes} worker process(es) x 2 slots:")
+            print(f"{processes} worker process(es) x 2 slots (load average before: {load[0]:.2f}):")
             figures = describe(latencies)
             print(f"  claudebox code('true'): {rate:.1f} calls/s; round trip {figures}")
             baseline = describe(plain_latencies)

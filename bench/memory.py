@@ -1,4 +1,5 @@
-"""Memory: a worker's resident memory idle, and while 8 sandboxes run at once.
+"""Memory: a worker's resident memory idle, while 8 sandboxes run at once, and afterwards with
+the 8 sandboxes kept warm (idle exec servers, held by the worker's main process).
 
 Run: .venv/bin/python -m bench.memory
 """
@@ -51,10 +52,13 @@ def main() -> None:
         assert worker.proc is not None
         idle = tree_rss_mib(worker.proc.pid)
         peak = asyncio.run(busy(worker.proc.pid))
+        warm = tree_rss_mib(worker.proc.pid)
         stop([worker])
     print(f"worker with {SANDBOXES} slots, idle: {idle:.0f} MiB (main process and pool children)")
     print(f"while {SANDBOXES} bwrap sandboxes run `sleep 3`: {peak:.0f} MiB")
     print(f"per running sandbox: {(peak - idle) / SANDBOXES:.1f} MiB; cpus {os.cpu_count()}")
+    print(f"afterwards, {SANDBOXES} warm sandboxes kept idle: {warm:.0f} MiB")
+    print(f"per warm sandbox: {(warm - idle) / SANDBOXES:.1f} MiB")
 
 
 if __name__ == "__main__":

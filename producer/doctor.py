@@ -68,4 +68,6 @@ def doctor_report(out: Console) -> bool:
             f"  {' ' * len(name)}  {cli}; node {info.node}, sessions in {info.sessions_root}",
             highlight=False,
         )
+        if info.warm:
+            out.print(f"  {' ' * len(name)}  warm sandboxes: {info.warm}", highlight=False)
     return True

@@ -26,7 +26,6 @@ from producer import pool, routing
 from producer.routing import Route
 from tasks import keys
 from tasks.app import app
-from tasks.connections import async_redis
 from tasks.errors import ClaudeBoxError, InvalidRequestError
 from tasks.models import CodeResult
 from tasks.streaming import FIELD, StreamEvent
@@ -51,11 +50,11 @@ async def finished(client: redis.asyncio.Redis, task_id: str) -> bool:
 
 async def events(task_id: str) -> AsyncGenerator[StreamEvent, None]:
     """Every event of a code task's live output, from the first, as the task prints them."""
-    client = async_redis(pool.settings())
     key = keys.task_output(task_id)
     last = "0-0"
     over = False
     try:
+        client = await pool.redis_client()
         while True:
             # One stream asked, so a reply is [[key, [(entry id, {field: value}), ...]]].
             reply: Any = await client.xread(
@@ -76,8 +75,6 @@ async def events(task_id: str) -> AsyncGenerator[StreamEvent, None]:
                     return
     except (RedisError, OSError) as exc:
         raise pool.unreachable(exc) from None
-    finally:
-        await client.aclose()
 
 
 async def follow(task_id: str, on_output: OutputCallback) -> None:
@@ -90,13 +87,10 @@ async def follow(task_id: str, on_output: OutputCallback) -> None:
 
 async def send(name: str, payload: dict[str, Any], shown: str) -> tuple[str, Route]:
     """Queue a task where its session lives (``producer.routing``); its id and route."""
-    client = async_redis(pool.settings())
     try:
-        route = await routing.route(payload, client)
+        route = await routing.route(payload, await pool.redis_client())
     except (RedisError, OSError) as exc:
         raise pool.unreachable(exc) from None
-    finally:
-        await client.aclose()
     return pool.send(name, payload, shown, route.queue), route
 
 
@@ -150,16 +144,14 @@ async def cancel(task_id: str) -> bool:
     if not task_id or any(c.isspace() for c in task_id) or len(task_id) > 255:
         raise InvalidRequestError(f"{task_id!r} is not a task id (a UUID like 5f1c2a...)")
     current = pool.settings()
-    client = async_redis(current)
     try:
+        client = await pool.redis_client()
         if await finished(client, task_id):
             return False
         await client.set(keys.task_cancel(task_id), "1", ex=current.visibility_timeout_s)
         return True
     except (RedisError, OSError) as exc:
         raise pool.unreachable(exc) from None
-    finally:
-        await client.aclose()
 
 
 class CodeStream:

@@ -223,7 +223,10 @@ def _workers_ready(settings: Settings, names: list[str]) -> Callable[[], bool]:
     def ready() -> bool:
         client = sync_redis(settings)
         try:
-            return all(client.zscore(keys.workers(), name) is not None for name in names)
+            # Fresh heartbeats only: a worker of the same name stopped earlier is known too.
+            since = time.time() - 3 * settings.worker_heartbeat_s
+            seen = [client.zscore(keys.workers(), name) for name in names]
+            return all(score is not None and score >= since for score in seen)
         finally:
             client.close()
 

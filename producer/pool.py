@@ -1,19 +1,29 @@
 """Talking to the pool from a producer: is it up, send a task, wait for its result.
 
 Waiting subscribes to the result's Redis channel (Celery's Redis backend publishes every state
-change there) instead of polling from a thread, so thousands of calls can wait at once inside
-one event loop.
+change there, the encoded result with it) instead of polling from a thread, so thousands of
+calls can wait at once inside one event loop.
+
+Each event loop keeps its Redis connections from call to call (:func:`redis_client`): opening
+one costs over ten times the round trip it carries, and a call used to open three (routing,
+reading the result, the subscription). A pub/sub connection whose wait ended cleanly is kept
+too, unsubscribed, for the next wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import redis.asyncio
 from celery import states
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from producer import routing
@@ -32,6 +42,14 @@ from tasks.settings import Settings, get_settings
 START_HINT = (
     "start one with `claudebox-pool worker` (or a whole local pool with `claudebox-pool up`)"
 )
+POLL_S = 1.0
+"""How often a wait also reads the result itself, in case a message was lost (a reconnection)."""
+SUBSCRIBED_WITHIN_S = 10.0
+"""How long a wait waits for Redis to confirm its subscription before reading the result."""
+IDLE_CHANNELS = 64
+"""Unsubscribed pub/sub connections an event loop keeps for its next waits."""
+MAX_CONNECTIONS = 1 << 20
+"""Connections an event loop may open to Redis: as many as it has calls waiting at once."""
 
 
 def settings() -> Settings:
@@ -46,17 +64,105 @@ def unreachable(exc: BaseException) -> PoolUnavailableError:
     )
 
 
+@dataclass
+class _Link:
+    """One event loop's connections to the pool's Redis."""
+
+    loop: asyncio.AbstractEventLoop
+    url: str
+    client: redis.asyncio.Redis
+    idle: list[PubSub] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for channel in self.idle:
+            await channel.aclose()  # type: ignore[no-untyped-call]
+        self.idle.clear()
+        await self.client.aclose()
+
+
+_links: dict[int, _Link] = {}
+
+
+async def _link() -> _Link:
+    loop = asyncio.get_running_loop()
+    current = settings()
+    link = _links.get(id(loop))
+    if link is not None and link.loop is loop and link.url == current.result_backend:
+        return link
+    if link is not None and link.loop is loop:
+        await link.close()  # configure() pointed the producer at another Redis
+    for key, other in list(_links.items()):
+        # A finished loop's connections cannot be closed any more; dropped, they close as
+        # they are collected.
+        if other.loop.is_closed():
+            del _links[key]
+    client = async_redis(current)
+    # Every wait holds a connection of this pool for its subscription; redis-py's asyncio
+    # pool refuses a 101st connection ("Too many connections") rather than wait for one.
+    client.connection_pool.max_connections = MAX_CONNECTIONS
+    link = _links[id(loop)] = _Link(loop, current.result_backend, client)
+    return link
+
+
+async def redis_client() -> redis.asyncio.Redis:
+    """The running event loop's Redis client, kept for every call made in that loop: use it,
+    never close it."""
+    return (await _link()).client
+
+
+class _Channel:
+    """One result channel, subscribed on a pub/sub connection of its own."""
+
+    def __init__(self, pubsub: PubSub, name: bytes) -> None:
+        self._pubsub = pubsub
+        self._name = name
+
+    async def next(self, timeout_s: float, kind: str = "message") -> dict[str, Any] | None:
+        """The next message of ``kind`` on this channel; None after ``timeout_s``.
+
+        A reused connection may still deliver what an earlier wait subscribed to: skipped."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (remaining := deadline - loop.time()) > 0:
+            message: dict[str, Any] | None = await self._pubsub.get_message(timeout=remaining)
+            if message and message["channel"] == self._name and message["type"] == kind:
+                return message
+        return None
+
+
+@asynccontextmanager
+async def _subscribed(link: _Link, name: bytes) -> AsyncIterator[_Channel]:
+    """Subscribed to ``name`` once Redis confirmed it: what is published from then is seen."""
+    pubsub = link.idle.pop() if link.idle else link.client.pubsub()
+    channel = _Channel(pubsub, name)
+    reusable = False
+    try:
+        await pubsub.subscribe(name)
+        await channel.next(SUBSCRIBED_WITHIN_S, kind="subscribe")
+        try:
+            yield channel
+        except ClaudeBoxError:
+            reusable = True  # raised between reads: the connection is in a known state
+            raise
+        reusable = True
+    finally:
+        if reusable and len(link.idle) < IDLE_CHANNELS:
+            # Its confirmation is left to read: the next user skips it with the rest.
+            await pubsub.unsubscribe(name)
+            link.idle.append(pubsub)
+        else:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
 async def ensure_workers() -> None:
     """PoolUnavailableError unless some worker has announced itself recently."""
     current = settings()
-    client = async_redis(current)
     try:
+        client = await redis_client()
         since = time.time() - 3 * current.worker_heartbeat_s
         alive = await client.zcount(keys.workers(), since, "+inf")
     except (RedisError, OSError) as exc:
         raise unreachable(exc) from None
-    finally:
-        await client.aclose()
     if not alive:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
 
@@ -82,14 +188,14 @@ async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) 
     backend = app.backend
     key = backend.get_key_for_task(task_id)
     current = settings()
-    client = async_redis(current)
     deadline = time.monotonic() + timeout_s
     next_node_check = time.monotonic() + current.worker_heartbeat_s
     try:
-        async with client.pubsub() as channel:
-            await channel.subscribe(key)
+        link = await _link()
+        client = link.client
+        async with _subscribed(link, key) as channel:
+            raw = await client.get(key)
             while True:
-                raw = await client.get(key)
                 if raw is not None:
                     meta = backend.decode_result(raw)
                     if meta["status"] in states.READY_STATES:
@@ -110,13 +216,11 @@ async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) 
                         f"no result for task {task_id} after {timeout_s:.0f}s; it may still be "
                         f"queued behind other work or no worker consumes the queue ({START_HINT})"
                     )
-                await channel.get_message(
-                    ignore_subscribe_messages=True, timeout=min(remaining, 1.0)
-                )
+                # A message carries the state it announces; without one, read it anyway.
+                message = await channel.next(min(remaining, POLL_S))
+                raw = message["data"] if message else await client.get(key)
     except (RedisError, OSError) as exc:
         raise unreachable(exc) from None
-    finally:
-        await client.aclose()
 
 
 def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
@@ -134,13 +238,10 @@ def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
 
 async def call(name: str, payload: dict[str, Any], shown: str, timeout_s: float) -> Any:
     """Send a task where its session lives (``producer.routing``) and wait for its result."""
-    client = async_redis(settings())
     try:
-        route = await routing.route(payload, client)
+        route = await routing.route(payload, await redis_client())
     except (RedisError, OSError) as exc:
         raise unreachable(exc) from None
-    finally:
-        await client.aclose()
     task_id = send(name, payload, shown, route.queue)
     return await wait(task_id, timeout_s, route)
 
@@ -149,13 +250,10 @@ async def call_on_every_node(
     name: str, payload: dict[str, Any], shown: str, timeout_s: float
 ) -> list[Any]:
     """Run a task once on each live node (a reindex: each node sees only its own disk)."""
-    client = async_redis(settings())
     try:
-        nodes = await routing.alive_nodes(client)
+        nodes = await routing.alive_nodes(await redis_client())
     except (RedisError, OSError) as exc:
         raise unreachable(exc) from None
-    finally:
-        await client.aclose()
     if not nodes:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
     routes = [Route(names.node_queue(node), node) for node in nodes]

@@ -10,10 +10,14 @@ A node that has sent no heartbeat for ``CLAUDEBOX_NODE_GRACE_S`` is gone: a task
 sessions fails with NodeUnavailableError rather than wait for a node that may never return, and
 it never goes elsewhere. Within the grace period it waits in the node's queue.
 
-The whole choice is :func:`route`, from a payload to a :class:`Route`. A softer preference fits
-the same mechanism: a worker keeping a session's sandbox warm would consume a queue of its own
-(``claudebox.worker.<hostname>``), and ``route`` would pick that queue while the worker is alive
-and the node queue otherwise. The node stays the hard constraint, as that worker is one of its.
+Within its node, a session whose sandbox a worker keeps warm (``CLAUDEBOX_WARM_IDLE_S``)
+has its tasks sent to that worker's own queue, ``claudebox.worker.<hostname>``, while the
+worker's heartbeat is fresh (three heartbeats), so that the next task skips the sandbox
+start; otherwise to the node's queue. A worker that dies with tasks in its queue has them
+moved to the node's queue by the node's other workers (``workers.warm.rescue``). The node
+stays the hard constraint, the worker a preference.
+
+The whole choice is :func:`route`, from a payload to a :class:`Route`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Route:
 
 
 ANYWHERE = Route(names.QUEUE)
+WARM_FRESH_BEATS = 3
+"""A worker silent for longer is not sent its warm sessions' tasks (as ``ensure_workers``)."""
 
 
 def sessions_of(payload: Mapping[str, Any]) -> list[str]:
@@ -60,7 +66,13 @@ async def route(payload: Mapping[str, Any], client: redis.asyncio.Redis) -> Rout
     session_ids = sessions_of(payload)
     if not session_ids:
         return ANYWHERE
-    raws = await client.hmget(keys.registry(), session_ids)
+    main = payload.get("session_id")
+    warm_of = main if isinstance(main, str) else None
+    pipe = client.pipeline(transaction=False)
+    pipe.hmget(keys.registry(), session_ids)
+    if warm_of is not None:
+        pipe.get(keys.warm(warm_of))
+    raws, *warm = await pipe.execute()
     bound: dict[str, str] = {}
     for session_id, raw in zip(session_ids, raws, strict=True):
         record = parse(raw)
@@ -77,10 +89,24 @@ async def route(payload: Mapping[str, Any], client: redis.asyncio.Redis) -> Rout
             "runs on one node; move them to one node first (`claudebox-pool sessions move`)"
         )
     node, session_id = next(iter(bound.items()))
-    silent_s = await silent_for(client, node)
-    if silent_s is None or silent_s > get_settings().node_grace_s:
+    owner = _text(warm[0]) if warm and warm[0] is not None else None
+    pipe = client.pipeline(transaction=False)
+    pipe.zscore(keys.nodes(), node)
+    if owner is not None:
+        pipe.zscore(keys.workers(), owner)
+    node_seen, *owner_seen = await pipe.execute()
+    silent_s = None if node_seen is None else max(0.0, time.time() - node_seen)
+    settings = get_settings()
+    if silent_s is None or silent_s > settings.node_grace_s:
         raise NodeUnavailableError(session_id, node, silent_s)
+    fresh_s = WARM_FRESH_BEATS * settings.worker_heartbeat_s
+    if owner is not None and owner_seen[0] is not None and time.time() - owner_seen[0] <= fresh_s:
+        return Route(names.worker_queue(owner), node, session_id)
     return Route(names.node_queue(node), node, session_id)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def silent_for(client: redis.asyncio.Redis, node: str) -> float | None:

@@ -3,7 +3,8 @@
 The options below are chosen for long, stateful tasks (see the README's "Reliability" notes):
 late acks with requeue on a lost worker, one message prefetched at a time, and a Redis
 visibility timeout longer than any task may stay unacked, so that Redis never hands a running
-task to a second worker.
+task to a second worker. (How a worker stops its tasks at the end of a shutdown's grace
+period is the worker's own business: ``workers.shutdown``.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
-        "broker_transport_options": transport,
+        # kombu looks for unacked messages past the visibility timeout every 10 s
+        # (`unacked_restore_interval`) but scans only every 10th time by default: scan each
+        # time, so that a vanished worker's task runs again within 10 s of the timeout.
+        "broker_transport_options": {**transport, "unacked_restore_throttle": 1},
         "result_backend_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
@@ -33,7 +37,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_queue": names.QUEUE,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "task_track_started": True,
+        # No STARTED state in the result backend: nothing reads it (monitors learn that a task
+        # started from its task-started event), and it cost every task a write and every
+        # waiting producer a wake-up.
+        "task_track_started": False,
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "worker_prefetch_multiplier": 1,

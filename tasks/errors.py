@@ -7,7 +7,7 @@
     ├── InvalidRequestError          a prompt or option is refused before it is queued
     ├── SessionNotFoundError         no session by that id
     ├── SessionAlreadyExistsError    creating a session whose id is taken
-    ├── SessionCorruptedError        session.json is missing or unreadable
+    ├── SessionCorruptedError        session.json or the workspace is missing or unreadable
     ├── SessionBusyError             another task held the session past the wait deadline
     ├── CheckpointNotFoundError      no checkpoint by that name in the session
     ├── DiskFullError                the sessions root is over its size limit or the disk is full
@@ -89,8 +89,8 @@ class SessionCorruptedError(ClaudeBoxError):
 
     def __str__(self) -> str:
         return (
-            f"Session '{self.session_id}' is corrupted: {self.path} {self.problem}. Restore the "
-            f"file from a backup, or remove the session with "
+            f"Session '{self.session_id}' is corrupted: {self.path} {self.problem}. Restore it "
+            f"from a backup, or remove the session with "
             f"`claudebox-pool sessions cleanup {self.session_id} --yes`"
         )
 

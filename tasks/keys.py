@@ -10,11 +10,13 @@ Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
     claudebox:attempts:<task id>      int    deliveries of one task, against redelivery loops
     claudebox:workers                 zset   worker hostname scored by last heartbeat
     claudebox:workers:info            hash   worker hostname -> WorkerInfo JSON
+    claudebox:workers:queues          set    hostnames of workers with a queue of their own
     claudebox:nodes                   zset   node name scored by the last heartbeat of its workers
     claudebox:lease:<session>         string the producer holding the session open, with a TTL
     claudebox:sweep:<sweep>           string when a sweep last ran, kept for most of its interval
     claudebox:output:<task id>        stream a code task's live output (StreamEvent JSON), TTL
     claudebox:cancel:<task id>        string set to ask a queued or running task to stop, TTL
+    claudebox:warm:<session>          string the worker keeping the session's sandbox warm, TTL
 """
 
 from typing import Final
@@ -50,6 +52,10 @@ def worker_info() -> str:
     return f"{PREFIX}workers:info"
 
 
+def worker_queues() -> str:
+    return f"{PREFIX}workers:queues"
+
+
 def nodes() -> str:
     return f"{PREFIX}nodes"
 
@@ -68,3 +74,7 @@ def session_lease(session_id: str) -> str:
 
 def sweep_claim(sweep: str) -> str:
     return f"{PREFIX}sweep:{sweep}"
+
+
+def warm(session_id: str) -> str:
+    return f"{PREFIX}warm:{session_id}"

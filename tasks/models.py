@@ -211,6 +211,8 @@ class WorkerInfo(BaseModel):
     sessions_root: str
     claude_cli: str | None = None
     claude_version: str | None = None
+    warm: str | None = None
+    """Whether and how the worker keeps sandboxes warm between a session's tasks."""
     started_at: str = Field(default_factory=utc_now)
 
 

@@ -27,6 +27,10 @@ SWEEP_LEAKS: Final = "claudebox.sweep_leaks"
 ADOPT: Final = "claudebox.adopt"
 """Bind a session whose files were copied onto this node to it (`claudebox-pool sessions move`)."""
 
+DROP_WARM: Final = "claudebox_drop_warm"
+"""Remote-control command: stop the warm sandbox a worker keeps for a session (it runs in the
+worker's main process, where warm sandboxes are kept)."""
+
 EVENT_RUNNING: Final = "task-running"
 """Custom Celery event sent when a code task holds its session and starts the agent; monitors
 (Flower) then show the task in state RUNNING, with ``session_id`` and ``agent`` among its fields."""
@@ -38,3 +42,8 @@ QUEUE: Final = "claudebox"
 def node_queue(node: str) -> str:
     """The queue only ``node``'s workers consume: tasks of the sessions whose files it holds."""
     return f"{QUEUE}.node.{node}"
+
+
+def worker_queue(hostname: str) -> str:
+    """The queue of one worker: the tasks of sessions whose sandbox it keeps warm."""
+    return f"{QUEUE}.worker.{hostname}"

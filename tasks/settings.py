@@ -98,6 +98,20 @@ class Settings(BaseSettings):
         description="How long a task for a busy session keeps retrying before it fails with "
         "SessionBusyError.",
     )
+    visibility_margin_s: int = Field(
+        default=600,
+        gt=0,
+        description="Added to `CLAUDEBOX_TASK_TIME_LIMIT_S + CLAUDEBOX_LOCK_WAIT_S` to make "
+        "Redis's visibility timeout: a task left unacknowledged that long (its worker host "
+        "vanished) is handed to another worker.",
+    )
+    shutdown_grace_s: int = Field(
+        default=3600,
+        gt=0,
+        description="How long a worker told to stop (SIGTERM) lets its running tasks finish; "
+        "then it stops them and requeues them for another worker at once. Keep the service "
+        "manager's stop timeout above it.",
+    )
     max_attempts: int = Field(
         default=3,
         ge=1,
@@ -156,6 +170,19 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a node may send no heartbeat before tasks for its sessions fail "
         "with NodeUnavailableError instead of waiting in its queue.",
+    )
+    warm_idle_s: int = Field(
+        default=300,
+        ge=0,
+        description="How long a worker keeps a session's sandbox running after a task, so that "
+        "the session's next task skips the sandbox start; the session's tasks go to that "
+        "worker's own queue (`claudebox.worker.<hostname>`) meanwhile. 0: a fresh sandbox for "
+        "every task.",
+    )
+    warm_max: int = Field(
+        default=16,
+        gt=0,
+        description="Most warm sandboxes one worker keeps; past it the longest idle is stopped.",
     )
     claude_cli: Path | None = Field(
         default=None,
@@ -314,7 +341,7 @@ class Settings(BaseSettings):
     @property
     def visibility_timeout_s(self) -> int:
         """Above the longest a message may stay unacked: queued waits plus the run itself."""
-        return self.task_time_limit_s + self.lock_wait_s + 600
+        return self.task_time_limit_s + self.lock_wait_s + self.visibility_margin_s
 
 
 @lru_cache(maxsize=1)

@@ -102,9 +102,10 @@ def clean_state(redis_server: RedisServer) -> Iterator[redis.Redis]:
         sessions = get_settings().sessions_root
         if sessions.exists():
             shutil.rmtree(sessions)
+        # What the running workers said of themselves stays: they (and their nodes) live on.
+        kept = {keys.workers(), keys.nodes(), keys.worker_info(), keys.worker_queues()}
         for key in client.scan_iter(f"{keys.PREFIX}*"):
-            # Heartbeats stay: the running workers (and their nodes) are still alive.
-            if key not in (keys.workers().encode(), keys.nodes().encode()):
+            if key.decode() not in kept:
                 client.delete(key)
 
     wipe()

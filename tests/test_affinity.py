@@ -81,9 +81,13 @@ def nodes(
     create(*SESSIONS["node-b"])
     two.start("node-a")
     yield two
+    for node in SESSIONS:
+        two.ensure(node, up=False)
     client = redis.Redis.from_url(get_settings().result_backend)
     for session_ids in SESSIONS.values():
         client.hdel(keys.registry(), *session_ids)
+    # Gone for good: later modules' calls on every node must not wait for these two.
+    client.zrem(keys.nodes(), *SESSIONS)
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ ADVICE: dict[type[ClaudeBoxError], list[str]] = {
     ],
     SessionCorruptedError: [
         "/home/u/.claudebox/sessions/my-project/.claudebox/session.json is missing",
-        "Restore the file from a backup",
+        "Restore it from a backup",
         "claudebox-pool sessions cleanup my-project --yes",
     ],
     SessionBusyError: ["Session 'my-project'", "600s", "CLAUDEBOX_LOCK_WAIT_S"],

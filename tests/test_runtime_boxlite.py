@@ -44,6 +44,7 @@ from workers.runtimes.boxlite import (
     BoxliteSandbox,
     box_name,
     box_options,
+    box_shape,
     box_volumes,
     boxlite_root,
     configured_image,
@@ -53,6 +54,10 @@ from workers.runtimes.boxlite import (
 from workers.runtimes.supervise import LineSplitter, LoopThread, Output, supervise
 from workers.store import SessionStore
 from workers.sweeps import orphan_sandboxes
+from workers.warm.client import KeeperClient
+from workers.warm.keeper import Keeper
+from workers.warm.protocol import WarmSpec, warmable
+from workers.warm.sandbox import KeptRuntime
 
 REPO = Path(__file__).resolve().parents[1]
 OCI_SCRIPT = REPO / "deploy" / "image" / "oci_layout.py"
@@ -884,3 +889,79 @@ def test_the_vm_reaches_its_gateway_lease_at_the_host_alias_and_nothing_beyond(
 
     assert result.stdout.split() == ["billing_error", "outside", "refused"], result.stderr
     assert [action for action, _ in events] == ["budget_exceeded"]
+
+
+# --- warm boxes, held by the worker's keeper -----------------------------------------------
+
+
+def held_keeper(redis_server: RedisServer, settings: Settings) -> Keeper:
+    """A keeper holding a boxlite runtime, as a worker's main process does with warm boxes on."""
+    return Keeper(
+        settings,
+        "keeper@test",
+        redis_server.client(),
+        lambda hostname, session_id: True,
+        lambda hostname: None,
+        held=lambda: BoxliteRuntime(settings),
+    ).start()
+
+
+def test_a_warm_box_keeps_its_shape_whatever_the_port_of_a_runs_lease(
+    spec: SandboxSpec, layout: Path, tmp_path: Path
+) -> None:
+    def online(port: int) -> SandboxSpec:
+        return with_way_out(spec, GatewayMount(tmp_path / f"lease-{port}", "/run/gw", False, port))
+
+    first, second = WarmSpec.of(online(41001)), WarmSpec.of(online(41002))
+
+    assert warmable(online(41001))
+    assert first == second != WarmSpec.of(spec)
+    for asked in (online(41001), spec):
+        kept = WarmSpec.of(asked).sandbox_spec()
+        assert box_shape(kept, str(layout)) == box_shape(asked, str(layout))
+        assert box_volumes(kept) == box_volumes(asked)
+
+
+def test_a_pool_child_leases_boxes_from_the_keeper_and_its_errors_come_back_typed(
+    redis_server: RedisServer, tmp_path: Path, spec: SandboxSpec
+) -> None:
+    settings = Settings(home=tmp_path / "claudebox", boxlite_image=str(tmp_path / "no-image"))
+    keeper = held_keeper(redis_server, settings)
+    try:
+        runtime = KeptRuntime(BoxliteRuntime, KeeperClient(keeper.address), settings)
+        assert (runtime.name, runtime.gateway_host) == ("boxlite", settings.boxlite_host_alias)
+        assert runtime.kept() == []
+        with pytest.raises(SandboxError, match="no oci-layout file") as refused:
+            runtime.open(spec)
+        assert "deploy/image/build.sh" in str(refused.value)
+        assert runtime.remove(spec.session_id) is False
+    finally:
+        keeper.close()
+    # The keeper's runtime took this host's first slot, and gave it back.
+    assert [path.name for path in boxlite_root(settings).iterdir()] == ["slot-0"]
+
+
+@needs_vm
+@pytest.mark.timeout(300)
+def test_a_warm_box_serves_the_next_task_without_starting_again(
+    redis_server: RedisServer, tmp_path: Path, spec: SandboxSpec
+) -> None:
+    image = configured_image(get_settings())
+    if image is None:
+        pytest.skip("needs a sandbox image built on this host (deploy/image/build.sh)")
+    settings = Settings(home=tmp_path / "claudebox", boxlite_image=image)
+    keeper = held_keeper(redis_server, settings)
+    try:
+        runtime = KeptRuntime(BoxliteRuntime, KeeperClient(keeper.address), settings)
+        with runtime.open(spec) as sandbox:
+            first = sandbox.exec(["sh", "-c", "echo $$ > /srv/first; cat /proc/uptime"], ENV, 60)
+        started = time.monotonic()
+        with runtime.open(spec) as sandbox:
+            again = sandbox.exec(["cat", "/srv/first"], ENV, 60)
+        warm_s = time.monotonic() - started
+    finally:
+        keeper.close()
+
+    assert first.exit_code == 0 and again.exit_code == 0 and again.stdout.strip()
+    assert keeper.created == 1
+    assert warm_s < 1.0

@@ -3,8 +3,10 @@
 Importing this module registers the task bodies on the shared app (``jobs``, ``lifecycle_jobs``,
 ``moves``), has every worker consume its node's own queue too (``affinity``), and adds two
 things to every worker: a heartbeat in Redis (of the worker and of its node), so that
-producers can tell no worker is running instead of waiting forever, and a reconciliation of
-the session registry with the disk at start.
+producers can tell no worker is running instead of waiting forever, and at which the tasks a
+dead worker of the node left in its own queue are moved to the node's (``warm.rescue``); a
+reconciliation of the session registry with the disk at start; and the keeper of its warm
+sandboxes (``warm.setup``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from celery.worker import WorkController
 from tasks import keys
 from tasks.app import app
 from tasks.models import WorkerInfo
-from workers import affinity, jobs, lifecycle_jobs, moves, registry  # noqa: F401
+from workers import affinity, jobs, lifecycle_jobs, moves, registry, shutdown  # noqa: F401
 from workers.agents.claude import cli_version, find_cli
 from workers.context import context
 from workers.runtimes.auto import choose
+from workers.warm import rescue
+from workers.warm import setup as warm_setup
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +47,13 @@ class Heartbeat(bootsteps.StartStopStep):
     def stop(self, worker: WorkController) -> None:
         if self.tref is not None:
             self.tref.cancel()
-        client = context().redis
-        client.zrem(keys.workers(), worker.hostname)
-        client.hdel(keys.worker_info(), worker.hostname)
+        ctx = context()
+        if worker.hostname.encode() in ctx.redis.smembers(keys.worker_queues()):
+            # Known on as stopped: what reaches its own queue now is moved by its node's others.
+            rescue.mark_stopped(ctx, worker.hostname)
+        else:
+            ctx.redis.zrem(keys.workers(), worker.hostname)
+            ctx.redis.hdel(keys.worker_info(), worker.hostname)
 
     @staticmethod
     def beat(worker: WorkController) -> None:
@@ -59,6 +67,7 @@ class Heartbeat(bootsteps.StartStopStep):
             # A node lives while any of its workers does: tasks for its sessions wait for it.
             pipe.zadd(keys.nodes(), {ctx.node: now})
             pipe.execute()
+            rescue.rescue(ctx)
         except Exception as exc:  # a Redis outage must not stop the worker's timer
             log.warning("heartbeat failed: %s", exc)
 
@@ -80,6 +89,7 @@ def describe(hostname: str) -> WorkerInfo:
         sessions_root=str(ctx.store.root),
         claude_cli=str(cli) if cli else None,
         claude_version=cli_version(cli) if cli else None,
+        warm=warm_setup.describe(),
     )
 
 

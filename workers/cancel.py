@@ -1,12 +1,13 @@
 """Cooperative cancellation of a running code task.
 
 A producer asks by setting the task's cancel flag in Redis (``keys.task_cancel``); the task
-watches that flag while its agent runs and, when it appears, sets the Event the sandbox's exec
-watches, which kills the agent and everything it started inside the sandbox. The same Event is
-set when the session lock is lost, so one Event stops the agent for either reason. The task
-then ends normally: its result and history say ``cancelled``, the lock is released, and the
-session takes its next task. Celery's ``revoke(terminate=True)`` is never used: it signals a
-worker process, which may already run the next task by the time the signal lands.
+watches that flag while its agent runs (read on the process's ticker thread, ``workers.ticker``)
+and, when it appears, sets the Event the sandbox's exec watches, which kills the agent and
+everything it started inside the sandbox. The same Event is set when the session lock is lost,
+so one Event stops the agent for either reason. The task then ends normally: its result and
+history say ``cancelled``, the lock is released, and the session takes its next task. Celery's
+``revoke(terminate=True)`` is never used: it signals a worker process, which may already run
+the next task by the time the signal lands.
 
 The flag outlives the task (it expires on its own) so that a task redelivered after its worker
 died, or one cancelled while still queued, stops as soon as it starts.
@@ -24,6 +25,7 @@ from redis.exceptions import RedisError
 
 from tasks import keys
 from tasks.models import CodeRequest, CodeResult, HistoryEntry
+from workers import ticker
 from workers.lock import SessionLock
 from workers.store import SessionStore
 
@@ -45,8 +47,7 @@ class CancelWatch:
         self._client = client
         self._key = keys.task_cancel(task_id)
         self._lock_lost = lock_lost
-        self._done = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name=f"cancel-{task_id}", daemon=True)
+        self._watch: ticker.Chore | None = None
 
     def _check(self) -> bool:
         """Set ``stop`` if there is a reason to; True once it is set."""
@@ -63,16 +64,11 @@ class CancelWatch:
             log.warning("cannot read cancel flag %s: %s", self._key, exc)
         return False
 
-    def _watch(self) -> None:
-        while not self._check():
-            if self._done.wait(POLL_S):
-                return
-
     def __enter__(self) -> Self:
         # Checked once before the agent starts, so that a task cancelled while it was queued
         # never starts its agent at all.
         if not self._check():
-            self._watcher.start()
+            self._watch = ticker.every(POLL_S, lambda: not self._check())
         return self
 
     def __exit__(
@@ -81,9 +77,8 @@ class CancelWatch:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._done.set()
-        if self._watcher.is_alive():
-            self._watcher.join()
+        if self._watch is not None:
+            self._watch.cancel()
 
 
 def record_cancelled(

@@ -23,6 +23,8 @@ from workers.model_access import credential, start_gateway
 from workers.runtimes.auto import choose
 from workers.runtimes.base import Runtime
 from workers.store import SessionStore
+from workers.warm import client as warm_client
+from workers.warm.sandbox import KeptRuntime
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ class WorkerContext:
     def runtime(self) -> Runtime:
         choice = choose(self.settings.runtime)
         log.info("runtime: %s", choice.reason)
+        keeper = warm_client.current()
+        if keeper is not None and choice.runtime.keeper_holds:
+            # The worker's keeper holds this runtime and its sandboxes: only lease them here.
+            return KeptRuntime(choice.runtime, keeper, self.settings)
         return choice.runtime()
 
     @cached_property

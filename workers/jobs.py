@@ -34,8 +34,9 @@ MAX_BACKOFF_S = 10.0
 
 @contextmanager
 def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
-    """Count this delivery of ``task_id``. The count is kept only if the worker dies: a task
-    that ends forgets it, and a retry for a busy session takes its own delivery back."""
+    """Count this delivery of ``task_id``. The count is kept only if the worker dies or stops
+    the task (SystemExit: a cold shutdown, a terminating revoke), since the task runs again: a
+    task that ends forgets it, and a retry for a busy session takes its own delivery back."""
     key = keys.task_attempts(task_id)
     pipe = ctx.redis.pipeline()
     pipe.incr(key)
@@ -47,6 +48,8 @@ def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
         yield attempt
     except Retry:
         ctx.redis.decr(key)
+        raise
+    except (SystemExit, KeyboardInterrupt):
         raise
     except BaseException:
         ctx.redis.delete(key)

@@ -4,9 +4,11 @@ redis-py's ``Lock`` gives the owner token, the TTL and the owner-only release (a
 compare-and-delete). On top of it this adds what long tasks need:
 
 - a fencing number, bumped at every acquisition and written into session.json, so that a holder
-  that stalled past its TTL (GC pause, SIGSTOP) cannot overwrite a newer holder's writes;
-- a renewer thread that extends the TTL every third of it; when a renewal finds the lock gone,
-  the ``lost`` event is set, the running agent is stopped and every later write is refused.
+  that stalled past its TTL (GC pause, SIGSTOP) cannot overwrite a newer holder's writes; the
+  lock and its number are taken in one script, so one round trip and never one without the other;
+- a renewal every third of the TTL, on the process's ticker thread (``workers.ticker``); when a
+  renewal finds the lock gone, the ``lost`` event is set, the running agent is stopped and
+  every later write is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from types import TracebackType
 from typing import Self
 
@@ -22,8 +25,19 @@ from redis.exceptions import LockError, RedisError
 
 from tasks import keys
 from tasks.errors import LockLostError
+from workers import ticker
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 0.1
+"""How often a waiting ``acquire`` tries again (redis-py's own lock polls as often)."""
+
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return 0
+"""
 
 
 class SessionLock:
@@ -31,21 +45,35 @@ class SessionLock:
         self.session_id = session_id
         self.ttl_s = ttl_s
         self._client = client
+        # redis-py's lock for what follows the acquisition: renew, owner check, release.
         self._lock = client.lock(keys.session_lock(session_id), timeout=ttl_s, thread_local=False)
+        self._acquire = client.register_script(_ACQUIRE)
         self.fence = 0
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._renewer: threading.Thread | None = None
+        # Held by a renewal and by the release, so that no renewal runs once released.
+        self._renewing = threading.Lock()
+        self._renewal: ticker.Chore | None = None
+        self._renewed_at = 0.0
 
     def acquire(self, wait_s: float) -> bool:
         """Take the lock, waiting up to ``wait_s``; start renewing it. False if still busy."""
-        if not self._lock.acquire(blocking=wait_s > 0, blocking_timeout=wait_s or None):
-            return False
-        self.fence = int(self._client.incr(keys.session_fence(self.session_id)))
-        self._renewer = threading.Thread(
-            target=self._renew_loop, name=f"lock-renew-{self.session_id}", daemon=True
-        )
-        self._renewer.start()
+        token = uuid.uuid4().hex.encode()
+        lock_keys = [keys.session_lock(self.session_id), keys.session_fence(self.session_id)]
+        give_up_at = time.monotonic() + wait_s
+        while True:
+            taken_at = time.monotonic()
+            fence = int(self._acquire(keys=lock_keys, args=[token, int(self.ttl_s * 1000)]))
+            if fence:
+                break
+            if time.monotonic() + RETRY_S > give_up_at:
+                return False
+            time.sleep(RETRY_S)
+        # What redis-py's own acquire records: its renew, owner check and release compare it.
+        self._lock.local.token = token
+        self.fence = fence
+        with self._renewing:
+            self._renewed_at = taken_at
+            self._renewal = ticker.every(self.ttl_s / 3, self._renew)
         return True
 
     def check(self) -> None:
@@ -62,9 +90,10 @@ class SessionLock:
             raise LockLostError(self.session_id)
 
     def release(self) -> None:
-        self._stop.set()
-        if self._renewer is not None:
-            self._renewer.join()
+        with self._renewing:
+            if self._renewal is not None:
+                self._renewal.cancel()
+                self._renewal = None
         try:
             self._lock.release()
         except LockError:
@@ -74,26 +103,30 @@ class SessionLock:
                 "cannot release lock on %s (it expires by itself): %s", self.session_id, exc
             )
 
-    def _renew_loop(self) -> None:
-        period = self.ttl_s / 3
-        renewed_at = time.monotonic()
-        while not self._stop.wait(period):
+    def _renew(self) -> bool:
+        """One renewal, on the ticker's thread; False when there is nothing more to renew."""
+        with self._renewing:
+            if self._renewal is None:
+                return False  # released meanwhile
+            started = time.monotonic()
             try:
                 self._lock.reacquire()
-                renewed_at = time.monotonic()
+                self._renewed_at = started
+                return True
             except LockError as exc:
                 log.error("lost the lock on session %s: %s", self.session_id, exc)
                 self.lost.set()
-                return
+                return False
             except RedisError as exc:
                 # A Redis blip is survivable until the TTL would have run out without us.
-                if time.monotonic() - renewed_at >= self.ttl_s:
+                if time.monotonic() - self._renewed_at >= self.ttl_s:
                     log.error(
                         "could not renew the lock on %s for its TTL: %s", self.session_id, exc
                     )
                     self.lost.set()
-                    return
+                    return False
                 log.warning("lock renewal on %s failed, retrying: %s", self.session_id, exc)
+                return True
 
     def __enter__(self) -> Self:
         return self

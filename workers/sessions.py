@@ -98,6 +98,7 @@ def run_code(
     to the lock's ``lost`` Event; a caller passing its own must set it when the lock is lost)."""
     store, guard = ctx.store, lock.check
     record = store.load(request.session_id)
+    store.check_workspace(request.session_id)  # before anything is written
     recorded = _recorded_run(store, request.session_id, task_id)
     if recorded is not None:
         # Delivered again after it ran to its end (a resend under the same id, a redelivery
@@ -275,7 +276,7 @@ def _recorded_run(store: SessionStore, session_id: str, task_id: str) -> CodeRes
     at PROMPT_IN_HISTORY_CHARS, no raw output), or None if it has none."""
     if not task_id:
         return None
-    for entry in reversed(store.recent_history(session_id, RECENT_HISTORY_BYTES)):
+    for entry in reversed(store.recent_history(session_id, RECENT_HISTORY_BYTES, task_id)):
         if entry.action == "code_execution" and entry.context.get("task_id") == task_id:
             context = entry.context
             return CodeResult.model_validate(

@@ -16,6 +16,7 @@ record even if it slipped past the guard.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -63,17 +64,7 @@ class SessionStore:
         self.node = node
 
     def paths(self, session_id: str) -> SessionPaths:
-        root = self.root / validate_session_id(session_id)
-        meta = root / META_DIR
-        return SessionPaths(
-            root=root,
-            workspace=root / "workspace",
-            meta=meta,
-            session_json=meta / "session.json",
-            history=meta / "history.jsonl",
-            agent_home=meta / "agent-home",
-            checkpoints=meta / "checkpoints",
-        )
+        return _paths(self.root, validate_session_id(session_id))
 
     def exists(self, session_id: str) -> bool:
         return self.paths(session_id).root.is_dir()
@@ -188,9 +179,14 @@ class SessionStore:
             return []
         return entries
 
-    def recent_history(self, session_id: str, max_bytes: int) -> list[HistoryEntry]:
+    def recent_history(
+        self, session_id: str, max_bytes: int, containing: str | None = None
+    ) -> list[HistoryEntry]:
         """The entries in the last ``max_bytes`` of history.jsonl, without reading the rest
-        (for checks on the per-task path, where a long history must not cost a full read)."""
+        (for checks on the per-task path, where a long history must not cost a full read).
+
+        With ``containing`` (a task id), only the lines holding that text are parsed: looking
+        for one task's entries then costs a scan of bytes, not a parse of every entry."""
         path = self.paths(session_id).history
         try:
             with path.open("rb") as handle:
@@ -199,12 +195,15 @@ class SessionStore:
                 tail = handle.read()
         except FileNotFoundError:
             return []
+        needle = _as_in_json(containing) if containing is not None else b""
+        if needle not in tail:
+            return []
         lines = tail.splitlines()
         if size > max_bytes:
             lines = lines[1:]  # the first line of a cut tail is partial
         entries = []
         for line in lines:
-            if not line.strip():
+            if not line.strip() or needle not in line:
                 continue
             try:
                 entries.append(HistoryEntry.model_validate_json(line))
@@ -213,6 +212,21 @@ class SessionStore:
                     session_id, str(path), "has an unreadable line near its end"
                 ) from None
         return entries
+
+    def check_workspace(self, session_id: str) -> Path:
+        """The session's workspace, once the worker can list it (a link to a directory counts
+        as one); SessionCorruptedError saying what is wrong with it otherwise."""
+        workspace = self.paths(session_id).workspace
+        try:
+            with os.scandir(workspace):
+                return workspace
+        except FileNotFoundError:
+            problem = "is a link to nothing" if workspace.is_symlink() else "is missing"
+        except NotADirectoryError:
+            problem = "is not a directory"
+        except OSError as exc:  # PermissionError where the worker's user is not root
+            problem = f"cannot be read by the worker's user ({exc.strerror})"
+        raise SessionCorruptedError(session_id, str(workspace), problem)
 
     def workspace_files(self, session_id: str) -> set[str]:
         """Relative paths of the regular files and links in the workspace (.git left out)."""
@@ -238,6 +252,30 @@ class SessionStore:
         paths = self.paths(session_id)
         guard()
         shutil.rmtree(paths.root, ignore_errors=False)
+
+
+@functools.lru_cache(maxsize=1024)
+def _paths(root: Path, session_id: str) -> SessionPaths:
+    # Cached: a task asks for its session's paths a dozen times, and each asking built seven
+    # Path objects.
+    base = root / session_id
+    meta = base / META_DIR
+    return SessionPaths(
+        root=base,
+        workspace=base / "workspace",
+        meta=meta,
+        session_json=meta / "session.json",
+        history=meta / "history.jsonl",
+        agent_home=meta / "agent-home",
+        checkpoints=meta / "checkpoints",
+    )
+
+
+def _as_in_json(text: str) -> bytes:
+    """``text`` as it appears inside a JSON string of a history line, or b"" (which every line
+    contains) for text that JSON would escape."""
+    plain = text.isprintable() and '"' not in text and "\\" not in text
+    return text.encode() if plain else b""
 
 
 def _fence_on_disk(path: Path) -> int:

@@ -4,7 +4,8 @@ stream, and a RUNNING event to monitors.
 The sandbox's exec calls :meth:`OutputPublisher.on_line` from its pipe readers for every line
 as it is printed. Sending each line in its own round trip would slow a chatty command down to
 Redis's pace (the readers block, the pipes fill, the command waits), so lines are queued and a
-thread of the publisher sends whatever has gathered in one pipeline, then the next batch. The
+thread of the publisher sends whatever has gathered in one pipeline, then the next batch. That
+thread starts with the first line: a run that prints nothing sends its end event itself. The
 stream is trimmed to ``CLAUDEBOX_STREAM_MAX_EVENTS`` and expires ``CLAUDEBOX_STREAM_TTL_S``
 after its last event. Publishing is best effort: a Redis error loses live lines, never the
 task (its result keeps the output's tail).
@@ -12,7 +13,9 @@ task (its result keeps the output's tail).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections import deque
 from types import TracebackType
@@ -32,14 +35,35 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 10.0
 
 
+_dispatchers: dict[tuple[int, str, str], Any] = {}
+"""This process's event dispatcher, by (pid, worker hostname, broker), kept from task to task:
+``Task.send_event`` takes a producer from the pool and builds a dispatcher for every event."""
+
+
 def announce_running(task: Any, request: CodeRequest) -> None:
     """Send the custom task event that makes Flower show the task as RUNNING in its session."""
+    key = (os.getpid(), task.request.hostname or "", str(task.app.conf.broker_url))
     try:
-        task.send_event(
-            names.EVENT_RUNNING, retry=False, session_id=request.session_id, agent=request.agent
+        dispatcher = _dispatchers.get(key)
+        if dispatcher is None:
+            _dispatchers.clear()  # another process's (forked from it), or another broker's
+            dispatcher = _dispatchers[key] = task.app.events.Dispatcher(
+                task.app.connection_for_write(), hostname=key[1], buffer_while_offline=False
+            )
+        dispatcher.send(
+            names.EVENT_RUNNING,
+            uuid=task.request.id,
+            retry=False,
+            session_id=request.session_id,
+            agent=request.agent,
         )
     except Exception as exc:  # a monitoring event is never worth failing the task for
         log.warning("could not send %s: %s", names.EVENT_RUNNING, exc)
+        dropped = _dispatchers.pop(key, None)
+        if dropped is not None:  # the next event tries a new connection
+            with contextlib.suppress(Exception):
+                dropped.close()
+                dropped.connection.release()
 
 
 def line_events(agent: AgentName, stream: str, line: str) -> list[StreamEvent]:
@@ -67,14 +91,20 @@ class OutputPublisher:
         self._pending: deque[StreamEvent] = deque(maxlen=self._max_events)
         self._wake = threading.Condition()
         self._closing = False
-        self._sender = threading.Thread(
-            target=self._send_loop, name=f"output-{task_id}", daemon=True
-        )
+        self._thread_name = f"output-{task_id}"
+        self._sender: threading.Thread | None = None
 
     def on_line(self, stream: str, line: str) -> None:
         events = line_events(self._agent, stream, line)
         with self._wake:
+            if self._closing:
+                return
             self._pending.extend(events)
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_loop, name=self._thread_name, daemon=True
+                )
+                self._sender.start()
             self._wake.notify()
 
     def end(self, result: CodeResult) -> None:
@@ -89,10 +119,15 @@ class OutputPublisher:
         with self._wake:
             if self._closing:
                 return
-            self._pending.append(last)
             self._closing = True
-            self._wake.notify()
-        self._sender.join(CLOSE_TIMEOUT_S)
+            sender = self._sender
+            if sender is not None:
+                self._pending.append(last)
+                self._wake.notify()
+        if sender is None:
+            self._send([last])
+        else:
+            sender.join(CLOSE_TIMEOUT_S)
 
     def _send_loop(self) -> None:
         while True:
@@ -123,7 +158,6 @@ class OutputPublisher:
             log.warning("live output of %s lost %d events: %s", self._key, len(batch), exc)
 
     def __enter__(self) -> Self:
-        self._sender.start()
         return self
 
     def __exit__(

@@ -60,6 +60,17 @@ def entries_of(session_id: str, action: str, task_id: str) -> list[HistoryEntry]
     ]
 
 
+def running_in(task_id: str) -> tuple[str, int] | None:
+    """The worker (hostname) and pool process (pid) running ``task_id``, as the workers
+    answer Celery's remote control (`celery inspect active`); None until one says so."""
+    active = app.control.inspect(timeout=2).active() or {}
+    for hostname, requests in active.items():
+        for request in requests:
+            if request.get("id") == task_id and request.get("worker_pid"):
+                return str(hostname), int(request["worker_pid"])
+    return None
+
+
 def read_pid(path: Path) -> int | None:
     """The pid a task script wrote to ``path``, once it is there whole."""
     try:

@@ -1,13 +1,15 @@
 """Bad input meets a clear, typed error, and nothing is written: unsafe session ids, an
-oversized prompt, a corrupted session.json, links leading out of a workspace, and a template
-or input naming a session that does not exist."""
+oversized prompt, a corrupted session.json, an unreadable workspace, links leading out of a
+workspace, and a template or input naming a session that does not exist."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +32,7 @@ from tests.support.processes import Worker
 from workers.store import SessionStore
 
 BAD_IDS = ["../x", "a/b", "", "x" * 256, "café", ".", ".."]
+NOBODY = 65534
 
 
 def tree(root: Path) -> list[str]:
@@ -136,6 +139,66 @@ def test_a_corrupted_session_json_is_reported_and_left_as_it_is(
     assert session_json.read_bytes() == broken
     assert history("corrupt") == before
     assert not (workspace / "never.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ("file", "is not a directory"),
+        ("dangling link", "is a link to nothing"),
+        ("missing", "is missing"),
+    ],
+)
+def test_an_unreadable_workspace_is_reported_before_anything_is_written(
+    damage: str, problem: str, pool: list[Worker], clean_state: redis.Redis
+) -> None:
+    workspace = open_session("no-workspace")
+    session_json = workspace.parent / ".claudebox" / "session.json"
+    shutil.rmtree(workspace)
+    if damage == "file":
+        workspace.write_text("a file where the workspace was")
+    elif damage == "dangling link":
+        workspace.symlink_to(workspace.parent / "gone", target_is_directory=True)
+    record, before = session_json.read_bytes(), history("no-workspace")
+    damaged = tree(workspace.parent)
+
+    async def scenario() -> None:
+        async with ClaudeBox.reconnect("no-workspace") as box:
+            await box.code("echo never > never.txt")
+
+    with pytest.raises(SessionCorruptedError, match=re.escape(f"{workspace} {problem}")):
+        asyncio.run(scenario())
+    assert session_json.read_bytes() == record
+    assert history("no-workspace") == before
+    assert tree(workspace.parent) == damaged
+
+
+def test_a_workspace_the_workers_user_may_not_read_is_reported_as_such() -> None:
+    # Root reads any directory whatever its mode: take a user's rights to see what they see.
+    root = Path(tempfile.mkdtemp(prefix="claudebox-unreadable-"))
+    try:
+        root.chmod(0o755)
+        store = SessionStore(root)
+        workspace = store.paths("locked").workspace
+        workspace.mkdir(parents=True)
+        workspace.chmod(0)
+        as_root = os.geteuid() == 0
+        if as_root:
+            os.seteuid(NOBODY)
+        try:
+            with pytest.raises(SessionCorruptedError) as raised:
+                store.check_workspace("locked")
+        finally:
+            if as_root:
+                os.seteuid(0)
+            workspace.chmod(0o700)
+    finally:
+        shutil.rmtree(root)
+
+    assert str(raised.value).startswith(
+        f"Session 'locked' is corrupted: {workspace} cannot be read by the worker's user "
+        "(Permission denied)."
+    )
 
 
 def test_links_out_of_a_workspace_are_neither_followed_by_cleanup_nor_archived(

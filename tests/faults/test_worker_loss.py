@@ -1,5 +1,8 @@
 """A worker lost mid-task (SIGKILL of its pool child, of its whole process group) or asked to
-stop (SIGTERM) loses no task: the task completes once, and history tells what happened.
+stop (SIGTERM) loses no task: the task completes once, and history tells what happened. A
+lost worker's task is requeued at once, or, with nobody left to requeue it, handed back by
+Redis's visibility timeout (short in this module); a stopping worker's task finishes where it
+runs within the shutdown's grace period, and is requeued at once when it outlives it.
 
 The `local` runtime lets the task script name its pool child (``$PPID``); it also shows that an
 agent of that runtime (development only) outlives a killed worker, so the tests reap it.
@@ -10,14 +13,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import UTC, datetime
 
 import pytest
 import redis
 
 from tasks import keys
-from tasks.app import app
 from tests.conftest import WorkerFactory
 from tests.faults.conftest import (
+    alive,
     entries_of,
     open_session,
     read_pid,
@@ -28,6 +32,24 @@ from tests.faults.conftest import (
 from tests.support.processes import Worker, wait_for
 
 LOCK_TTL_S = 2
+TASK_LIMIT_S = 10
+LOCK_WAIT_S = 6
+VISIBILITY_TIMEOUT_S = TASK_LIMIT_S + LOCK_WAIT_S + 1
+SHUTDOWN_GRACE_S = 5
+RESTORE_PERIOD_S = 10
+"""How often a consuming worker looks for unacked messages past the visibility timeout
+(kombu's ``unacked_restore_interval``; tasks/app.py has it scan every time)."""
+CRASH_ENV = {
+    "CLAUDEBOX_RUNTIME": "local",
+    "CLAUDEBOX_LOCK_TTL_S": str(LOCK_TTL_S),
+    "CLAUDEBOX_LOCK_WAIT_S": str(LOCK_WAIT_S),
+    "CLAUDEBOX_MAX_ATTEMPTS": "3",
+    # Every task of this module ends well within the visibility timeout, which is short
+    # enough to wait out: any worker restores what is unacked past it.
+    "CLAUDEBOX_TASK_TIME_LIMIT_S": str(TASK_LIMIT_S),
+    "CLAUDEBOX_VISIBILITY_MARGIN_S": "1",
+    "CLAUDEBOX_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
+}
 
 # First delivery: name the pool child and the agent, then hang. Any later one: finish at once.
 ONCE_THEN_HANG = (
@@ -41,14 +63,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def crash_pool(start_workers: WorkerFactory) -> list[Worker]:
     # One slot each: a requeued task must be taken by whichever worker is left.
-    return start_workers(
-        2,
-        concurrency=1,
-        CLAUDEBOX_RUNTIME="local",
-        CLAUDEBOX_LOCK_TTL_S=str(LOCK_TTL_S),
-        CLAUDEBOX_LOCK_WAIT_S="30",
-        CLAUDEBOX_MAX_ATTEMPTS="3",
-    )
+    return start_workers(2, concurrency=1, **CRASH_ENV)
 
 
 def _owner(workers: list[Worker], child_pid: int) -> Worker:
@@ -57,6 +72,21 @@ def _owner(workers: list[Worker], child_pid: int) -> Worker:
         if os.getpgid(child_pid) == worker.proc.pid:
             return worker
     raise AssertionError(f"pid {child_pid} belongs to no worker of the test")
+
+
+def _delivered_at(client: redis.Redis, task_id: str) -> float | None:
+    """When the broker handed ``task_id`` to a worker that has not acked it yet (kombu keeps
+    the message in the ``unacked`` hash, scored by delivery time in ``unacked_index``)."""
+    for tag, raw in client.hgetall("unacked").items():
+        if task_id.encode() in raw:
+            score = client.zscore("unacked_index", tag)
+            return None if score is None else float(score)
+    return None
+
+
+def _epoch(timestamp: object) -> float:
+    assert isinstance(timestamp, str)
+    return datetime.fromisoformat(timestamp).replace(tzinfo=UTC).timestamp()
 
 
 def test_a_killed_pool_child_requeues_its_task_which_completes_once(
@@ -84,7 +114,7 @@ def test_a_killed_pool_child_requeues_its_task_which_completes_once(
     assert all(worker.proc is not None and worker.proc.poll() is None for worker in crash_pool)
 
 
-def test_a_killed_worker_leaves_its_task_unacked_for_redelivery_after_the_visibility_timeout(
+def test_a_killed_worker_leaves_its_task_unacked_until_the_visibility_timeout_hands_it_back(
     crash_pool: list[Worker], start_workers: WorkerFactory, clean_state: redis.Redis
 ) -> None:
     workspace = open_session("worker-killed")
@@ -96,40 +126,27 @@ def test_a_killed_worker_leaves_its_task_unacked_for_redelivery_after_the_visibi
     try:
         victim.kill()  # SIGKILL to the whole process group: nobody is left to reject the task
         crash_pool.remove(victim)
-        crash_pool.extend(
-            start_workers(
-                1,
-                concurrency=1,
-                CLAUDEBOX_RUNTIME="local",
-                CLAUDEBOX_LOCK_TTL_S=str(LOCK_TTL_S),
-                CLAUDEBOX_LOCK_WAIT_S="30",
-                CLAUDEBOX_MAX_ATTEMPTS="3",
-            )
-        )
+        crash_pool.extend(start_workers(1, concurrency=1, **CRASH_ENV))
         wait_for(
             lambda: clean_state.exists(keys.session_lock("worker-killed")) == 0,
             LOCK_TTL_S + 2,
             "the dead worker's session lock to expire",
         )
-        # Not lost: the message waits in the broker's unacked set, not in the queue.
-        unacked = clean_state.hvals("unacked")
-        assert any(task_id.encode() in raw for raw in unacked)
-        # Redis hands it back once it is older than the visibility timeout (over 600 s in
-        # this pool); a restore pass with a zero timeout stands in for that wait.
-        with app.connection_for_write(transport_options={"visibility_timeout": 0}) as connection:
-            connection.default_channel.qos.restore_visible(num=100)
-        started = time.monotonic()
-        result = result_of(task_id, 60)
+        # Not lost: the message waits in the broker's unacked set, not in the queue, until a
+        # consuming worker finds it older than the visibility timeout and puts it back.
+        delivered_at = _delivered_at(clean_state, task_id)
+        assert delivered_at is not None
+        result = result_of(task_id, VISIBILITY_TIMEOUT_S + RESTORE_PERIOD_S + 30)
     finally:
         reap_stray(agent)
 
     assert result.success and result.response.startswith("finished by ")
-    assert time.monotonic() - started < 30
-    assert len(entries_of("worker-killed", "code_execution", task_id)) == 1
+    [run] = entries_of("worker-killed", "code_execution", task_id)
+    assert _epoch(run.context["started_at"]) >= delivered_at + VISIBILITY_TIMEOUT_S
     assert len(entries_of("worker-killed", "attempt_interrupted", task_id)) == 1
     # Acked after its result is stored (late ack): gone from the unacked set soon after.
     wait_for(
-        lambda: not any(task_id.encode() in raw for raw in clean_state.hvals("unacked")),
+        lambda: _delivered_at(clean_state, task_id) is None,
         10,
         "the redelivered task to be acked",
     )
@@ -139,7 +156,8 @@ def test_a_warm_shutdown_lets_the_running_task_finish_and_deliver_its_result(
     crash_pool: list[Worker], clean_state: redis.Redis
 ) -> None:
     workspace = open_session("warm-stop")
-    task_id = send_code("warm-stop", "echo $PPID > .child.pid; sleep 3; echo done")
+    # Shorter than the grace period: it runs to its end where it started.
+    task_id = send_code("warm-stop", "echo $PPID > .child.pid; sleep 2; echo done")
     wait_for(lambda: read_pid(workspace / ".child.pid"), 20, "the task to start")
     child = read_pid(workspace / ".child.pid")
     assert child is not None
@@ -154,3 +172,44 @@ def test_a_warm_shutdown_lets_the_running_task_finish_and_deliver_its_result(
     assert stopping.proc is not None and stopping.proc.returncode == 0
     assert len(entries_of("warm-stop", "code_execution", task_id)) == 1
     assert entries_of("warm-stop", "attempt_interrupted", task_id) == []
+
+
+def test_a_warm_shutdown_requeues_a_task_that_outlives_the_grace_period_to_another_worker(
+    crash_pool: list[Worker], start_workers: WorkerFactory, clean_state: redis.Redis
+) -> None:
+    crash_pool.extend(start_workers(2 - len(crash_pool), concurrency=1, **CRASH_ENV))
+    workspace = open_session("grace-stop")
+    task_id = send_code("grace-stop", ONCE_THEN_HANG)
+    wait_for(lambda: read_pid(workspace / ".child.pid"), 20, "the first attempt to start")
+    child, agent = read_pid(workspace / ".child.pid"), read_pid(workspace / ".agent.pid")
+    assert child is not None
+    delivered_at = _delivered_at(clean_state, task_id)
+    assert delivered_at is not None
+    stopping = _owner(crash_pool, child)
+    try:
+        signalled = time.monotonic()
+        stopping.terminate()
+        result = result_of(task_id, SHUTDOWN_GRACE_S + 30)
+        wait_for(
+            lambda: stopping.proc is not None and stopping.proc.poll() is not None,
+            20,
+            "the stopped worker to exit",
+        )
+        stopped_after_s = time.monotonic() - signalled
+    finally:
+        reap_stray(agent)
+        stopping.wait_stopped(10)
+        crash_pool.remove(stopping)
+
+    assert result.success and result.response.startswith("finished by ")
+    assert result.response != f"finished by {child}"
+    assert not alive(child)
+    assert stopping.proc is not None and stopping.proc.returncode == 0
+    assert SHUTDOWN_GRACE_S <= stopped_after_s < SHUTDOWN_GRACE_S + 15
+    [run] = entries_of("grace-stop", "code_execution", task_id)
+    # Requeued at once, not left for the visibility timeout to hand back.
+    assert _epoch(run.context["started_at"]) < delivered_at + VISIBILITY_TIMEOUT_S
+    assert len(entries_of("grace-stop", "attempt_interrupted", task_id)) == 1
+    wait_for(
+        lambda: _delivered_at(clean_state, task_id) is None, 10, "the requeued task to be acked"
+    )

@@ -2,8 +2,9 @@
 
 A runtime is created once per worker process. ``open`` gives a :class:`Sandbox` for one task;
 ``exec`` runs one command in it with the session's workspace at :attr:`Sandbox.workdir`.
-``remove`` drops what a runtime keeps for a session between tasks (a boxlite box), ``kept``
-lists the sessions it keeps something for; for runtimes that keep nothing both are no-ops.
+``remove`` drops what a runtime keeps for a session between tasks (a boxlite box, a warm
+sandbox), ``kept`` lists the sessions it keeps something for; for runtimes that keep nothing
+both are no-ops. ``warm_command`` says how the worker's keeper starts a warm sandbox.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
+
+from tasks.settings import Settings
 
 LineSink = Callable[[str, str], None]
 """Called with ("stdout" | "stderr", line) for every line a command prints, as it prints it."""
@@ -129,10 +132,19 @@ class Sandbox(ABC):
 
 
 class Runtime(ABC):
-    name: ClassVar[str]
+    name: str
     gateway_host: str | None = None
     """:attr:`Sandbox.gateway_host` of this runtime's sandboxes, known before one is opened
     (the gateway lease is made first, and its way out is part of the sandbox's spec)."""
+    keeper_holds: ClassVar[bool] = False
+    """Whether, with warm sandboxes on, the worker's keeper holds the runtime itself and every
+    sandbox of it, and pool children only lease them (:class:`workers.warm.sandbox.KeptRuntime`):
+    for a runtime that is one per process and slow to start a sandbox (boxlite)."""
+
+    @classmethod
+    def gateway_host_of(cls, settings: Settings) -> str | None:
+        """:attr:`gateway_host` of an instance made with ``settings``, without making one."""
+        return cls.gateway_host
 
     @classmethod
     @abstractmethod
@@ -142,6 +154,12 @@ class Runtime(ABC):
     @abstractmethod
     def open(self, spec: SandboxSpec) -> Sandbox:
         """A sandbox for one task of ``spec.session_id``."""
+
+    @classmethod
+    def warm_command(cls) -> Callable[[SandboxSpec, int], list[str]] | None:
+        """How to start a warm sandbox running the exec server on an inherited descriptor
+        (:mod:`workers.warm`), or None where this runtime keeps no warm sandboxes."""
+        return None
 
     def remove(self, session_id: str) -> bool:
         """Drop what is kept for the session between tasks; True if something was removed."""

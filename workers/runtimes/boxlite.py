@@ -2,7 +2,13 @@
 
 How it is laid out, and why:
 
-- **One boxlite runtime per worker process, in a numbered slot.** boxlite locks its home
+- **With warm sandboxes on (the default), one boxlite runtime per worker**, held by the
+  worker's keeper in its main process (:mod:`workers.warm`, ``keeper_holds``): a session's box
+  stays running for ``CLAUDEBOX_WARM_IDLE_S`` after a task and the pool children run commands
+  in it through the keeper, so that a session has one box and the next task no boot. Below,
+  "process" is then that main process; with warm sandboxes off, every pool process opens its
+  own runtime and stops the box at the end of each task.
+- **One boxlite runtime per process, in a numbered slot.** boxlite locks its home
   directory: a second runtime on the same directory fails ("Another BoxliteRuntime is already
   using directory"), and the lock is only let go when the runtime object is collected. So each
   process takes the lowest free home ``<boxlite_home>/<hostname>/slot-<n>``. Slots rather than
@@ -349,6 +355,11 @@ class BoxliteSandbox(Sandbox):
 
 class BoxliteRuntime(Runtime):
     name = "boxlite"
+    keeper_holds = True
+
+    @classmethod
+    def gateway_host_of(cls, settings: Settings) -> str | None:
+        return settings.boxlite_host_alias
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()

@@ -5,17 +5,28 @@ impossible to create), the workspace read-write at ``/workspace``, the session's
 ``/root``. Every namespace is unshared, network included (loopback only), and the sandbox dies
 with the worker. Environment values travel in the process environment, never on bwrap's
 command line, where any host user could read them in /proc.
+
+A sandbox is cold (one bwrap per command) or warm: one bwrap per session kept by the worker's
+keeper (:mod:`workers.warm`) and running the exec server (:mod:`workers.runtimes.exec_server`)
+under the host's own Python, which sees the same read-only system as any command; commands
+are then sent to it and the sandbox start is paid once per session, not per task. A warm
+sandbox's ``/tmp`` lives as long as the sandbox. Where the keeper cannot serve (warm sandboxes
+off, no Python under /usr, a run that needs the model gateway), the sandbox is cold.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import subprocess
+import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
+from workers.runtimes import exec_server
 from workers.runtimes.base import (
     AGENT_HOME,
     WORKSPACE,
@@ -27,6 +38,12 @@ from workers.runtimes.base import (
     SandboxSpec,
 )
 from workers.runtimes.process import run_process
+from workers.warm import client as warm_client
+from workers.warm.keeper import WarmError
+from workers.warm.protocol import warmable
+from workers.warm.sandbox import WarmSandbox
+
+log = logging.getLogger(__name__)
 
 _SYSTEM_DIRS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
@@ -85,12 +102,84 @@ class BwrapSandbox(Sandbox):
 class BwrapRuntime(Runtime):
     name = "bwrap"
 
+    def __init__(self) -> None:
+        self._keeper = warm_client.current()
+
     @classmethod
     def probe(cls) -> Probe:
         return _probe()
 
+    @classmethod
+    def warm_command(cls) -> Callable[[SandboxSpec, int], list[str]] | None:
+        interpreter = _interpreter()
+        if interpreter is None:
+            return None
+
+        def command(spec: SandboxSpec, fd: int) -> list[str]:
+            return bwrap_argv(spec, [interpreter, "-I", "-S", "-c", _server_source(), str(fd)])
+
+        return command
+
     def open(self, spec: SandboxSpec) -> Sandbox:
+        if self._keeper is not None:
+            if not warmable(spec):
+                # A cold sandbox for this run: none may stay warm for the session meanwhile.
+                self.remove(spec.session_id)
+                return BwrapSandbox(spec)
+            try:
+                control, _ = self._keeper.acquire(spec)
+            except WarmError as exc:
+                log.warning("no warm sandbox for %s (%s); running cold", spec.session_id, exc)
+            else:
+                return WarmSandbox(spec, self._keeper, control, cold=BwrapSandbox)
         return BwrapSandbox(spec)
+
+    def remove(self, session_id: str) -> bool:
+        """Stop the session's warm sandbox, wherever a worker keeps one."""
+        if self._keeper is None:
+            return False
+        try:
+            return self._keeper.drop(session_id, everywhere=True)
+        except WarmError as exc:
+            log.warning("warm sandbox of %s not dropped: %s", session_id, exc)
+            return False
+
+    def kept(self) -> list[str]:
+        if self._keeper is None:
+            return []
+        try:
+            return self._keeper.sessions()
+        except WarmError:
+            return []
+
+
+@cache
+def _interpreter() -> str | None:
+    """A Python the sandbox can run (one under /usr, which it sees read-only) that has what the
+    exec server needs: ``socket.send_fds`` (3.9+) and a kernel with ``pidfd_open`` (5.3+)."""
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        resolved = Path(os.path.realpath(candidate))
+        if resolved.parts[1:2] != ("usr",) or not os.access(resolved, os.X_OK):
+            continue
+        try:
+            subprocess.run(
+                [str(resolved), "-I", "-S", "-c", _SERVER_NEEDS],
+                check=True,
+                capture_output=True,
+                timeout=10,
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        return str(resolved)
+    return None
+
+
+_SERVER_NEEDS = "import os, socket; socket.send_fds; os.close(os.pidfd_open(os.getpid()))"
+
+
+@cache
+def _server_source() -> str:
+    return Path(exec_server.__file__).read_text()
 
 
 @cache

@@ -109,11 +109,14 @@ def run_process(
         args=(proc, started + timeout_s, cancel, finished, stopped),
         daemon=True,
     ).start()
-    # Blocking in waitpid returns the moment the command ends; the watchdog alone polls.
-    proc.wait()
-    finished.set()
-    # Children that outlive the main process keep the pipes open; do not wait for them.
-    _kill_group(proc)
+    try:
+        # Blocking in waitpid returns the moment the command ends; the watchdog alone polls.
+        proc.wait()
+    finally:
+        finished.set()
+        # Children that outlive the main process keep the pipes open; do not wait for them.
+        # Killed on the way out too (a task interrupted by SystemExit), or they run on.
+        _kill_group(proc)
     for pump in pumps:
         pump.join(timeout=5)
     stderr = err.text()

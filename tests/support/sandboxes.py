@@ -1,0 +1,40 @@
+"""Finding sandboxes from the host: the processes whose command line names a path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def processes_naming(marker: str) -> dict[int, list[str]]:
+    """Live processes whose command line holds ``marker``: pid → argv."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(marker in arg for arg in argv):
+            found[int(entry.name)] = argv
+    return found
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields follow the last ")".
+    return int(stat.rpartition(")")[2].split()[1])
+
+
+def sandboxes_of(workspace: Path | str) -> dict[int, int | None]:
+    """The bwrap sandboxes binding ``workspace``: the pid of each one's outer bwrap (not its
+    forked namespace init, which names it too) → the process that started it."""
+    bwraps = {
+        pid: parent_of(pid)
+        for pid, argv in processes_naming(str(workspace)).items()
+        if Path(argv[0]).name == "bwrap"
+    }
+    return {pid: parent for pid, parent in bwraps.items() if parent not in bwraps}

@@ -1,0 +1,150 @@
+"""The exec server inside a warm sandbox, and the framing every warm-sandbox socket speaks.
+
+A warm sandbox is one long-lived sandbox whose first process is this module, run by the host's
+own interpreter (``python3 -I -S -c <this source> <fd>``, so it needs nothing but the standard
+library and nothing of the worker's environment). It owns the inherited unix socket ``fd`` and
+runs one command per request on it, one at a time:
+
+- request: ``{"argv", "env", "cwd"}`` with two file descriptors attached (the write ends of the
+  caller's stdout and stderr pipes), so output goes straight from the command to the worker
+  with no copy in between; reply ``{"exit": code}`` when the command has ended.
+- during a run, ``{"op": "kill"}`` (a deadline or a cancel) or the socket's end kills it.
+
+After every command everything else in the sandbox is killed too (the sandbox has its own pid
+namespace: every pid but 1, bwrap's reaper, and this server), so that no process a task left
+behind lives into the next task, as none would in a cold sandbox. A frame is a 4-byte length
+and that many bytes of JSON; descriptors ride on the frame's first byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+HEADER = struct.Struct("!I")
+MAX_FDS = 2
+MAX_FRAME_BYTES = 64 << 20
+KILL_PASSES = 5
+EXIT_NOT_FOUND = 127
+EXIT_NOT_EXECUTABLE = 126
+
+
+def send_frame(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+    body = json.dumps(message).encode()
+    data = HEADER.pack(len(body)) + body
+    sent = socket.send_fds(sock, [data], list(fds)) if fds else sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """The next frame and the descriptors that came with it; (None, []) at the socket's end."""
+    head, fds, _, _ = socket.recv_fds(sock, HEADER.size, MAX_FDS)
+    if not head:
+        return None, fds
+    head += _recv_exact(sock, HEADER.size - len(head))
+    (size,) = HEADER.unpack(head)
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {size} bytes is over the limit")
+    message: dict[str, Any] = json.loads(_recv_exact(sock, size))
+    return message, fds
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the socket ended in the middle of a frame")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def kill_the_rest() -> None:
+    """SIGKILL every process of the sandbox but its reaper (pid 1) and this server."""
+    keep = {1, os.getpid()}
+    for _ in range(KILL_PASSES):
+        found = False
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) not in keep:
+                found = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(name), signal.SIGKILL)
+        if not found:
+            return
+
+
+def _start(request: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes] | int:
+    """The started command, or the exit code of a command that could not start."""
+    stdout, stderr = fds
+    try:
+        return subprocess.Popen(
+            request["argv"],
+            env=request["env"],
+            cwd=request["cwd"],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        os.write(stderr, f"{request['argv'][0]}: {exc.strerror or exc}\n".encode())
+        return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def run(sock: socket.socket, request: dict[str, Any], fds: list[int]) -> int | None:
+    """Run one command to its end; its exit code, or None if the socket ended meanwhile."""
+    started = _start(request, fds)
+    if isinstance(started, int):
+        return started
+    pidfd = os.pidfd_open(started.pid)
+    try:
+        while True:
+            ready, _, _ = select.select([sock.fileno(), pidfd], [], [])
+            if pidfd in ready:
+                return started.wait()
+            message, extra = recv_frame(sock)
+            for fd in extra:
+                os.close(fd)
+            kill_the_rest()
+            if message is None:
+                started.wait()
+                return None
+    finally:
+        os.close(pidfd)
+        kill_the_rest()
+
+
+def serve(sock: socket.socket) -> None:
+    send_frame(sock, {"ready": os.getpid()})
+    while True:
+        request, fds = recv_frame(sock)
+        if request is None:
+            return
+        if len(fds) != MAX_FDS:
+            for fd in fds:
+                os.close(fd)
+            send_frame(sock, {"error": f"a request needs {MAX_FDS} descriptors"})
+            continue
+        code = run(sock, request, fds)
+        if code is None:
+            return
+        send_frame(sock, {"exit": code})
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    serve(socket.socket(fileno=int(sys.argv[1])))

@@ -1,0 +1,149 @@
+"""Running one command through a warm sandbox's exec server, from the calling thread alone.
+
+The caller makes the two output pipes and hands their write ends to the server with the
+request (:mod:`workers.runtimes.exec_server`); then one ``select`` loop on this thread reads
+both pipes and the control socket, enforces the deadline and watches the cancel event. No
+thread is started per command, where a cold run needs three (two pipe readers, a watchdog).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+from workers.runtimes.base import ExecResult, LineSink
+from workers.runtimes.exec_server import recv_frame, send_frame
+from workers.runtimes.process import OUTPUT_LIMIT_BYTES, STDERR_TAIL_LINES, OutputTail
+from workers.runtimes.supervise import LineSplitter
+
+CANCEL_POLL_S = 0.05
+"""How often a run looks at its cancel event (a threading.Event cannot be selected on)."""
+DRAIN_S = 5.0
+"""How long output may still be read after the command ended (killed stragglers closing)."""
+READ_BYTES = 1 << 16
+
+
+class SandboxGoneError(Exception):
+    """The warm sandbox's exec server is gone and the command was never started (internal: the
+    runtime drops that sandbox and runs the command in a cold one)."""
+
+
+class _Stream:
+    def __init__(self, name: str, fd: int, limit: int) -> None:
+        self.name, self.fd = name, fd
+        self.tail = OutputTail(limit)
+        self.splitter = LineSplitter()
+
+    def read(self, on_line: LineSink | None) -> bool:
+        """Take what the pipe holds; False at its end."""
+        chunk = os.read(self.fd, READ_BYTES)
+        lines = self.splitter.feed(chunk) if chunk else []
+        if not chunk and (rest := self.splitter.flush()):
+            lines.append(rest)
+        for line in lines:
+            self.tail.add(line)
+            if on_line is not None:
+                on_line(self.name, line.rstrip("\n"))
+        return bool(chunk)
+
+
+def run_remote(
+    control: socket.socket,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str,
+    timeout_s: float,
+    on_line: LineSink | None = None,
+    cancel: threading.Event | None = None,
+    output_limit: int = OUTPUT_LIMIT_BYTES,
+) -> ExecResult:
+    """Run ``argv`` in the sandbox behind ``control``; SandboxGoneError if it is not there."""
+    started = time.monotonic()
+    pipes = [os.pipe(), os.pipe()]
+    streams = [
+        _Stream(name, read_end, output_limit)
+        for name, (read_end, _) in zip(("stdout", "stderr"), pipes, strict=True)
+    ]
+    try:
+        ends = [write_end for _, write_end in pipes]
+        try:
+            send_frame(control, {"argv": list(argv), "env": dict(env), "cwd": cwd}, ends)
+        except OSError as exc:
+            raise SandboxGoneError(f"the warm sandbox is gone: {exc}") from exc
+        finally:
+            for fd in ends:
+                os.close(fd)
+        return _follow(control, streams, started, timeout_s, on_line, cancel)
+    finally:
+        for stream in streams:
+            os.close(stream.fd)
+
+
+def _follow(
+    control: socket.socket,
+    streams: list[_Stream],
+    started: float,
+    timeout_s: float,
+    on_line: LineSink | None,
+    cancel: threading.Event | None,
+) -> ExecResult:
+    open_streams = {stream.fd: stream for stream in streams}
+    deadline = started + timeout_s
+    exit_code: int | None = None
+    stopped: str | None = None
+    drain_until: float | None = None
+    while open_streams or exit_code is None:
+        now = time.monotonic()
+        if exit_code is None and stopped is None:
+            if cancel is not None and cancel.is_set():
+                stopped = "cancel"
+            elif now >= deadline:
+                stopped = "timeout"
+            if stopped is not None:
+                _ask_to_kill(control)
+        if drain_until is not None and now >= drain_until:
+            break
+        watched = list(open_streams) + ([control.fileno()] if exit_code is None else [])
+        wait_s = CANCEL_POLL_S if cancel is not None else max(deadline - now, 0.0) + 0.01
+        ready, _, _ = select.select(watched, [], [], wait_s)
+        for fd in ready:
+            if fd == control.fileno():
+                exit_code = _exit_code(control)
+                drain_until = time.monotonic() + DRAIN_S
+            elif not open_streams[fd].read(on_line):
+                del open_streams[fd]
+    stdout, stderr = (stream.tail.text() for stream in streams)
+    return ExecResult(
+        exit_code=-signal.SIGKILL if exit_code is None else exit_code,
+        stdout=stdout,
+        stderr=stderr,
+        duration_s=time.monotonic() - started,
+        timed_out=stopped == "timeout",
+        cancelled=stopped == "cancel",
+        stderr_tail=stderr.splitlines()[-STDERR_TAIL_LINES:],
+    )
+
+
+def _ask_to_kill(control: socket.socket) -> None:
+    # A server that is gone took the command with it.
+    with contextlib.suppress(OSError):
+        send_frame(control, {"op": "kill"})
+
+
+def _exit_code(control: socket.socket) -> int:
+    try:
+        reply, fds = recv_frame(control)
+    except (OSError, EOFError, ValueError):
+        reply, fds = None, []
+    for fd in fds:
+        os.close(fd)
+    if reply is None or "exit" not in reply:
+        # The server died mid-run (the sandbox was dropped): the command died with it.
+        return -signal.SIGKILL
+    return int(reply["exit"])
