@@ -33,8 +33,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -134,7 +136,7 @@ class Keeper:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-spawn")
-        self._dir = Path(tempfile.mkdtemp(prefix="claudebox-warm-"))
+        self._dir = _private_dir()
         self.address = self._dir / "keeper.sock"
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.address))
@@ -419,6 +421,23 @@ class Keeper:
                 other,
                 session_id,
             )
+
+
+def _private_dir() -> Path:
+    """The keeper's own 0700 directory, ``<tmp>/claudebox-warm-<uid>/<pid>-<random>``; those
+    of keepers that died without closing (a SIGKILL) are removed on the way."""
+    root = Path(tempfile.gettempdir()) / f"claudebox-warm-{os.getuid()}"
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    found = root.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        # Not ours, or open to others: a directory of our own elsewhere in the temp dir.
+        return Path(tempfile.mkdtemp(prefix="claudebox-warm-"))
+    for left in root.iterdir():
+        pid = left.name.partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
 
 
 def _alive(pid: int) -> bool:
