@@ -85,11 +85,11 @@ def identity(spec: WarmSpec) -> tuple[tuple[int, int], ...]:
     found = []
     for path in paths:
         try:
-            stat = os.stat(path)
+            info = os.stat(path)
         except OSError:
             found.append((-1, -1))
         else:
-            found.append((stat.st_dev, stat.st_ino))
+            found.append((info.st_dev, info.st_ino))
     return tuple(found)
 
 
@@ -192,6 +192,9 @@ class Keeper:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 warm.process.wait(STOP_TIMEOUT_S)
         if warm.server is not None:
+            # Shut down, not only closed: that wakes the thread serving it from its recv.
+            with contextlib.suppress(OSError):
+                warm.server.shutdown(socket.SHUT_RDWR)
             warm.server.close()
         if warm.sandbox is not None:
             warm.sandbox.close()
