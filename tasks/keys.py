@@ -13,7 +13,7 @@ Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
     claudebox:workers:queues          set    hostnames of workers with a queue of their own
     claudebox:nodes                   zset   node name scored by the last heartbeat of its workers
     claudebox:lease:<session>         string the producer holding the session open, with a TTL
-    claudebox:sweep:<sweep>           string when a sweep last ran, kept for most of its interval
+    claudebox:sweep:<sweep>:<node>    string when a node last ran a sweep, for most of its interval
     claudebox:output:<task id>        stream a code task's live output (StreamEvent JSON), TTL
     claudebox:cancel:<task id>        string set to ask a queued or running task to stop, TTL
     claudebox:warm:<session>          string the worker keeping the session's sandbox warm, TTL
@@ -72,8 +72,8 @@ def session_lease(session_id: str) -> str:
     return f"{PREFIX}lease:{session_id}"
 
 
-def sweep_claim(sweep: str) -> str:
-    return f"{PREFIX}sweep:{sweep}"
+def sweep_claim(sweep: str, node: str) -> str:
+    return f"{PREFIX}sweep:{sweep}:{node}"
 
 
 def warm(session_id: str) -> str:

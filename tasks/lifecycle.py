@@ -77,6 +77,14 @@ class SweepRequest(_Message):
     """What beat sends: the interval it fires the sweep at."""
 
     every_s: float = Field(gt=0)
+    every_node: bool = False
+    """Also send it on to every other live node, each of which sweeps its own sessions root."""
+
+
+class ReindexRequest(_Message):
+    """A registry rebuild: this node's sessions root, or every node's (``every_node``)."""
+
+    every_node: bool = False
 
 
 class SweptSession(_Result):

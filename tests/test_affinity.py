@@ -147,6 +147,40 @@ def test_a_task_that_reaches_the_wrong_node_is_refused_without_running(nodes: No
     assert not nodes.workspace("node-b", "a1").exists()
 
 
+def test_beats_sweeps_and_reindex_reach_the_sessions_root_of_every_node(
+    nodes: Nodes, redis_server: object
+) -> None:
+    for node in SESSIONS:
+        nodes.ensure(node, up=True)
+    reports = {node: nodes.homes[node] / "sweeps.jsonl" for node in SESSIONS}
+
+    def sweeps_run(node: str) -> int:
+        path = reports[node]
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    before = {node: sweeps_run(node) for node in SESSIONS}
+    client = redis.Redis.from_url(get_settings().result_backend)
+    client.hdel(keys.registry(), "a1", "b1")
+
+    # As beat sends them: once, to the common queue, which one worker of one node takes.
+    app.send_task(names.SWEEP_LEAKS, args=[{"every_s": 1.0, "every_node": True}])
+    app.send_task(names.REINDEX, args=[{"every_node": True}])
+
+    wait_for(
+        lambda: all(sweeps_run(node) == before[node] + 1 for node in SESSIONS),
+        20,
+        "each node to sweep its own sessions root once",
+    )
+    wait_for(
+        lambda: read_one(client, "a1") is not None and read_one(client, "b1") is not None,
+        20,
+        "each node to reindex its own sessions root",
+    )
+    a1, b1 = read_one(client, "a1"), read_one(client, "b1")
+    assert a1 is not None and a1.node == "node-a"
+    assert b1 is not None and b1.node == "node-b"
+
+
 def test_a_task_for_a_stopped_node_waits_in_its_queue_until_it_returns(nodes: Nodes) -> None:
     nodes.ensure("node-b", up=False)
 

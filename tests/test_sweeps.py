@@ -194,7 +194,8 @@ def test_beat_fires_each_sweep_at_its_interval_and_tells_the_sweep() -> None:
 
     assert schedule["sweep-age"]["task"] == names.SWEEP_AGE
     assert schedule["sweep-age"]["schedule"] == 3600
-    assert schedule["sweep-leaks"]["args"] == ({"every_s": 300},)
+    assert schedule["sweep-leaks"]["args"] == ({"every_s": 300, "every_node": True},)
+    assert schedule["reindex-registry"]["args"] == ({"every_node": True},)
 
 
 @pytest.mark.usefixtures("sweeping_pool")

@@ -19,8 +19,9 @@ from celery.exceptions import Retry
 from tasks import keys, names
 from tasks.app import app
 from tasks.errors import ClaudeBoxError, SessionBusyError, TaskAttemptsExceededError
+from tasks.lifecycle import ReindexRequest
 from tasks.models import CleanupRequest, CodeRequest, OpenRequest, parse_payload
-from workers import forks, registry, sessions
+from workers import fanout, forks, registry, sessions
 from workers.affinity import refuse_if_elsewhere
 from workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from workers.context import WorkerContext, context
@@ -137,5 +138,7 @@ def cleanup(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name=names.REINDEX, throws=(ClaudeBoxError,))
 def reindex(payload: dict[str, Any] | None = None) -> dict[str, Any]:
-    ctx = context()
+    request, ctx = parse_payload(ReindexRequest, payload or {}), context()
+    if request.every_node:
+        fanout.to_other_nodes(ctx, names.REINDEX, payload or {})
     return registry.reindex(ctx.redis, ctx.store).model_dump(mode="json")

@@ -22,7 +22,7 @@ from tasks.lifecycle import (
     SweepRequest,
 )
 from tasks.models import parse_payload
-from workers import archive, checkpoints, disk, forks, sweeps
+from workers import archive, checkpoints, disk, fanout, forks, sweeps
 from workers.context import context
 from workers.jobs import RETRYING, session_lock
 from workers.lock import raise_fence
@@ -76,11 +76,17 @@ def disk_usage(payload: dict[str, Any] | None = None) -> dict[str, Any]:
 # Their reports go to <home>/sweeps.jsonl; nobody waits for a sweep's result.
 @app.task(name=names.SWEEP_AGE, throws=(ClaudeBoxError,), ignore_result=True)
 def sweep_age(payload: dict[str, Any]) -> dict[str, Any] | None:
-    report = sweeps.sweep_age(context(), parse_payload(SweepRequest, payload).every_s)
+    request, ctx = parse_payload(SweepRequest, payload), context()
+    if request.every_node:
+        fanout.to_other_nodes(ctx, names.SWEEP_AGE, payload)
+    report = sweeps.sweep_age(ctx, request.every_s)
     return report.model_dump(mode="json") if report else None
 
 
 @app.task(name=names.SWEEP_LEAKS, throws=(ClaudeBoxError,), ignore_result=True)
 def sweep_leaks(payload: dict[str, Any]) -> dict[str, Any] | None:
-    report = sweeps.sweep_leaks(context(), parse_payload(SweepRequest, payload).every_s)
+    request, ctx = parse_payload(SweepRequest, payload), context()
+    if request.every_node:
+        fanout.to_other_nodes(ctx, names.SWEEP_LEAKS, payload)
+    report = sweeps.sweep_leaks(ctx, request.every_s)
     return report.model_dump(mode="json") if report else None

@@ -12,8 +12,10 @@ Both are checked under the session's lock, after the verdict is made again there
 the removal. Every run is logged and appended to ``<home>/sweeps.jsonl``, one SweepReport a
 line: what it removed and why, what it left alone and why.
 
-**One run per interval, however many beats run.** Each run first claims its sweep in Redis
-(``SET NX`` on ``keys.sweep_claim``) for 90% of the interval beat fires it at, and the claim is
+**One run per node and interval, however many beats run.** Each node sweeps its own sessions
+root (beat's message is sent on to every live node, ``workers.fanout``). Each run first claims
+its sweep for its node in Redis (``SET NX`` on ``keys.sweep_claim``) for 90% of the interval
+beat fires it at, and the claim is
 not released when the run ends. A second beat fires the same sweep within the same interval,
 whatever its phase, finds the claim taken, and its message is dropped; the next interval finds
 it expired. Chosen over RedBeat (a scheduler that only fires while it holds a Redis lock)
@@ -105,9 +107,10 @@ def leaked(settings: Settings) -> Verdict:
 
 
 def claim(ctx: WorkerContext, sweep: str, every_s: float) -> bool:
-    """True for the first run of ``sweep`` in this interval."""
+    """True for this node's first run of ``sweep`` in this interval."""
     lifetime_ms = max(1, int(every_s * CLAIM_SHARE * 1000))
-    return bool(ctx.redis.set(keys.sweep_claim(sweep), utc_now(), nx=True, px=lifetime_ms))
+    key = keys.sweep_claim(sweep, ctx.node)
+    return bool(ctx.redis.set(key, utc_now(), nx=True, px=lifetime_ms))
 
 
 def _run(
