@@ -31,7 +31,12 @@ UNITS = [
     DEPLOY / "flower" / "claudebox-flower.service",
 ]
 INSTALLED_CLI = "/opt/claudebox-pool/.venv/bin/claudebox-pool"
-TASK_LIMIT_S = Settings.model_fields["task_time_limit_s"].default
+STOP_AFTER_S = max(
+    Settings.model_fields["task_time_limit_s"].default,
+    Settings.model_fields["shutdown_grace_s"].default,
+)
+"""What a worker's stop timeout must exceed: the longest task, and the shutdown grace after
+which the worker requeues what still runs (a service manager's SIGKILL before it loses that)."""
 VENV_BIN = Path(sys.executable).parent
 
 Manifest = dict[str, Any]
@@ -94,7 +99,7 @@ def test_compose_workers_scale_share_sessions_and_outlast_a_task_when_stopped() 
     assert "container_name" not in worker and "ports" not in worker
     assert any(v.endswith(":/var/lib/claudebox/sessions") for v in worker["volumes"])
     assert worker["environment"]["CLAUDEBOX_NODE_NAME"] == "compose"
-    assert duration_s(worker["stop_grace_period"]) > TASK_LIMIT_S
+    assert duration_s(worker["stop_grace_period"]) > STOP_AFTER_S
     assert services["beat"]["command"] == ["beat"]
     assert "deploy" not in services["beat"]  # never replicated
     assert {name for name, s in services.items() if "healthcheck" in s} >= {
@@ -224,7 +229,7 @@ def test_kubernetes_runs_one_beat_and_lets_workers_finish_their_tasks(overlay: s
     worker = by_kind(manifests, kind, "claudebox-worker")["spec"]
 
     assert (beat["replicas"], beat["strategy"]["type"]) == (1, "Recreate")
-    assert worker["template"]["spec"]["terminationGracePeriodSeconds"] > TASK_LIMIT_S
+    assert worker["template"]["spec"]["terminationGracePeriodSeconds"] > STOP_AFTER_S
     node = {e["name"]: e for e in worker["template"]["spec"]["containers"][0]["env"]}[
         "CLAUDEBOX_NODE_NAME"
     ]
@@ -282,4 +287,4 @@ def test_systemd_units_read_secrets_from_a_file_and_stop_warm() -> None:
     assert all("EnvironmentFile=/etc/claudebox/env" in unit.read_text() for unit in UNITS)
     assert "KillMode=mixed" in worker
     stop = re.search(r"TimeoutStopSec=(\S+)", worker)
-    assert stop is not None and duration_s(stop.group(1)) > TASK_LIMIT_S
+    assert stop is not None and duration_s(stop.group(1)) > STOP_AFTER_S

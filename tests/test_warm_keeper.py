@@ -15,7 +15,7 @@ import redis
 from tasks import keys
 from tasks.settings import Settings
 from tests.support.processes import RedisServer, wait_for
-from tests.support.sandboxes import processes_naming, sandboxes_of
+from tests.support.sandboxes import SANDBOX_ID, processes_naming, sandboxes_of
 from workers.runtimes.base import Runtime, SandboxSpec
 from workers.runtimes.bwrap import BwrapRuntime, BwrapSandbox
 from workers.runtimes.local import LocalRuntime
@@ -143,10 +143,10 @@ def test_another_shape_gets_another_sandbox_and_the_same_shape_the_same(
     keeper = start(make_keeper, warm_idle_s=60)
     runtime = BwrapRuntime()
     spec = spec_for(tmp_path, "shaped")
-    first = run(runtime, spec, "readlink /proc/self/ns/pid")
-    same = run(runtime, spec, "readlink /proc/self/ns/pid")
+    first = run(runtime, spec, SANDBOX_ID)
+    same = run(runtime, spec, SANDBOX_ID)
     wider = SandboxSpec(**{**spec.__dict__, "cpus": 2})
-    other = run(runtime, wider, "readlink /proc/self/ns/pid")
+    other = run(runtime, wider, SANDBOX_ID)
 
     assert first == same != other
     assert keeper.created == 2

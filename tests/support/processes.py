@@ -204,3 +204,35 @@ class Worker:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+def tcp_ports_of(pid: int) -> set[int]:
+    """Local TCP ports of the sockets held by ``pid`` and its descendants (their connections to
+    Redis, among others)."""
+    inodes: set[str] = set()
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        fd_dir = Path(f"/proc/{current}/fd")
+        try:
+            links = [os.readlink(fd_dir / name) for name in os.listdir(fd_dir)]
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+        except OSError:
+            continue
+        inodes.update(link[8:-1] for link in links if link.startswith("socket:["))
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def redis_forgot(client: redis.Redis, ports: set[int]) -> bool:
+    """Whether Redis holds no connection from any of ``ports`` (a killed process's are only
+    dropped once Redis notices them closed; until then it may still hand them a message)."""
+    listed = client.client_list()
+    return not any(int(str(each["addr"]).rsplit(":", 1)[1]) in ports for each in listed)

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+SANDBOX_ID = "[ -e /tmp/id ] || cat /proc/sys/kernel/random/uuid > /tmp/id; cat /tmp/id"
+"""A shell command printing the id of the sandbox it runs in: drawn by the sandbox's first
+command and kept in its own /tmp (a pid namespace's inode number is used again once it is gone,
+so it cannot tell one sandbox from the next)."""
+
 
 def processes_naming(marker: str) -> dict[int, list[str]]:
     """Live processes whose command line holds ``marker``: pid → argv."""

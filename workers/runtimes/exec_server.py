@@ -27,7 +27,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 HEADER = struct.Struct("!I")
@@ -128,10 +128,17 @@ def run(sock: socket.socket, request: dict[str, Any], fds: list[int]) -> int | N
         kill_the_rest()
 
 
-def serve(sock: socket.socket) -> None:
-    send_frame(sock, {"ready": os.getpid()})
+Runner = Callable[[socket.socket, "dict[str, Any]", "list[int]"], "int | None"]
+"""Runs one request to its end: its exit code, or None if the socket ended meanwhile."""
+
+
+def serve_requests(sock: socket.socket, runner: Runner) -> None:
+    """Answer the requests on ``sock`` one at a time with ``runner`` until the socket ends."""
     while True:
-        request, fds = recv_frame(sock)
+        try:
+            request, fds = recv_frame(sock)
+        except (OSError, EOFError, ValueError):
+            return
         if request is None:
             return
         if len(fds) != MAX_FDS:
@@ -139,10 +146,18 @@ def serve(sock: socket.socket) -> None:
                 os.close(fd)
             send_frame(sock, {"error": f"a request needs {MAX_FDS} descriptors"})
             continue
-        code = run(sock, request, fds)
+        code = runner(sock, request, fds)
         if code is None:
             return
-        send_frame(sock, {"exit": code})
+        try:
+            send_frame(sock, {"exit": code})
+        except OSError:
+            return
+
+
+def serve(sock: socket.socket) -> None:
+    send_frame(sock, {"ready": os.getpid()})
+    serve_requests(sock, run)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from workers.runtimes.base import Sandbox
-from workers.runtimes.exec_server import MAX_FDS, recv_frame, send_frame
+from workers.runtimes.exec_server import recv_frame, serve_requests
 
 DEFAULT_TIMEOUT_S = 24 * 3600.0
 """A run's deadline here when the request names none: the pool child enforces its own."""
@@ -26,25 +26,7 @@ DEFAULT_TIMEOUT_S = 24 * 3600.0
 
 def serve_sandbox(sock: socket.socket, sandbox: Sandbox) -> None:
     """Serve requests on ``sock`` until it ends."""
-    while True:
-        try:
-            request, fds = recv_frame(sock)
-        except (OSError, EOFError, ValueError):
-            return
-        if request is None:
-            return
-        if len(fds) != MAX_FDS:
-            for fd in fds:
-                os.close(fd)
-            send_frame(sock, {"error": f"a request needs {MAX_FDS} descriptors"})
-            continue
-        code = _run(sock, sandbox, request, fds)
-        if code is None:
-            return
-        try:
-            send_frame(sock, {"exit": code})
-        except OSError:
-            return
+    serve_requests(sock, lambda sock, request, fds: _run(sock, sandbox, request, fds))
 
 
 def _run(

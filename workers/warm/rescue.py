@@ -64,14 +64,16 @@ def stranded(ctx: WorkerContext) -> list[str]:
     found, forgotten = [], []
     for index, hostname in enumerate(hostnames):
         seen, length, raw = replies[3 * index : 3 * index + 3]
-        silent_s = None if seen is None else now - float(seen)
-        if silent_s is not None and silent_s <= SILENT_BEATS * ctx.settings.worker_heartbeat_s:
+        if seen is None:
+            continue  # starting: not ready to announce itself yet
+        silent_s = now - float(seen)
+        if silent_s <= SILENT_BEATS * ctx.settings.worker_heartbeat_s:
             continue
         if length:
             info = WorkerInfo.model_validate_json(raw) if raw else None
             if info is not None and info.node == ctx.node:
                 found.append(names.worker_queue(hostname))
-        elif silent_s is None or silent_s > ctx.settings.visibility_timeout_s:
+        elif silent_s > ctx.settings.visibility_timeout_s:
             forgotten.append(hostname)
     if forgotten:
         pipe = ctx.redis.pipeline(transaction=False)
