@@ -930,6 +930,8 @@ def test_a_pool_child_leases_boxes_from_the_keeper_and_its_errors_come_back_type
     try:
         runtime = KeptRuntime(BoxliteRuntime, KeeperClient(keeper.address), settings)
         assert (runtime.name, runtime.gateway_host) == ("boxlite", settings.boxlite_host_alias)
+        # A child waits for the keeper to import an image and boot a VM, not 15 s.
+        assert runtime.start_timeout_s > settings.boxlite_start_timeout_s
         assert runtime.kept() == []
         with pytest.raises(SandboxError, match="no oci-layout file") as refused:
             runtime.open(spec)

@@ -142,6 +142,11 @@ class Runtime(ABC):
     for a runtime that is one per process and slow to start a sandbox (boxlite)."""
 
     @classmethod
+    def start_timeout_of(cls, settings: Settings) -> float:
+        """The longest :meth:`open` may take with ``settings`` (a VM's image import and boot)."""
+        return 15.0
+
+    @classmethod
     def gateway_host_of(cls, settings: Settings) -> str | None:
         """:attr:`gateway_host` of an instance made with ``settings``, without making one."""
         return cls.gateway_host

@@ -361,6 +361,11 @@ class BoxliteRuntime(Runtime):
     def gateway_host_of(cls, settings: Settings) -> str | None:
         return settings.boxlite_host_alias
 
+    @classmethod
+    def start_timeout_of(cls, settings: Settings) -> float:
+        # open() waits this long for the VM, then as long again for boxlite's own calls.
+        return settings.boxlite_start_timeout_s + 10.0
+
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or get_settings()
         self.image = configured_image(self.settings)

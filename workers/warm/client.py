@@ -29,14 +29,15 @@ def current() -> KeeperClient | None:
 
 
 class KeeperClient:
-    def __init__(self, address: Path) -> None:
+    def __init__(self, address: Path, start_timeout_s: float = READY_TIMEOUT_S) -> None:
         self.address = address
+        self.start_timeout_s = start_timeout_s
+        """How long an acquire may wait for the keeper to start a sandbox."""
 
     def acquire(self, spec: SandboxSpec) -> tuple[socket.socket, Reply]:
         """The control socket of the session's warm sandbox (started if need be)."""
-        reply, fds = self._call(
-            Request(op="acquire", session_id=spec.session_id, spec=WarmSpec.of(spec))
-        )
+        request = Request(op="acquire", session_id=spec.session_id, spec=WarmSpec.of(spec))
+        reply, fds = self._call(request, self.start_timeout_s + 5)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -56,10 +57,12 @@ class KeeperClient:
     def sessions(self) -> list[str]:
         return self._call(Request(op="list"))[0].sessions
 
-    def _call(self, request: Request) -> tuple[Reply, list[int]]:
+    def _call(
+        self, request: Request, timeout_s: float = READY_TIMEOUT_S + 5
+    ) -> tuple[Reply, list[int]]:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(READY_TIMEOUT_S + 5)
+                conn.settimeout(timeout_s)
                 conn.connect(str(self.address))
                 send_frame(conn, request.model_dump(mode="json", exclude_defaults=True))
                 message, fds = recv_frame(conn)

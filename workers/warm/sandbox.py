@@ -95,7 +95,12 @@ class KeptRuntime(Runtime):
     def __init__(self, held: type[Runtime], keeper: KeeperClient, settings: Settings) -> None:
         self.name = held.name
         self.gateway_host = held.gateway_host_of(settings)
-        self._keeper = keeper
+        self._keeper = KeeperClient(keeper.address, held.start_timeout_of(settings))
+
+    @property
+    def start_timeout_s(self) -> float:
+        """How long a lease waits for the keeper to start a sandbox."""
+        return self._keeper.start_timeout_s
 
     @classmethod
     def probe(cls) -> Probe:
