@@ -42,10 +42,14 @@ VENV_BIN = Path(sys.executable).parent
 Manifest = dict[str, Any]
 
 
+PROVIDED_BY = {"kubectl": "kubectl", "systemd-analyze": "systemd"}
+"""Host tools the checks use beyond the dev dependencies, and what provides them."""
+
+
 def tool(name: str) -> str:
     found = shutil.which(name, path=f"{VENV_BIN}:{os.environ.get('PATH', '')}")
     if found is None:
-        pytest.skip(f"{name} is not installed here")
+        pytest.skip(f"needs {name} on this host (from {PROVIDED_BY.get(name, name)})")
     return found
 
 

@@ -65,7 +65,9 @@ HOST = hardware_virtualisation()
 needs_vm = pytest.mark.skipif(
     not HOST.ok, reason="needs hardware virtualisation (KVM with VT-x/AMD-V)"
 )
-cannot_boot = pytest.mark.skipif(HOST.ok, reason="this host can boot micro-VMs")
+cannot_boot = pytest.mark.skipif(
+    HOST.ok, reason="needs a host that cannot boot micro-VMs (this one has VT-x/AMD-V)"
+)
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
 
 
@@ -770,11 +772,17 @@ def test_a_line_splitter_keeps_a_partial_line_until_flushed() -> None:
 
 
 @pytest.fixture
-def vm_runtime(tmp_path: Path) -> Iterator[BoxliteRuntime]:
+def vm_settings(tmp_path: Path) -> Settings:
+    """Settings with this host's sandbox image, for the tests that boot a micro-VM."""
     image = configured_image(get_settings())
     if image is None:
-        pytest.skip("needs a sandbox image built on this host (deploy/image/build.sh)")
-    made = BoxliteRuntime(Settings(home=tmp_path / "claudebox", boxlite_image=image))
+        pytest.skip("needs the boxlite sandbox image built on this host (deploy/image/build.sh)")
+    return Settings(home=tmp_path / "claudebox", boxlite_image=image)
+
+
+@pytest.fixture
+def vm_runtime(vm_settings: Settings) -> Iterator[BoxliteRuntime]:
+    made = BoxliteRuntime(vm_settings)
     yield made
     made.close()
 
@@ -946,12 +954,9 @@ def test_a_pool_child_leases_boxes_from_the_keeper_and_its_errors_come_back_type
 @needs_vm
 @pytest.mark.timeout(300)
 def test_a_warm_box_serves_the_next_task_without_starting_again(
-    redis_server: RedisServer, tmp_path: Path, spec: SandboxSpec
+    redis_server: RedisServer, vm_settings: Settings, spec: SandboxSpec
 ) -> None:
-    image = configured_image(get_settings())
-    if image is None:
-        pytest.skip("needs a sandbox image built on this host (deploy/image/build.sh)")
-    settings = Settings(home=tmp_path / "claudebox", boxlite_image=image)
+    settings = vm_settings
     keeper = held_keeper(redis_server, settings)
     try:
         runtime = KeptRuntime(BoxliteRuntime, KeeperClient(keeper.address), settings)
