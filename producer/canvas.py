@@ -38,7 +38,6 @@ from producer.batch import Job, JobResult, by_session, plan
 from producer.client import ClaudeBox
 from tasks import names
 from tasks.app import app
-from tasks.connections import async_redis
 from tasks.errors import SessionAlreadyExistsError, SessionNotFoundError
 from tasks.models import CleanupRequest, CodeRequest
 
@@ -153,16 +152,14 @@ async def _open(job: Job) -> str:
 
 async def _queues(session_ids: Iterable[str]) -> dict[str, str]:
     """The queue of each session: its node's, where its files live (``producer.routing``)."""
-    client = async_redis(pool.settings())
     try:
+        client = await pool.redis_client()
         return {
             session_id: (await routing.route({"session_id": session_id}, client)).queue
             for session_id in session_ids
         }
     except (RedisError, OSError) as exc:
         raise pool.unreachable(exc) from None
-    finally:
-        await client.aclose()
 
 
 def _code_step(job: Job, session_id: str, task_id: str, queue: str) -> Signature:

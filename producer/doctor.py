@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from tasks import keys
-from tasks.connections import redacted, sync_redis
+from tasks.connections import redacted, sync_redis, text
 from tasks.models import WorkerInfo
 from tasks.settings import get_settings
 
@@ -42,9 +42,9 @@ def doctor_report(out: Console) -> bool:
         return False
     out.print(f"redis              {OK} {url}", highlight=False)
 
-    since = time.time() - 3 * settings.worker_heartbeat_s
+    since = time.time() - settings.worker_alive_s
     members: list[bytes] = client.zrangebyscore(keys.workers(), since, "+inf")  # type: ignore[assignment]
-    alive = [name.decode() for name in members]
+    alive = [text(name) for name in members]
     if not alive:
         out.print(f"workers            {BAD} none running: start one with `claudebox-pool worker`")
         return False

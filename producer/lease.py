@@ -19,7 +19,6 @@ from redis.exceptions import RedisError
 
 from producer import pool
 from tasks import keys
-from tasks.connections import async_redis
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +46,11 @@ class Lease:
         if renewer.get_loop() is asyncio.get_running_loop():
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
-        client = async_redis(pool.settings())
         try:
+            client = await pool.redis_client()
             await client.delete(keys.session_lease(self.session_id))
         except (RedisError, OSError) as exc:
             log.warning("could not drop the lease on %s (it expires): %s", self.session_id, exc)
-        finally:
-            await client.aclose()
 
     async def _renew(self) -> None:
         while True:
@@ -67,8 +64,5 @@ class Lease:
     async def _write(self) -> None:
         current = pool.settings()
         holder = f"{socket.gethostname()}:{os.getpid()}"
-        client = async_redis(current)
-        try:
-            await client.set(keys.session_lease(self.session_id), holder, ex=current.lease_ttl_s)
-        finally:
-            await client.aclose()
+        client = await pool.redis_client()
+        await client.set(keys.session_lease(self.session_id), holder, ex=current.lease_ttl_s)

@@ -224,7 +224,7 @@ def _workers_ready(settings: Settings, names: list[str]) -> Callable[[], bool]:
         client = sync_redis(settings)
         try:
             # Fresh heartbeats only: a worker of the same name stopped earlier is known too.
-            since = time.time() - 3 * settings.worker_heartbeat_s
+            since = time.time() - settings.worker_alive_s
             seen = [client.zscore(keys.workers(), name) for name in names]
             return all(score is not None and score >= since for score in seen)
         finally:

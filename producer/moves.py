@@ -13,7 +13,6 @@ from redis.exceptions import RedisError
 from producer import pool, routing
 from producer.client import WAIT_MARGIN_S
 from tasks import keys, names
-from tasks.connections import async_redis
 from tasks.errors import InvalidRequestError, PoolUnavailableError, SessionNotFoundError
 from tasks.models import AdoptRequest, SessionRecord, validate_session_id
 from tasks.registry import parse
@@ -27,8 +26,8 @@ async def move_session(session_id: str, node: str, *, force: bool = False) -> Se
     """
     validate_session_id(session_id)
     current = pool.settings()
-    client = async_redis(current)
     try:
+        client = await pool.redis_client()
         record = parse(await client.hget(keys.registry(), session_id))
         target_silent_s = await routing.silent_for(client, node)
         source_silent_s = (
@@ -36,8 +35,6 @@ async def move_session(session_id: str, node: str, *, force: bool = False) -> Se
         )
     except (RedisError, OSError) as exc:
         raise pool.unreachable(exc) from None
-    finally:
-        await client.aclose()
     if record is None:
         raise SessionNotFoundError(session_id)
     if record.node == node:

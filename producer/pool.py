@@ -159,7 +159,7 @@ async def ensure_workers() -> None:
     current = settings()
     try:
         client = await redis_client()
-        since = time.time() - 3 * current.worker_heartbeat_s
+        since = time.time() - current.worker_alive_s
         alive = await client.zcount(keys.workers(), since, "+inf")
     except (RedisError, OSError) as exc:
         raise unreachable(exc) from None

@@ -12,7 +12,7 @@ it never goes elsewhere. Within the grace period it waits in the node's queue.
 
 Within its node, a session whose sandbox a worker keeps warm (``CLAUDEBOX_WARM_IDLE_S``)
 has its tasks sent to that worker's own queue, ``claudebox.worker.<hostname>``, while the
-worker's heartbeat is fresh (three heartbeats), so that the next task skips the sandbox
+worker is alive (``Settings.worker_alive_s``), so that the next task skips the sandbox
 start; otherwise to the node's queue. A worker that dies with tasks in its queue has them
 moved to the node's queue by the node's other workers (``workers.warm.rescue``). The node
 stays the hard constraint, the worker a preference.
@@ -30,6 +30,7 @@ from typing import Any
 import redis.asyncio
 
 from tasks import keys, names
+from tasks.connections import text
 from tasks.errors import InvalidRequestError, NodeUnavailableError
 from tasks.registry import parse
 from tasks.settings import get_settings
@@ -48,8 +49,6 @@ class Route:
 
 
 ANYWHERE = Route(names.QUEUE)
-WARM_FRESH_BEATS = 3
-"""A worker silent for longer is not sent its warm sessions' tasks (as ``ensure_workers``)."""
 
 
 def sessions_of(payload: Mapping[str, Any]) -> list[str]:
@@ -89,7 +88,7 @@ async def route(payload: Mapping[str, Any], client: redis.asyncio.Redis) -> Rout
             "runs on one node; move them to one node first (`claudebox-pool sessions move`)"
         )
     node, session_id = next(iter(bound.items()))
-    owner = _text(warm[0]) if warm and warm[0] is not None else None
+    owner = text(warm[0]) if warm and warm[0] is not None else None
     pipe = client.pipeline(transaction=False)
     pipe.zscore(keys.nodes(), node)
     if owner is not None:
@@ -99,14 +98,10 @@ async def route(payload: Mapping[str, Any], client: redis.asyncio.Redis) -> Rout
     settings = get_settings()
     if silent_s is None or silent_s > settings.node_grace_s:
         raise NodeUnavailableError(session_id, node, silent_s)
-    fresh_s = WARM_FRESH_BEATS * settings.worker_heartbeat_s
-    if owner is not None and owner_seen[0] is not None and time.time() - owner_seen[0] <= fresh_s:
+    alive_s = settings.worker_alive_s
+    if owner is not None and owner_seen[0] is not None and time.time() - owner_seen[0] <= alive_s:
         return Route(names.worker_queue(owner), node, session_id)
     return Route(names.node_queue(node), node, session_id)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 async def silent_for(client: redis.asyncio.Redis, node: str) -> float | None:
@@ -119,4 +114,4 @@ async def alive_nodes(client: redis.asyncio.Redis) -> list[str]:
     """Nodes that sent a heartbeat within the grace period."""
     since = time.time() - get_settings().node_grace_s
     members: list[bytes] = await client.zrangebyscore(keys.nodes(), since, "+inf")  # type: ignore[assignment]
-    return sorted(member.decode() for member in members)
+    return sorted(text(member) for member in members)

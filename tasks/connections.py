@@ -41,3 +41,8 @@ def async_redis(settings: Settings) -> redis.asyncio.Redis:
         socket_connect_timeout=5,
         health_check_interval=30,
     )
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as text (the clients here leave replies undecoded)."""
+    return value.decode() if isinstance(value, bytes) else value

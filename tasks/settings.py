@@ -339,6 +339,11 @@ class Settings(BaseSettings):
         return (self.archive_dir or self.home / "archives").expanduser().absolute()
 
     @property
+    def worker_alive_s(self) -> int:
+        """How recent a worker's last heartbeat must be for it to count as alive: three beats."""
+        return 3 * self.worker_heartbeat_s
+
+    @property
     def visibility_timeout_s(self) -> int:
         """Above the longest a message may stay unacked: queued waits plus the run itself."""
         return self.task_time_limit_s + self.lock_wait_s + self.visibility_margin_s

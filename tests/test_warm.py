@@ -15,7 +15,6 @@ import redis
 from producer import ClaudeBox, pool, routing
 from tasks import keys, names
 from tasks.app import app
-from tasks.connections import async_redis
 from tasks.models import CodeRequest
 from tasks.settings import get_settings
 from tests.conftest import WorkerFactory
@@ -216,8 +215,4 @@ def test_a_worker_killed_while_keeping_a_warm_sandbox_leaves_nothing_blocking_th
 
 
 async def _route(session_id: str) -> routing.Route:
-    client = async_redis(get_settings())
-    try:
-        return await routing.route({"session_id": session_id}, client)
-    finally:
-        await client.aclose()
+    return await routing.route({"session_id": session_id}, await pool.redis_client())

@@ -104,7 +104,7 @@ def test_a_sandbox_leased_by_a_process_that_died_is_stopped_with_its_command(
         "from workers.runtimes.base import SandboxSpec\n"
         "from workers.warm.client import KeeperClient\n"
         "spec = SandboxSpec('lessee', Path(sys.argv[2]), Path(sys.argv[3]), 1, 512, 1)\n"
-        "control, _ = KeeperClient(Path(sys.argv[1])).acquire(spec)\n"
+        "control = KeeperClient(Path(sys.argv[1])).acquire(spec)\n"
         "from workers.runtimes.exec_server import send_frame\n"
         "import os\n"
         "r, w = os.pipe(); send_frame(control, {'argv': ['sleep', sys.argv[4]], "

@@ -48,7 +48,7 @@ class Heartbeat(bootsteps.StartStopStep):
         if self.tref is not None:
             self.tref.cancel()
         ctx = context()
-        if worker.hostname.encode() in ctx.redis.smembers(keys.worker_queues()):
+        if ctx.redis.sismember(keys.worker_queues(), worker.hostname):
             # Known on as stopped: what reaches its own queue now is moved by its node's others.
             rescue.mark_stopped(ctx, worker.hostname)
         else:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tasks import keys, names
 from tasks.app import app
+from tasks.connections import text
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -24,12 +25,8 @@ def to_other_nodes(ctx: WorkerContext, name: str, payload: dict[str, Any]) -> li
     """Send task ``name`` with ``payload`` (made not to be sent on again) to every other live
     node's queue; the nodes it went to."""
     since = time.time() - ctx.settings.node_grace_s
-    members = ctx.redis.zrangebyscore(keys.nodes(), since, "+inf")
-    others = sorted(
-        node
-        for node in (m.decode() if isinstance(m, bytes) else str(m) for m in members)
-        if node != ctx.node
-    )
+    members: list[bytes] = ctx.redis.zrangebyscore(keys.nodes(), since, "+inf")  # type: ignore[assignment]
+    others = sorted(node for node in map(text, members) if node != ctx.node)
     for node in others:
         app.send_task(
             name,

@@ -50,9 +50,7 @@ def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
     except Retry:
         ctx.redis.decr(key)
         raise
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException:
+    except Exception:
         ctx.redis.delete(key)
         raise
     else:

@@ -7,6 +7,7 @@ its own. Sweeps are the exception: they never wait for a lock (see :mod:`workers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -19,11 +20,12 @@ from tasks.lifecycle import (
     ForkRequest,
     RestoreArchiveRequest,
     RestoreCheckpointRequest,
+    SweepReport,
     SweepRequest,
 )
 from tasks.models import parse_payload
 from workers import archive, checkpoints, disk, fanout, forks, sweeps
-from workers.context import context
+from workers.context import WorkerContext, context
 from workers.jobs import RETRYING, session_lock
 from workers.lock import raise_fence
 
@@ -76,17 +78,21 @@ def disk_usage(payload: dict[str, Any] | None = None) -> dict[str, Any]:
 # Their reports go to <home>/sweeps.jsonl; nobody waits for a sweep's result.
 @app.task(name=names.SWEEP_AGE, throws=(ClaudeBoxError,), ignore_result=True)
 def sweep_age(payload: dict[str, Any]) -> dict[str, Any] | None:
-    request, ctx = parse_payload(SweepRequest, payload), context()
-    if request.every_node:
-        fanout.to_other_nodes(ctx, names.SWEEP_AGE, payload)
-    report = sweeps.sweep_age(ctx, request.every_s)
-    return report.model_dump(mode="json") if report else None
+    return _sweep(names.SWEEP_AGE, sweeps.sweep_age, payload)
 
 
 @app.task(name=names.SWEEP_LEAKS, throws=(ClaudeBoxError,), ignore_result=True)
 def sweep_leaks(payload: dict[str, Any]) -> dict[str, Any] | None:
+    return _sweep(names.SWEEP_LEAKS, sweeps.sweep_leaks, payload)
+
+
+def _sweep(
+    name: str,
+    run: Callable[[WorkerContext, float], SweepReport | None],
+    payload: dict[str, Any],
+) -> dict[str, Any] | None:
     request, ctx = parse_payload(SweepRequest, payload), context()
     if request.every_node:
-        fanout.to_other_nodes(ctx, names.SWEEP_LEAKS, payload)
-    report = sweeps.sweep_leaks(ctx, request.every_s)
+        fanout.to_other_nodes(ctx, name, payload)
+    report = run(ctx, request.every_s)
     return report.model_dump(mode="json") if report else None

@@ -6,6 +6,7 @@ updated after the disk, so that the registry never shows what the disk does not 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -105,7 +106,8 @@ def run_code(
         # of a task whose worker died before the ack): give back its result, run nothing.
         return recorded
     disk.guard(ctx.settings, store, f"session '{request.session_id}' cannot run a task")
-    inputs.check(store, record.session_id, record.inputs)
+    # Its inputs are checked here too, before anything is written.
+    spec = sandbox_spec(ctx, record, request.sandbox)
     record = record.model_copy(
         update={"status": "running", "last_accessed": utc_now(), "fence": lock.fence}
     )
@@ -119,7 +121,6 @@ def run_code(
         )
 
     agent = ctx.agent(request.agent)
-    spec = sandbox_spec(ctx, record, request.sandbox)
     timeout_s = float(
         min(request.timeout_s or ctx.settings.task_time_limit_s, ctx.settings.task_time_limit_s)
     )
@@ -128,7 +129,7 @@ def run_code(
     started = time.monotonic()
     with passage(ctx, request, record) as way_out, _stopped_on_error(ctx, record, lock):
         extra = agent.mounts() + ((way_out.mount,) if way_out else ())
-        spec = SandboxSpec(**{**spec.__dict__, "mounts": spec.mounts + extra})
+        spec = dataclasses.replace(spec, mounts=spec.mounts + extra)
         try:
             with ctx.runtime.open(spec) as sandbox:
                 invocation = agent.invocation(request, record, sandbox)
@@ -147,7 +148,6 @@ def run_code(
         if way_out is not None:
             outcome = way_out.settle(outcome, request.session_id)
     duration_s = time.monotonic() - started
-    lock.check()
     created = sorted(store.workspace_files(request.session_id) - before)
 
     now = utc_now()

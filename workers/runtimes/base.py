@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
@@ -71,6 +71,9 @@ class SandboxSpec:
     persistent: bool = True
 
 
+STDERR_TAIL_LINES = 20
+
+
 @dataclass
 class ExecResult:
     exit_code: int
@@ -79,7 +82,11 @@ class ExecResult:
     duration_s: float
     timed_out: bool = False
     cancelled: bool = False
-    stderr_tail: list[str] = field(default_factory=list)
+
+    @property
+    def stderr_tail(self) -> list[str]:
+        """The last lines of stderr, for error messages."""
+        return self.stderr.splitlines()[-STDERR_TAIL_LINES:]
 
 
 class Sandbox(ABC):

@@ -127,7 +127,7 @@ class BwrapRuntime(Runtime):
                 self.remove(spec.session_id)
                 return BwrapSandbox(spec)
             try:
-                control, _ = self._keeper.acquire(spec)
+                control = self._keeper.acquire(spec)
             except WarmError as exc:
                 log.warning("no warm sandbox for %s (%s); running cold", spec.session_id, exc)
             else:

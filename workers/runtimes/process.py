@@ -18,7 +18,6 @@ from typing import IO
 from workers.runtimes.base import ExecResult, LineSink
 
 OUTPUT_LIMIT_BYTES = 4_000_000
-STDERR_TAIL_LINES = 20
 
 
 class OutputTail:
@@ -127,5 +126,4 @@ def run_process(
         duration_s=time.monotonic() - started,
         timed_out="timeout" in stopped,
         cancelled="cancel" in stopped,
-        stderr_tail=stderr.splitlines()[-STDERR_TAIL_LINES:],
     )

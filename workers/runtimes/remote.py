@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from workers.runtimes.base import ExecResult, LineSink
 from workers.runtimes.exec_server import recv_frame, send_frame
-from workers.runtimes.process import OUTPUT_LIMIT_BYTES, STDERR_TAIL_LINES, OutputTail
+from workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
 from workers.runtimes.supervise import LineSplitter
 
 CANCEL_POLL_S = 0.05
@@ -126,7 +126,6 @@ def _follow(
         duration_s=time.monotonic() - started,
         timed_out=stopped == "timeout",
         cancelled=stopped == "cancel",
-        stderr_tail=stderr.splitlines()[-STDERR_TAIL_LINES:],
     )
 
 

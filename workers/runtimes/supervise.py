@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from workers.runtimes.base import ExecResult, LineSink
-from workers.runtimes.process import OUTPUT_LIMIT_BYTES, STDERR_TAIL_LINES, OutputTail
+from workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
 
 T = TypeVar("T")
 
@@ -152,5 +152,4 @@ def supervise(
         duration_s=time.monotonic() - started,
         timed_out=timed_out,
         cancelled=cancelled,
-        stderr_tail=stderr.splitlines()[-STDERR_TAIL_LINES:],
     )

@@ -34,15 +34,15 @@ class KeeperClient:
         self.start_timeout_s = start_timeout_s
         """How long an acquire may wait for the keeper to start a sandbox."""
 
-    def acquire(self, spec: SandboxSpec) -> tuple[socket.socket, Reply]:
+    def acquire(self, spec: SandboxSpec) -> socket.socket:
         """The control socket of the session's warm sandbox (started if need be)."""
         request = Request(op="acquire", session_id=spec.session_id, spec=WarmSpec.of(spec))
-        reply, fds = self._call(request, self.start_timeout_s + 5)
+        _, fds = self._call(request, self.start_timeout_s + 5)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise WarmError("the keeper answered an acquire without a sandbox")
-        return socket.socket(fileno=fds[0]), reply
+        return socket.socket(fileno=fds[0])
 
     def release(self, session_id: str, healthy: bool = True) -> None:
         self._call(Request(op="release", session_id=session_id, healthy=healthy))

@@ -51,6 +51,7 @@ import redis
 from redis.exceptions import RedisError
 
 from tasks import keys
+from tasks.connections import text
 from tasks.settings import Settings
 from workers.runtimes.base import Runtime, Sandbox, SandboxSpec
 from workers.runtimes.exec_server import recv_frame, send_frame
@@ -256,19 +257,18 @@ class Keeper:
         if request.op == "acquire":
             if request.spec is None:
                 raise WarmError("acquire needs a spec")
-            warm, created = self._acquire(request.spec, pid)
-            return Reply(created=created, hostname=self.hostname), warm.control.fileno()
+            return Reply(), self._acquire(request.spec, pid).control.fileno()
         if request.op == "release":
             self._release(request.session_id, pid, request.healthy)
-            return Reply(hostname=self.hostname), None
+            return Reply(), None
         if request.op == "drop":
             dropped = self.drop(request.session_id, request.remove)
             if request.everywhere:
                 self._take_over(request.session_id)
-            return Reply(dropped=dropped, hostname=self.hostname), None
-        return Reply(sessions=self.sessions(), hostname=self.hostname), None
+            return Reply(dropped=dropped), None
+        return Reply(sessions=self.sessions()), None
 
-    def _acquire(self, spec: WarmSpec, pid: int) -> tuple[Warm, bool]:
+    def _acquire(self, spec: WarmSpec, pid: int) -> Warm:
         session_id = spec.session_id
         with self._lock:
             warm = self._warm.get(session_id)
@@ -290,8 +290,9 @@ class Keeper:
             with self._lock:
                 self._warm[session_id] = warm
         warm.leased_by = pid
-        self._claim(session_id)
-        return warm, created
+        if created:
+            self._claim(session_id)  # a reused one's key was set at its release, and outlives it
+        return warm
 
     def _release(self, session_id: str, pid: int, healthy: bool) -> None:
         with self._lock:
@@ -412,11 +413,11 @@ class Keeper:
             owner = self._redis.get(keys.warm(session_id))
         except RedisError:
             return
-        other = owner.decode() if isinstance(owner, bytes) else owner
+        other = None if owner is None else text(owner)
         if other is None or other == self.hostname:
             return
         age = self._heartbeat_age(other)
-        if age is None or age > 3 * self.settings.worker_heartbeat_s:
+        if age is None or age > self.settings.worker_alive_s:
             return  # dead: its sandboxes died with it
         if not self._remote_drop(other, session_id):
             log.warning(

@@ -85,7 +85,5 @@ class Request(BaseModel):
 
 class Reply(BaseModel):
     error: str | None = None
-    created: bool = False
     dropped: bool = False
-    hostname: str = ""
     sessions: list[str] = []

@@ -22,12 +22,12 @@ from celery.contrib.migrate import move
 
 from tasks import keys, names
 from tasks.app import app
+from tasks.connections import text
 from tasks.models import WorkerInfo
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
-SILENT_BEATS = 3
 MOVE_IDLE_S = 0.5
 """How long the mover waits for one more message before it stops."""
 
@@ -37,7 +37,7 @@ _moving = threading.Lock()
 def mark_stopped(ctx: WorkerContext, hostname: str) -> None:
     """Record a worker's clean stop: silent from now on, yet known until it is forgotten, so
     that what reaches its queue as it stops is moved like a dead worker's."""
-    stale = time.time() - (SILENT_BEATS + 1) * ctx.settings.worker_heartbeat_s
+    stale = time.time() - ctx.settings.worker_alive_s - ctx.settings.worker_heartbeat_s
     ctx.redis.zadd(keys.workers(), {hostname: stale})
 
 
@@ -48,33 +48,35 @@ def stranded(ctx: WorkerContext) -> list[str]:
     more of what it had taken, is forgotten (its heartbeat, its info, its queue's membership)
     once its queue is empty.
     """
-    hostnames = sorted(
-        member.decode() if isinstance(member, bytes) else str(member)
-        for member in ctx.redis.smembers(keys.worker_queues())
-    )
+    hostnames = sorted(text(member) for member in ctx.redis.smembers(keys.worker_queues()))
     if not hostnames:
         return []
     pipe = ctx.redis.pipeline(transaction=False)
     for hostname in hostnames:
         pipe.zscore(keys.workers(), hostname)
         pipe.llen(names.worker_queue(hostname))
-        pipe.hget(keys.worker_info(), hostname)
     replies = pipe.execute()
     now = time.time()
-    found, forgotten = [], []
+    holding, forgotten = [], []
     for index, hostname in enumerate(hostnames):
-        seen, length, raw = replies[3 * index : 3 * index + 3]
+        seen, length = replies[2 * index : 2 * index + 2]
         if seen is None:
             continue  # starting: not ready to announce itself yet
         silent_s = now - float(seen)
-        if silent_s <= SILENT_BEATS * ctx.settings.worker_heartbeat_s:
+        if silent_s <= ctx.settings.worker_alive_s:
             continue
         if length:
-            info = WorkerInfo.model_validate_json(raw) if raw else None
-            if info is not None and info.node == ctx.node:
-                found.append(names.worker_queue(hostname))
+            holding.append(hostname)
         elif silent_s > ctx.settings.visibility_timeout_s:
             forgotten.append(hostname)
+    found = []
+    if holding:
+        # Their node is read only for the rare worker found silent with messages left.
+        for hostname, raw in zip(
+            holding, ctx.redis.hmget(keys.worker_info(), holding), strict=True
+        ):
+            if raw and WorkerInfo.model_validate_json(raw).node == ctx.node:
+                found.append(names.worker_queue(hostname))
     if forgotten:
         pipe = ctx.redis.pipeline(transaction=False)
         pipe.srem(keys.worker_queues(), *forgotten)

@@ -108,7 +108,7 @@ class KeptRuntime(Runtime):
 
     def open(self, spec: SandboxSpec) -> Sandbox:
         try:
-            control, _ = self._keeper.acquire(spec)
+            control = self._keeper.acquire(spec)
         except WarmError as exc:
             raise SandboxError(
                 f"{self.name} could not give session '{spec.session_id}' a sandbox: {exc}"
