@@ -13,7 +13,7 @@ import sys
 import time
 
 from bench.harness import BenchPool, bench_pool, describe, machine, stop
-from producer import ClaudeBox
+from claudebox_pool import ClaudeBox
 from tests.support.processes import REPO, Worker
 
 SESSIONS = 8

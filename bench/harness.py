@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.app import configure
-from tasks.settings import get_settings
+from claudebox_pool.tasks.app import configure
+from claudebox_pool.tasks.settings import get_settings
 from tests.support.processes import RedisServer, Worker
 
 

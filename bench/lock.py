@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from bench.harness import describe, machine
+from claudebox_pool.workers.lock import SessionLock
 from tests.support.processes import RedisServer
-from workers.lock import SessionLock
 
 CONTENDERS = 8
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from bench.harness import bench_pool, machine, stop
-from producer import ClaudeBox
+from claudebox_pool import ClaudeBox
 
 SANDBOXES = 8
 

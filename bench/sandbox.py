@@ -18,13 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.harness import bench_pool, describe, machine, stop
-from producer import ClaudeBox
-from tasks.settings import Settings
+from claudebox_pool import ClaudeBox
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers.runtimes.auto import runtime_class
+from claudebox_pool.workers.runtimes.base import Runtime, SandboxSpec
+from claudebox_pool.workers.warm import client as warm_client
+from claudebox_pool.workers.warm.keeper import Keeper
 from tests.support.processes import RedisServer
-from workers.runtimes.auto import runtime_class
-from workers.runtimes.base import Runtime, SandboxSpec
-from workers.warm import client as warm_client
-from workers.warm.keeper import Keeper
 
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
 

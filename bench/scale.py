@@ -14,11 +14,11 @@ from pathlib import Path
 import redis
 
 from bench.harness import machine
-from tasks.models import SessionRecord, utc_now
-from tasks.registry import read_all
+from claudebox_pool.tasks.models import SessionRecord, utc_now
+from claudebox_pool.tasks.registry import read_all
+from claudebox_pool.workers import registry
+from claudebox_pool.workers.store import SessionStore
 from tests.support.processes import RedisServer
-from workers import registry
-from workers.store import SessionStore
 
 
 def populate(store: SessionStore, count: int, start: int) -> None:

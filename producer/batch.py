@@ -46,17 +46,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 
-from producer import pool
-from producer.client import ClaudeBox
-from producer.progress import BatchProgress, summary
-from tasks.errors import (
+from claudebox_pool.producer import pool
+from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.producer.progress import BatchProgress, summary
+from claudebox_pool.tasks.errors import (
     ClaudeBoxError,
     InvalidRequestError,
     SessionAlreadyExistsError,
     SessionNotFoundError,
 )
-from tasks.models import SessionId
-from tasks.settings import AgentName
+from claudebox_pool.tasks.models import SessionId
+from claudebox_pool.tasks.settings import AgentName
 
 DEFAULT_CONCURRENCY = 16
 YAML_SUFFIXES = (".yaml", ".yml")

@@ -33,13 +33,13 @@ from celery.canvas import Signature
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from producer import pool, routing
-from producer.batch import Job, JobResult, by_session, plan
-from producer.client import ClaudeBox
-from tasks import names
-from tasks.app import app
-from tasks.errors import SessionAlreadyExistsError, SessionNotFoundError
-from tasks.models import CleanupRequest, CodeRequest
+from claudebox_pool.producer import pool, routing
+from claudebox_pool.producer.batch import Job, JobResult, by_session, plan
+from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.errors import SessionAlreadyExistsError, SessionNotFoundError
+from claudebox_pool.tasks.models import CleanupRequest, CodeRequest
 
 UNNAMED_PREFIX = "batch-"
 

@@ -21,23 +21,34 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from producer import flowerconfig, lifecycle, live, local_pool
-from producer.batch import DEFAULT_CONCURRENCY, all_succeeded, read_jobs, read_results, run_batch
-from producer.canvas import enqueue
-from producer.client import ClaudeBox
-from producer.doctor import doctor_report
-from producer.moves import move_session
-from producer.terminal import show_event
-from tasks import names
-from tasks.app import app as celery_app
-from tasks.errors import (
+from claudebox_pool.producer import flowerconfig, lifecycle, live, local_pool
+from claudebox_pool.producer.batch import (
+    DEFAULT_CONCURRENCY,
+    all_succeeded,
+    read_jobs,
+    read_results,
+    run_batch,
+)
+from claudebox_pool.producer.canvas import enqueue
+from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.producer.doctor import doctor_report
+from claudebox_pool.producer.moves import move_session
+from claudebox_pool.producer.terminal import show_event
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.app import app as celery_app
+from claudebox_pool.tasks.errors import (
     ClaudeBoxError,
     PoolUnavailableError,
     SessionNotFoundError,
 )
-from tasks.lifecycle import megabytes
-from tasks.models import ReindexResult, validate_session_id
-from tasks.settings import CLAUDE_CLI_VERSION, AgentName, default_cli_dir, get_settings
+from claudebox_pool.tasks.lifecycle import megabytes
+from claudebox_pool.tasks.models import ReindexResult, validate_session_id
+from claudebox_pool.tasks.settings import (
+    CLAUDE_CLI_VERSION,
+    AgentName,
+    default_cli_dir,
+    get_settings,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -108,11 +119,21 @@ def worker(
     ] = None,
 ) -> None:
     """Start a worker of the pool (a Celery worker with claudebox's app and options)."""
-    from workers.runtimes.auto import choose  # a verb that starts a worker may look at workers
+    from claudebox_pool.workers.runtimes.auto import (
+        choose,  # a verb that starts a worker may look at workers
+    )
 
     choice = guarded(lambda: choose(get_settings().runtime))
     err.print(f"runtime: {choice.reason}", highlight=False)
-    arguments = ["-A", "workers.app", "worker", "--queues", names.QUEUE, "--loglevel", loglevel]
+    arguments = [
+        "-A",
+        "claudebox_pool.workers.app",
+        "worker",
+        "--queues",
+        names.QUEUE,
+        "--loglevel",
+        loglevel,
+    ]
     arguments += ["--without-gossip", "--without-mingle"]
     if concurrency is not None:
         arguments += ["--concurrency", str(concurrency)]
@@ -128,7 +149,17 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
     """Start the scheduler (run exactly one per pool)."""
     schedule = get_settings().home / "run" / "celerybeat-schedule"
     schedule.parent.mkdir(parents=True, exist_ok=True)
-    exec_celery(["-A", "tasks.app", "beat", "--loglevel", loglevel, "--schedule", str(schedule)])
+    exec_celery(
+        [
+            "-A",
+            "claudebox_pool.tasks.app",
+            "beat",
+            "--loglevel",
+            loglevel,
+            "--schedule",
+            str(schedule),
+        ]
+    )
 
 
 @cli.command()
@@ -152,7 +183,17 @@ def flower(
             EXIT_USAGE,
         )
     conf = f"--conf={flowerconfig.__file__}"
-    exec_celery(["-A", "tasks.app", "flower", f"--port={port}", f"--address={address}", conf], env)
+    exec_celery(
+        [
+            "-A",
+            "claudebox_pool.tasks.app",
+            "flower",
+            f"--port={port}",
+            f"--address={address}",
+            conf,
+        ],
+        env,
+    )
 
 
 @cli.command()
@@ -448,7 +489,7 @@ def sessions_reindex() -> None:
     """Rebuild the Redis registry from the sessions on the workers' disk."""
 
     async def go() -> ReindexResult:
-        from producer import pool
+        from claudebox_pool.producer import pool
 
         await pool.ensure_workers()
         # Each node reindexes its own disk.

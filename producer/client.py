@@ -17,14 +17,14 @@ from typing import Any, Self
 
 from redis.exceptions import RedisError
 
-from producer import lifecycle, live, pool
-from producer.lease import Lease
-from producer.live import CodeStream, OutputCallback
-from tasks import names
-from tasks.connections import sync_redis
-from tasks.errors import InvalidRequestError
-from tasks.lifecycle import Checkpoint
-from tasks.models import (
+from claudebox_pool.producer import lifecycle, live, pool
+from claudebox_pool.producer.lease import Lease
+from claudebox_pool.producer.live import CodeStream, OutputCallback
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.connections import sync_redis
+from claudebox_pool.tasks.errors import InvalidRequestError
+from claudebox_pool.tasks.lifecycle import Checkpoint
+from claudebox_pool.tasks.models import (
     CleanupRequest,
     CleanupResult,
     CodeRequest,
@@ -34,8 +34,8 @@ from tasks.models import (
     SessionRecord,
     validate_session_id,
 )
-from tasks.registry import read_all
-from tasks.settings import AgentName
+from claudebox_pool.tasks.registry import read_all
+from claudebox_pool.tasks.settings import AgentName
 
 EPHEMERAL_PREFIX = "ephemeral-"
 WAIT_MARGIN_S = 120

@@ -9,10 +9,10 @@ import redis
 from pydantic import ValidationError
 from rich.console import Console
 
-from tasks import keys
-from tasks.connections import redacted, sync_redis, text
-from tasks.models import WorkerInfo
-from tasks.settings import get_settings
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.connections import redacted, sync_redis, text
+from claudebox_pool.tasks.models import WorkerInfo
+from claudebox_pool.tasks.settings import get_settings
 
 OK = "[green]ok[/]"
 BAD = "[red]no[/]"

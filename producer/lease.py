@@ -17,8 +17,8 @@ import socket
 
 from redis.exceptions import RedisError
 
-from producer import pool
-from tasks import keys
+from claudebox_pool.producer import pool
+from claudebox_pool.tasks import keys
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from typing import Any
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 
-from producer import pool
-from tasks import names
-from tasks.connections import sync_redis
-from tasks.errors import InvalidRequestError, SessionNotFoundError
-from tasks.lifecycle import (
+from claudebox_pool.producer import pool
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.connections import sync_redis
+from claudebox_pool.tasks.errors import InvalidRequestError, SessionNotFoundError
+from claudebox_pool.tasks.lifecycle import (
     Checkpoint,
     CheckpointRequest,
     DiskUsage,
@@ -26,8 +26,8 @@ from tasks.lifecycle import (
     RestoreCheckpointRequest,
     RestoredArchive,
 )
-from tasks.models import SessionRecord, validate_name, validate_session_id
-from tasks.registry import read_one
+from claudebox_pool.tasks.models import SessionRecord, validate_name, validate_session_id
+from claudebox_pool.tasks.registry import read_one
 
 
 def template_of(session_id: str, template_session: str | None) -> str | None:

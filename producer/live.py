@@ -22,13 +22,13 @@ import redis.asyncio
 from celery import states
 from redis.exceptions import RedisError
 
-from producer import pool, routing
-from producer.routing import Route
-from tasks import keys
-from tasks.app import app
-from tasks.errors import ClaudeBoxError, InvalidRequestError
-from tasks.models import CodeResult
-from tasks.streaming import FIELD, StreamEvent
+from claudebox_pool.producer import pool, routing
+from claudebox_pool.producer.routing import Route
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError
+from claudebox_pool.tasks.models import CodeResult
+from claudebox_pool.tasks.streaming import FIELD, StreamEvent
 
 OutputCallback = Callable[[StreamEvent], object]
 """Called with each event as it arrives; may be a coroutine function."""

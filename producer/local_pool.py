@@ -36,10 +36,10 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.text import Text
 
-from tasks import keys
-from tasks.connections import redacted, sync_redis
-from tasks.errors import InvalidRequestError, PoolUnavailableError
-from tasks.settings import Settings, get_settings
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.connections import redacted, sync_redis
+from claudebox_pool.tasks.errors import InvalidRequestError, PoolUnavailableError
+from claudebox_pool.tasks.settings import Settings, get_settings
 
 READY_TIMEOUT_S = 90
 DOWN_TIMEOUT_S = 120
@@ -164,7 +164,7 @@ class Launcher:
 
 
 def _cli(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "producer.cli", *arguments]
+    return [sys.executable, "-m", "claudebox_pool.producer.cli", *arguments]
 
 
 def _redis_answers(settings: Settings) -> bool:

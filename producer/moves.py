@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from redis.exceptions import RedisError
 
-from producer import pool, routing
-from producer.client import WAIT_MARGIN_S
-from tasks import keys, names
-from tasks.errors import InvalidRequestError, PoolUnavailableError, SessionNotFoundError
-from tasks.models import AdoptRequest, SessionRecord, validate_session_id
-from tasks.registry import parse
+from claudebox_pool.producer import pool, routing
+from claudebox_pool.producer.client import WAIT_MARGIN_S
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.errors import (
+    InvalidRequestError,
+    PoolUnavailableError,
+    SessionNotFoundError,
+)
+from claudebox_pool.tasks.models import AdoptRequest, SessionRecord, validate_session_id
+from claudebox_pool.tasks.registry import parse
 
 
 async def move_session(session_id: str, node: str, *, force: bool = False) -> SessionRecord:

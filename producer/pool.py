@@ -26,18 +26,18 @@ from kombu.exceptions import OperationalError
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from producer import routing
-from producer.routing import Route
-from tasks import keys, names
-from tasks.app import app
-from tasks.connections import async_redis, redacted
-from tasks.errors import (
+from claudebox_pool.producer import routing
+from claudebox_pool.producer.routing import Route
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.connections import async_redis, redacted
+from claudebox_pool.tasks.errors import (
     ClaudeBoxError,
     NodeUnavailableError,
     PoolUnavailableError,
     TaskFailedError,
 )
-from tasks.settings import Settings, get_settings
+from claudebox_pool.tasks.settings import Settings, get_settings
 
 START_HINT = (
     "start one with `claudebox-pool worker` (or a whole local pool with `claudebox-pool up`)"
@@ -75,7 +75,7 @@ class _Link:
 
     async def close(self) -> None:
         for channel in self.idle:
-            await channel.aclose()  # type: ignore[no-untyped-call]
+            await channel.aclose()
         self.idle.clear()
         await self.client.aclose()
 
@@ -151,7 +151,7 @@ async def _subscribed(link: _Link, name: bytes) -> AsyncIterator[_Channel]:
             await pubsub.unsubscribe(name)
             link.idle.append(pubsub)
         else:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
 
 async def ensure_workers() -> None:

@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from producer.batch import Job, JobResult
+    from claudebox_pool.producer.batch import Job, JobResult
 
 MAX_ROWS = 20
 MAX_FAILURES_LISTED = 20

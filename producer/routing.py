@@ -29,11 +29,11 @@ from typing import Any
 
 import redis.asyncio
 
-from tasks import keys, names
-from tasks.connections import text
-from tasks.errors import InvalidRequestError, NodeUnavailableError
-from tasks.registry import parse
-from tasks.settings import get_settings
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.connections import text
+from claudebox_pool.tasks.errors import InvalidRequestError, NodeUnavailableError
+from claudebox_pool.tasks.registry import parse
+from claudebox_pool.tasks.settings import get_settings
 
 SESSION_FIELDS = ("session_id", "template_session", "source_session_id")
 """Payload fields naming a session whose files a task needs; ``inputs`` maps names to more."""

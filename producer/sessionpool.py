@@ -20,10 +20,10 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Literal, Self, overload
 
-from producer.client import ClaudeBox
-from tasks.errors import InvalidRequestError, SessionNotFoundError
-from tasks.models import CodeResult
-from tasks.settings import AgentName
+from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.tasks.errors import InvalidRequestError, SessionNotFoundError
+from claudebox_pool.tasks.models import CodeResult
+from claudebox_pool.tasks.settings import AgentName
 
 
 class SessionPool:

@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from tasks.streaming import StreamEvent
+from claudebox_pool.tasks.streaming import StreamEvent
 
 TOOL_INPUT_CHARS = 120
 

@@ -13,10 +13,10 @@ from typing import Any
 
 from celery import Celery
 
-from tasks import names
-from tasks.monitoring import RedactingAMQP
-from tasks.schedule import beat_schedule
-from tasks.settings import Settings, get_settings
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.monitoring import RedactingAMQP
+from claudebox_pool.tasks.schedule import beat_schedule
+from claudebox_pool.tasks.settings import Settings, get_settings
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:

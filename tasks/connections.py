@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 import redis.asyncio
 
-from tasks.settings import Settings
+from claudebox_pool.tasks.settings import Settings
 
 _CELERY_SOCKET_SCHEME = "redis+socket://"
 

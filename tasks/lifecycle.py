@@ -10,7 +10,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.models import CheckpointName, SessionId
+from claudebox_pool.tasks.models import CheckpointName, SessionId
 
 
 class _Message(BaseModel):

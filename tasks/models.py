@@ -13,8 +13,8 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import ClaudeBoxError, InvalidRequestError, InvalidSessionIdError
-from tasks.settings import AgentName
+from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError, InvalidSessionIdError
+from claudebox_pool.tasks.settings import AgentName
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
 

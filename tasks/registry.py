@@ -9,8 +9,8 @@ from __future__ import annotations
 import redis
 from pydantic import ValidationError
 
-from tasks import keys
-from tasks.models import SessionRecord
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.models import SessionRecord
 
 
 def parse(raw: bytes | str | None) -> SessionRecord | None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import names
-from tasks.settings import Settings
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.settings import Settings
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:

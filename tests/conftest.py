@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks import keys
-from tasks.app import configure
-from tasks.settings import default_cli_dir, get_settings
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.app import configure
+from claudebox_pool.tasks.settings import default_cli_dir, get_settings
 from tests.support.processes import RedisServer, Worker
 
 _BASE = Path(tempfile.mkdtemp(prefix="claudebox-tests-"))

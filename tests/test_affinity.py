@@ -21,14 +21,19 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import ClaudeBox, pool
-from producer.routing import Route
-from tasks import keys, names
-from tasks.app import app
-from tasks.errors import NodeUnavailableError, SessionAlreadyExistsError, WrongNodeError
-from tasks.models import CodeRequest
-from tasks.registry import read_one
-from tasks.settings import get_settings
+from claudebox_pool import ClaudeBox
+from claudebox_pool.producer import pool
+from claudebox_pool.producer.routing import Route
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.errors import (
+    NodeUnavailableError,
+    SessionAlreadyExistsError,
+    WrongNodeError,
+)
+from claudebox_pool.tasks.models import CodeRequest
+from claudebox_pool.tasks.registry import read_one
+from claudebox_pool.tasks.settings import get_settings
 from tests.conftest import WorkerFactory
 from tests.support.processes import REPO, Worker, wait_for
 
@@ -226,7 +231,7 @@ def test_a_task_for_a_node_gone_past_the_grace_fails_clearly_and_runs_nowhere(
 
 def sessions_move(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", "sessions", "move", *args],
+        [sys.executable, "-m", "claudebox_pool.producer.cli", "sessions", "move", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

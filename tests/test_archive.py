@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import ClaudeBox, InvalidRequestError, SessionAlreadyExistsError, lifecycle
-from tasks import keys
-from tasks.settings import get_settings
+from claudebox_pool import ClaudeBox, InvalidRequestError, SessionAlreadyExistsError
+from claudebox_pool.producer import lifecycle
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.settings import get_settings
 from tests.support.processes import claudebox_pool
 
 pytestmark = pytest.mark.usefixtures("pool", "clean_state")

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from producer import CodeResult, JobResult, enqueue, live, submit
-from producer.batch import read_jobs
-from tasks.errors import InvalidRequestError
-from tasks.settings import get_settings
+from claudebox_pool import CodeResult, JobResult, enqueue, submit
+from claudebox_pool.producer import live
+from claudebox_pool.producer.batch import read_jobs
+from claudebox_pool.tasks.errors import InvalidRequestError
+from claudebox_pool.tasks.settings import get_settings
 from tests.conftest import WorkerFactory
 from tests.support.processes import REPO, claudebox_pool, wait_for
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import CheckpointNotFoundError, ClaudeBox, InvalidRequestError
-from tasks import keys
-from tasks.settings import get_settings
+from claudebox_pool import CheckpointNotFoundError, ClaudeBox, InvalidRequestError
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.settings import get_settings
 
 pytestmark = pytest.mark.usefixtures("pool", "clean_state")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from producer import ClaudeBox
+from claudebox_pool import ClaudeBox
 from tests.conftest import CLAUDE_CLI, WorkerFactory
 
 needs_cli = pytest.mark.skipif(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from producer import ClaudeBox, CodeResult
+from claudebox_pool import ClaudeBox, CodeResult
 from tests.conftest import WorkerFactory
 
 

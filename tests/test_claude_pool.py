@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer import ClaudeBox, CodeResult, SessionNotFoundError
+from claudebox_pool import ClaudeBox, CodeResult, SessionNotFoundError
 from tests.conftest import CLAUDE_CLI, WorkerFactory
 from tests.support.model_server import Cut, Fail, ModelServer, Reply, Text, ToolUse
 from tests.support.processes import Worker

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import get_settings
+from claudebox_pool.tasks.settings import get_settings
 from tests.support.processes import claudebox_pool, free_port
 
 pytestmark = pytest.mark.usefixtures("pool")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from producer import ClaudeBox, SessionBusyError, TaskAttemptsExceededError
+from claudebox_pool import ClaudeBox, SessionBusyError, TaskAttemptsExceededError
 from tests.conftest import WorkerFactory
 
 

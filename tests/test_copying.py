@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.copying import copy_tree, replace_dir
+from claudebox_pool.workers.copying import copy_tree, replace_dir
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tasks.settings import CLAUDE_CLI_VERSION, Settings
+from claudebox_pool.tasks.settings import CLAUDE_CLI_VERSION, Settings
 from tests.support.processes import REPO
 
 DEPLOY = REPO / "deploy"

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from producer import ClaudeBox, DiskFullError
-from tasks.settings import Settings
+from claudebox_pool import ClaudeBox, DiskFullError
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers import disk
+from claudebox_pool.workers.store import SessionStore
 from tests.conftest import WorkerFactory
 from tests.support.processes import REPO, Worker
-from workers import disk
-from workers.store import SessionStore
 
 LIMIT = 3_000_000
 
@@ -100,7 +100,7 @@ def test_sessions_du_lists_sessions_largest_first_with_the_limit() -> None:
     asyncio.run(scenario())
 
     done = subprocess.run(
-        [sys.executable, "-m", "producer.cli", "sessions", "du", "--json"],
+        [sys.executable, "-m", "claudebox_pool.producer.cli", "sessions", "du", "--json"],
         capture_output=True,
         text=True,
         cwd=REPO,

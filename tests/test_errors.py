@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-import tasks.errors
-from tasks.app import app
-from tasks.errors import (
+from claudebox_pool.tasks import errors as task_errors
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.errors import (
     CheckpointNotFoundError,
     ClaudeBoxError,
     DiskFullError,
@@ -103,8 +103,8 @@ ADVICE: dict[type[ClaudeBoxError], list[str]] = {
 def error_classes() -> set[type[BaseException]]:
     return {
         cls
-        for _, cls in inspect.getmembers(tasks.errors, inspect.isclass)
-        if issubclass(cls, BaseException) and cls.__module__ == tasks.errors.__name__
+        for _, cls in inspect.getmembers(task_errors, inspect.isclass)
+        if issubclass(cls, BaseException) and cls.__module__ == task_errors.__name__
     }
 
 
@@ -124,7 +124,7 @@ def test_every_error_descends_from_claudebox_error() -> None:
 
 
 def test_the_module_docstring_draws_every_error_in_the_tree() -> None:
-    doc = tasks.errors.__doc__ or ""
+    doc = task_errors.__doc__ or ""
 
     assert [cls.__name__ for cls in error_classes() if cls.__name__ not in doc] == []
 
@@ -170,9 +170,9 @@ def test_the_readme_shows_the_same_error_tree_as_the_module() -> None:
     import re
     from pathlib import Path
 
-    import tasks.errors
+    from claudebox_pool.tasks import errors as task_errors
 
-    doc = tasks.errors.__doc__ or ""
+    doc = task_errors.__doc__ or ""
     found = re.search(r"::\n\n((?:    .*\n)+)", doc)
     assert found is not None
     tree = "\n".join(line[4:] for line in found.group(1).rstrip("\n").split("\n"))

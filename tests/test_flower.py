@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from producer import ClaudeBox
-from tasks.settings import get_settings
+from claudebox_pool import ClaudeBox
+from claudebox_pool.tasks.settings import get_settings
 from tests.conftest import WorkerFactory
 from tests.support.processes import REPO, Worker, free_port, wait_for
 
@@ -85,7 +85,7 @@ def flower(worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     env = {**os.environ, "CLAUDEBOX_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
     with log_path.open("wb") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "flower", "--port", str(port)],
+            [sys.executable, "-m", "claudebox_pool.producer.cli", "flower", "--port", str(port)],
             env=env,
             cwd=REPO,
             stdout=log,

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import (
+from claudebox_pool import (
     ClaudeBox,
     InvalidRequestError,
     SessionAlreadyExistsError,
     SessionNotFoundError,
 )
-from tasks import keys
-from tasks.settings import get_settings
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.settings import get_settings
 
 pytestmark = pytest.mark.usefixtures("pool", "clean_state")
 

@@ -20,6 +20,22 @@ from typing import Any
 
 import pytest
 
+from claudebox_pool.workers.gateway import (
+    DEFAULT_PRICES,
+    GUEST_SOCKET_DIR,
+    PLACEHOLDER_API_KEY,
+    Credential,
+    Gateway,
+    Lease,
+    bridged_argv,
+    sandbox_env,
+)
+from claudebox_pool.workers.gateway.allowlist import AllowList, Target
+from claudebox_pool.workers.gateway.pricing import price_for
+from claudebox_pool.workers.gateway.usage import StreamMeter
+from claudebox_pool.workers.runtimes.base import AGENT_HOME, ExecResult, Mount, SandboxSpec
+from claudebox_pool.workers.runtimes.bwrap import BwrapRuntime
+from claudebox_pool.workers.runtimes.process import run_process
 from tests import conftest
 from tests.support.model_server import (
     Cut,
@@ -31,22 +47,6 @@ from tests.support.model_server import (
     ToolUse,
     sse_events,
 )
-from workers.gateway import (
-    DEFAULT_PRICES,
-    GUEST_SOCKET_DIR,
-    PLACEHOLDER_API_KEY,
-    Credential,
-    Gateway,
-    Lease,
-    bridged_argv,
-    sandbox_env,
-)
-from workers.gateway.allowlist import AllowList, Target
-from workers.gateway.pricing import price_for
-from workers.gateway.usage import StreamMeter
-from workers.runtimes.base import AGENT_HOME, ExecResult, Mount, SandboxSpec
-from workers.runtimes.bwrap import BwrapRuntime
-from workers.runtimes.process import run_process
 
 REAL_KEY = "sk-ant-api03-real-key-held-only-by-the-gateway"
 EXEC_TIMEOUT_S = 60

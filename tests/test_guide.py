@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer import (
+from claudebox_pool import (
     ClaudeBox,
     CodeResult,
     InvalidRequestError,
@@ -37,10 +37,10 @@ from producer import (
     SessionCorruptedError,
     SessionNotFoundError,
 )
-from producer import pool as producer_pool
-from tasks import keys, names
-from tasks.app import app
-from tasks.models import iso_to_epoch
+from claudebox_pool.producer import pool as producer_pool
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.models import iso_to_epoch
 
 pytestmark = pytest.mark.usefixtures("pool", "clean_state")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from producer import ClaudeBox
-from tasks.models import CodeRequest
+from claudebox_pool import ClaudeBox
+from claudebox_pool.tasks.models import CodeRequest
 from tests.conftest import WorkerFactory
 
 SESSIONS = 5

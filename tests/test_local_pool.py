@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks import keys, names
-from tasks.app import app
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
 from tests.support.processes import REPO, free_port, wait_for
 
 CLAUDEBOX_POOL = str(Path(sys.executable).parent / "claudebox-pool")

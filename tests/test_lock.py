@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tasks import keys
-from tasks.errors import LockLostError
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.errors import LockLostError
+from claudebox_pool.workers.lock import SessionLock
 from tests.support.processes import RedisServer
-from workers.lock import SessionLock
 
 TTL_S = 2
 RENEW_PERIOD_S = TTL_S / 3

@@ -29,16 +29,15 @@ from typing import Any
 import boxlite
 import pytest
 
-from tasks.errors import RuntimeUnavailableError, SandboxError
-from tasks.models import CodeRequest, SessionRecord, utc_now
-from tasks.settings import Settings, get_settings
-from tests.support.processes import RedisServer
-from workers.agents.base import Invocation
-from workers.gateway import PLACEHOLDER_API_KEY, Credential, Gateway
-from workers.model_access import passage
-from workers.runtimes.auto import hardware_virtualisation
-from workers.runtimes.base import GatewayMount, Mount, Runtime, SandboxSpec
-from workers.runtimes.boxlite import (
+from claudebox_pool.tasks.errors import RuntimeUnavailableError, SandboxError
+from claudebox_pool.tasks.models import CodeRequest, SessionRecord, utc_now
+from claudebox_pool.tasks.settings import Settings, get_settings
+from claudebox_pool.workers.agents.base import Invocation
+from claudebox_pool.workers.gateway import PLACEHOLDER_API_KEY, Credential, Gateway
+from claudebox_pool.workers.model_access import passage
+from claudebox_pool.workers.runtimes.auto import hardware_virtualisation
+from claudebox_pool.workers.runtimes.base import GatewayMount, Mount, Runtime, SandboxSpec
+from claudebox_pool.workers.runtimes.boxlite import (
     MARKER,
     BoxliteRuntime,
     BoxliteSandbox,
@@ -51,13 +50,14 @@ from workers.runtimes.boxlite import (
     probe_host,
     sandbox_error,
 )
-from workers.runtimes.supervise import LineSplitter, LoopThread, Output, supervise
-from workers.store import SessionStore
-from workers.sweeps import orphan_sandboxes
-from workers.warm.client import KeeperClient
-from workers.warm.keeper import Keeper
-from workers.warm.protocol import WarmSpec, warmable
-from workers.warm.sandbox import KeptRuntime
+from claudebox_pool.workers.runtimes.supervise import LineSplitter, LoopThread, Output, supervise
+from claudebox_pool.workers.store import SessionStore
+from claudebox_pool.workers.sweeps import orphan_sandboxes
+from claudebox_pool.workers.warm.client import KeeperClient
+from claudebox_pool.workers.warm.keeper import Keeper
+from claudebox_pool.workers.warm.protocol import WarmSpec, warmable
+from claudebox_pool.workers.warm.sandbox import KeptRuntime
+from tests.support.processes import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 OCI_SCRIPT = REPO / "deploy" / "image" / "oci_layout.py"

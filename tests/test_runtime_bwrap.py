@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.runtimes.base import ExecResult, LineSink, Mount, SandboxSpec
-from workers.runtimes.bwrap import BwrapRuntime, bwrap_argv
+from claudebox_pool.workers.runtimes.base import ExecResult, LineSink, Mount, SandboxSpec
+from claudebox_pool.workers.runtimes.bwrap import BwrapRuntime, bwrap_argv
 
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from producer import ClaudeBox, CodeResult, SessionPool
-from tasks.settings import get_settings
+from claudebox_pool import ClaudeBox, CodeResult, SessionPool
+from claudebox_pool.tasks.settings import get_settings
 from tests.conftest import WorkerFactory
 
 SLEEP_S = 0.5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.settings import Settings, settings_markdown
+from claudebox_pool.tasks.settings import Settings, settings_markdown
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,8 +18,7 @@ def test_readme_settings_table_is_generated_from_the_class() -> None:
 
     assert found is not None, "README lacks the settings markers"
     assert found.group(1) == settings_markdown(), (
-        "README settings table is stale: paste the output of "
-        "`python -c 'from tasks.settings import settings_markdown; print(settings_markdown())'`"
+        "README settings table is stale: paste the output of `scripts/settings-table`"
     )
 
 
@@ -49,8 +48,8 @@ def test_secrets_never_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch
 
 
 def test_configure_points_a_used_app_at_the_new_urls(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.app import app, configure
-    from tasks.settings import get_settings
+    from claudebox_pool.tasks.app import app, configure
+    from claudebox_pool.tasks.settings import get_settings
 
     before = app.backend.url
     monkeypatch.setenv("CLAUDEBOX_RESULT_BACKEND", "redis://127.0.0.1:1/9")

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import (
+from claudebox_pool.tasks.errors import (
     InvalidSessionIdError,
     LockLostError,
     SessionAlreadyExistsError,
     SessionCorruptedError,
     SessionNotFoundError,
 )
-from tasks.models import HistoryEntry, SessionRecord, utc_now
-from workers.store import SessionStore, unguarded
+from claudebox_pool.tasks.models import HistoryEntry, SessionRecord, utc_now
+from claudebox_pool.workers.store import SessionStore, unguarded
 
 
 def new_record(store: SessionStore, session_id: str = "proj", fence: int = 1) -> SessionRecord:

@@ -21,12 +21,13 @@ from typing import IO
 import pytest
 import redis
 
-from producer import ClaudeBox, StreamEvent, live, pool
-from tasks import keys, names
-from tasks.models import CodeRequest
-from tasks.settings import get_settings
+from claudebox_pool import ClaudeBox, StreamEvent
+from claudebox_pool.producer import live, pool
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.models import CodeRequest
+from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers.streaming import line_events
 from tests.support.processes import REPO, claudebox_pool
-from workers.streaming import line_events
 
 pytestmark = pytest.mark.usefixtures("pool", "clean_state")
 
@@ -120,7 +121,14 @@ def test_code_hands_each_event_to_on_output_before_it_returns() -> None:
 
 def test_claudebox_pool_code_prints_each_line_as_the_agent_prints_it() -> None:
     child = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "code", "cli-live", f"echo ready; {WAIT_FOR_GO}"],
+        [
+            sys.executable,
+            "-m",
+            "claudebox_pool.producer.cli",
+            "code",
+            "cli-live",
+            f"echo ready; {WAIT_FOR_GO}",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,

@@ -20,15 +20,15 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import ClaudeBox, CodeResult
-from tasks import keys, names
-from tasks.lifecycle import SweepReport
-from tasks.schedule import beat_schedule
-from tasks.settings import Settings, get_settings
+from claudebox_pool import ClaudeBox, CodeResult
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.lifecycle import SweepReport
+from claudebox_pool.tasks.schedule import beat_schedule
+from claudebox_pool.tasks.settings import Settings, get_settings
+from claudebox_pool.workers.sweeps import LOG_NAME, age_limit
 from tests.conftest import WorkerFactory
 from tests.support.beat import Beat
 from tests.support.processes import REPO, Worker, wait_for
-from workers.sweeps import LOG_NAME, age_limit
 
 EVERY_S = 1
 SWEEPING = {

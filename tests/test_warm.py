@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import ClaudeBox, pool, routing
-from tasks import keys, names
-from tasks.app import app
-from tasks.models import CodeRequest
-from tasks.settings import get_settings
+from claudebox_pool import ClaudeBox
+from claudebox_pool.producer import pool, routing
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.models import CodeRequest
+from claudebox_pool.tasks.settings import get_settings
 from tests.conftest import WorkerFactory
 from tests.faults.conftest import result_of
 from tests.support.processes import Worker, redis_forgot, tcp_ports_of, wait_for

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks import keys
-from tasks.settings import Settings
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers.runtimes.base import Runtime, SandboxSpec
+from claudebox_pool.workers.runtimes.bwrap import BwrapRuntime, BwrapSandbox
+from claudebox_pool.workers.runtimes.local import LocalRuntime
+from claudebox_pool.workers.warm import client as warm_client
+from claudebox_pool.workers.warm.client import KeeperClient
+from claudebox_pool.workers.warm.keeper import Keeper
+from claudebox_pool.workers.warm.sandbox import KeptRuntime, WarmSandbox
 from tests.support.processes import RedisServer, wait_for
 from tests.support.sandboxes import SANDBOX_ID, processes_naming, sandboxes_of
-from workers.runtimes.base import Runtime, SandboxSpec
-from workers.runtimes.bwrap import BwrapRuntime, BwrapSandbox
-from workers.runtimes.local import LocalRuntime
-from workers.warm import client as warm_client
-from workers.warm.client import KeeperClient
-from workers.warm.keeper import Keeper
-from workers.warm.sandbox import KeptRuntime, WarmSandbox
 
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 HOSTNAME = "keeper@test"
@@ -101,11 +101,11 @@ def test_a_sandbox_leased_by_a_process_that_died_is_stopped_with_its_command(
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from workers.runtimes.base import SandboxSpec\n"
-        "from workers.warm.client import KeeperClient\n"
+        "from claudebox_pool.workers.runtimes.base import SandboxSpec\n"
+        "from claudebox_pool.workers.warm.client import KeeperClient\n"
         "spec = SandboxSpec('lessee', Path(sys.argv[2]), Path(sys.argv[3]), 1, 512, 1)\n"
         "control = KeeperClient(Path(sys.argv[1])).acquire(spec)\n"
-        "from workers.runtimes.exec_server import send_frame\n"
+        "from claudebox_pool.workers.runtimes.exec_server import send_frame\n"
         "import os\n"
         "r, w = os.pipe(); send_frame(control, {'argv': ['sleep', sys.argv[4]], "
         "'env': {'PATH': '/usr/bin:/bin'}, 'cwd': '/workspace'}, [w, w])\n"

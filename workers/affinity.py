@@ -15,18 +15,19 @@ from typing import Any
 
 from celery import signals
 
-from tasks import names
-from tasks.errors import WrongNodeError
-from tasks.registry import read_one
-from tasks.settings import get_settings
-from workers.context import WorkerContext
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.errors import WrongNodeError
+from claudebox_pool.tasks.registry import read_one
+from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
 
 def consume_node_queue(sender: str, instance: Any, **_: Any) -> None:
     # Added here rather than on the command line, so that every way of starting a worker
-    # (`claudebox-pool worker`, `celery -A workers.app worker`, the tests) consumes it.
+    # (`claudebox-pool worker`, `celery -A claudebox_pool.workers.app worker`, the tests)
+    # consumes it.
     queue = names.node_queue(get_settings().node)
     instance.app.amqp.queues.select_add(queue)
     log.info("%s also consumes %s", sender, queue)

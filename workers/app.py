@@ -1,4 +1,6 @@
-"""The worker's entry point: ``celery -A workers.app worker`` (``claudebox-pool worker`` runs it).
+"""The worker's entry point: ``celery -A claudebox_pool.workers.app worker``.
+
+``claudebox-pool worker`` runs it.
 
 Importing this module registers the task bodies on the shared app (``jobs``, ``lifecycle_jobs``,
 ``moves``), has every worker consume its node's own queue too (``affinity``), and adds two
@@ -20,15 +22,15 @@ from typing import Any
 from celery import bootsteps, signals
 from celery.worker import WorkController
 
-from tasks import keys
-from tasks.app import app
-from tasks.models import WorkerInfo
-from workers import affinity, jobs, lifecycle_jobs, moves, registry, shutdown  # noqa: F401
-from workers.agents.claude import cli_version, find_cli
-from workers.context import context
-from workers.runtimes.auto import choose
-from workers.warm import rescue
-from workers.warm import setup as warm_setup
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.models import WorkerInfo
+from claudebox_pool.workers import affinity, jobs, lifecycle_jobs, moves, registry, shutdown  # noqa: F401
+from claudebox_pool.workers.agents.claude import cli_version, find_cli
+from claudebox_pool.workers.context import context
+from claudebox_pool.workers.runtimes.auto import choose
+from claudebox_pool.workers.warm import rescue
+from claudebox_pool.workers.warm import setup as warm_setup
 
 log = logging.getLogger(__name__)
 

@@ -35,14 +35,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tasks.errors import InvalidRequestError, SessionAlreadyExistsError
-from tasks.lifecycle import RestoredArchive
-from tasks.models import SESSION_ID_PATTERN, SessionRecord, utc_now
-from tasks.settings import Settings
-from workers import disk, registry
-from workers.context import WorkerContext
-from workers.lock import SessionLock
-from workers.store import SessionStore
+from claudebox_pool.tasks.errors import InvalidRequestError, SessionAlreadyExistsError
+from claudebox_pool.tasks.lifecycle import RestoredArchive
+from claudebox_pool.tasks.models import SESSION_ID_PATTERN, SessionRecord, utc_now
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers import disk, registry
+from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.lock import SessionLock
+from claudebox_pool.workers.store import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from typing import Self
 import redis
 from redis.exceptions import RedisError
 
-from tasks import keys
-from tasks.models import CodeRequest, CodeResult, HistoryEntry
-from workers import ticker
-from workers.lock import SessionLock
-from workers.store import SessionStore
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.models import CodeRequest, CodeResult, HistoryEntry
+from claudebox_pool.workers import ticker
+from claudebox_pool.workers.lock import SessionLock
+from claudebox_pool.workers.store import SessionStore
 
 log = logging.getLogger(__name__)
 

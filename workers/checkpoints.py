@@ -22,13 +22,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tasks.errors import CheckpointNotFoundError, InvalidRequestError
-from tasks.lifecycle import Checkpoint, CheckpointRequest, RestoreCheckpointRequest
-from tasks.models import SESSION_ID_PATTERN, HistoryEntry, SessionRecord, utc_now
-from workers import disk, registry
-from workers.context import WorkerContext
-from workers.copying import copy_tree, replace_dir
-from workers.lock import SessionLock
+from claudebox_pool.tasks.errors import CheckpointNotFoundError, InvalidRequestError
+from claudebox_pool.tasks.lifecycle import Checkpoint, CheckpointRequest, RestoreCheckpointRequest
+from claudebox_pool.tasks.models import SESSION_ID_PATTERN, HistoryEntry, SessionRecord, utc_now
+from claudebox_pool.workers import disk, registry
+from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.copying import copy_tree, replace_dir
+from claudebox_pool.workers.lock import SessionLock
 
 CHECKPOINT_JSON = "checkpoint.json"
 

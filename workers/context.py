@@ -13,18 +13,18 @@ from functools import cached_property
 
 import redis
 
-from tasks.connections import sync_redis
-from tasks.settings import AgentName, Settings, get_settings
-from workers.agents.base import Agent
-from workers.agents.claude import ClaudeAgent
-from workers.agents.shell import ShellAgent
-from workers.gateway import Gateway
-from workers.model_access import credential, start_gateway
-from workers.runtimes.auto import choose
-from workers.runtimes.base import Runtime
-from workers.store import SessionStore
-from workers.warm import client as warm_client
-from workers.warm.sandbox import KeptRuntime
+from claudebox_pool.tasks.connections import sync_redis
+from claudebox_pool.tasks.settings import AgentName, Settings, get_settings
+from claudebox_pool.workers.agents.base import Agent
+from claudebox_pool.workers.agents.claude import ClaudeAgent
+from claudebox_pool.workers.agents.shell import ShellAgent
+from claudebox_pool.workers.gateway import Gateway
+from claudebox_pool.workers.model_access import credential, start_gateway
+from claudebox_pool.workers.runtimes.auto import choose
+from claudebox_pool.workers.runtimes.base import Runtime
+from claudebox_pool.workers.store import SessionStore
+from claudebox_pool.workers.warm import client as warm_client
+from claudebox_pool.workers.warm.sandbox import KeptRuntime
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ import shutil
 import stat
 from pathlib import Path
 
-from tasks.errors import DiskFullError
-from tasks.lifecycle import DiskUsage, SessionUsage, megabytes
-from tasks.settings import Settings
-from workers.store import SessionStore
+from claudebox_pool.tasks.errors import DiskFullError
+from claudebox_pool.tasks.lifecycle import DiskUsage, SessionUsage, megabytes
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers.store import SessionStore
 
 LARGEST_NAMED = 5
 """Sessions a DiskFullError names, largest first."""

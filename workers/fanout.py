@@ -13,10 +13,10 @@ import logging
 import time
 from typing import Any
 
-from tasks import keys, names
-from tasks.app import app
-from tasks.connections import text
-from workers.context import WorkerContext
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.connections import text
+from claudebox_pool.workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,18 @@ import os
 import shutil
 import uuid
 
-from tasks.errors import InvalidRequestError, SessionAlreadyExistsError, SessionNotFoundError
-from tasks.lifecycle import ForkRequest
-from tasks.models import HistoryEntry, OpenRequest, SessionRecord, utc_now
-from workers import disk, registry, sessions
-from workers.context import WorkerContext
-from workers.copying import copy_tree, replace_dir
-from workers.lock import SessionLock
-from workers.store import META_DIR
+from claudebox_pool.tasks.errors import (
+    InvalidRequestError,
+    SessionAlreadyExistsError,
+    SessionNotFoundError,
+)
+from claudebox_pool.tasks.lifecycle import ForkRequest
+from claudebox_pool.tasks.models import HistoryEntry, OpenRequest, SessionRecord, utc_now
+from claudebox_pool.workers import disk, registry, sessions
+from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.copying import copy_tree, replace_dir
+from claudebox_pool.workers.lock import SessionLock
+from claudebox_pool.workers.store import META_DIR
 
 
 def other(source_session_id: str | None, lock: SessionLock) -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tasks.errors import InvalidRequestError
-from tasks.models import SessionRecord
-from workers.runtimes.base import Mount
-from workers.store import SessionStore
+from claudebox_pool.tasks.errors import InvalidRequestError
+from claudebox_pool.tasks.models import SessionRecord
+from claudebox_pool.workers.runtimes.base import Mount
+from claudebox_pool.workers.store import SessionStore
 
 INPUTS_DIR = "/inputs"
 """Where a sandbox sees its inputs, one directory per input name."""

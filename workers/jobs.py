@@ -16,17 +16,17 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Retry
 
-from tasks import keys, names
-from tasks.app import app
-from tasks.errors import ClaudeBoxError, SessionBusyError, TaskAttemptsExceededError
-from tasks.lifecycle import ReindexRequest
-from tasks.models import CleanupRequest, CodeRequest, OpenRequest, parse_payload
-from workers import fanout, forks, registry, sessions
-from workers.affinity import refuse_if_elsewhere
-from workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
-from workers.context import WorkerContext, context
-from workers.lock import SessionLock
-from workers.streaming import OutputPublisher, announce_running
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.errors import ClaudeBoxError, SessionBusyError, TaskAttemptsExceededError
+from claudebox_pool.tasks.lifecycle import ReindexRequest
+from claudebox_pool.tasks.models import CleanupRequest, CodeRequest, OpenRequest, parse_payload
+from claudebox_pool.workers import fanout, forks, registry, sessions
+from claudebox_pool.workers.affinity import refuse_if_elsewhere
+from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
+from claudebox_pool.workers.context import WorkerContext, context
+from claudebox_pool.workers.lock import SessionLock
+from claudebox_pool.workers.streaming import OutputPublisher, announce_running
 
 LOCK_POLL_S = 2.0
 """How long a task holds its worker slot waiting for a busy session before it retries."""

@@ -12,10 +12,10 @@ from typing import Any
 
 from celery import Task
 
-from tasks import names
-from tasks.app import app
-from tasks.errors import ClaudeBoxError
-from tasks.lifecycle import (
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.errors import ClaudeBoxError
+from claudebox_pool.tasks.lifecycle import (
     CheckpointRequest,
     ForkRequest,
     RestoreArchiveRequest,
@@ -23,11 +23,11 @@ from tasks.lifecycle import (
     SweepReport,
     SweepRequest,
 )
-from tasks.models import parse_payload
-from workers import archive, checkpoints, disk, fanout, forks, sweeps
-from workers.context import WorkerContext, context
-from workers.jobs import RETRYING, session_lock
-from workers.lock import raise_fence
+from claudebox_pool.tasks.models import parse_payload
+from claudebox_pool.workers import archive, checkpoints, disk, fanout, forks, sweeps
+from claudebox_pool.workers.context import WorkerContext, context
+from claudebox_pool.workers.jobs import RETRYING, session_lock
+from claudebox_pool.workers.lock import raise_fence
 
 
 @app.task(name=names.CHECKPOINT, **RETRYING)

@@ -23,9 +23,9 @@ from typing import Self
 import redis
 from redis.exceptions import LockError, RedisError
 
-from tasks import keys
-from tasks.errors import LockLostError
-from workers import ticker
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.errors import LockLostError
+from claudebox_pool.workers import ticker
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from tasks.models import CodeRequest, SessionRecord
-from tasks.settings import Settings
-from workers.agents.base import AgentOutcome, Invocation
-from workers.gateway import (
+from claudebox_pool.tasks.models import CodeRequest, SessionRecord
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers.agents.base import AgentOutcome, Invocation
+from claudebox_pool.workers.gateway import (
     DEFAULT_PORT,
     GUEST_SOCKET_DIR,
     Credential,
@@ -32,9 +32,9 @@ from workers.gateway import (
     bridged_argv,
     sandbox_env,
 )
-from workers.gateway.bridge import SOCKET_NAME
-from workers.gateway.pricing import prices_from
-from workers.runtimes.base import GatewayMount, Runtime, Sandbox
+from claudebox_pool.workers.gateway.bridge import SOCKET_NAME
+from claudebox_pool.workers.gateway.pricing import prices_from
+from claudebox_pool.workers.runtimes.base import GatewayMount, Runtime, Sandbox
 
 _TCP_HOST = "127.0.0.1"
 """Where a TCP lease listens: boxlite's user-mode network carries the VM's connections to its

@@ -14,13 +14,13 @@ from typing import Any
 
 from celery import Task
 
-from tasks import names
-from tasks.app import app
-from tasks.errors import InvalidRequestError, WrongNodeError
-from tasks.models import AdoptRequest, HistoryEntry, parse_payload, utc_now
-from workers import registry
-from workers.context import context
-from workers.jobs import RETRYING, session_lock
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.errors import InvalidRequestError, WrongNodeError
+from claudebox_pool.tasks.models import AdoptRequest, HistoryEntry, parse_payload, utc_now
+from claudebox_pool.workers import registry
+from claudebox_pool.workers.context import context
+from claudebox_pool.workers.jobs import RETRYING, session_lock
 
 
 @app.task(name=names.ADOPT, **RETRYING)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import redis
 from redis.client import Pipeline
 
-from tasks import keys
-from tasks.errors import SessionCorruptedError
-from tasks.models import ReindexResult, SessionRecord, iso_to_epoch
-from tasks.registry import read_all
-from workers.store import SessionStore
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.errors import SessionCorruptedError
+from claudebox_pool.tasks.models import ReindexResult, SessionRecord, iso_to_epoch
+from claudebox_pool.tasks.registry import read_all
+from claudebox_pool.workers.store import SessionStore
 
 REINDEX_BATCH = 500
 """Sessions registered per Redis round trip while reindexing."""

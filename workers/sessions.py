@@ -15,8 +15,8 @@ from contextlib import contextmanager, suppress
 
 from redis.exceptions import RedisError
 
-from tasks.errors import ClaudeBoxError
-from tasks.models import (
+from claudebox_pool.tasks.errors import ClaudeBoxError
+from claudebox_pool.tasks.models import (
     CleanupRequest,
     CleanupResult,
     CodeRequest,
@@ -27,13 +27,13 @@ from tasks.models import (
     SessionRecord,
     utc_now,
 )
-from workers import archive, disk, inputs, registry
-from workers.agents.base import AgentOutcome
-from workers.context import WorkerContext
-from workers.lock import SessionLock
-from workers.model_access import passage
-from workers.runtimes.base import LineSink, SandboxSpec
-from workers.store import SessionStore
+from claudebox_pool.workers import archive, disk, inputs, registry
+from claudebox_pool.workers.agents.base import AgentOutcome
+from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.lock import SessionLock
+from claudebox_pool.workers.model_access import passage
+from claudebox_pool.workers.runtimes.base import LineSink, SandboxSpec
+from claudebox_pool.workers.store import SessionStore
 
 log = logging.getLogger(__name__)
 

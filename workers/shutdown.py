@@ -26,7 +26,7 @@ from typing import Any
 from celery import signals
 from celery.worker import state
 
-from workers.context import context
+from claudebox_pool.workers.context import context
 
 log = logging.getLogger(__name__)
 

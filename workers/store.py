@@ -27,13 +27,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from tasks.errors import (
+from claudebox_pool.tasks.errors import (
     LockLostError,
     SessionAlreadyExistsError,
     SessionCorruptedError,
     SessionNotFoundError,
 )
-from tasks.models import HistoryEntry, SessionRecord, validate_session_id
+from claudebox_pool.tasks.models import HistoryEntry, SessionRecord, validate_session_id
 
 Guard = Callable[[], None]
 """Raises LockLostError when the caller's session lock is gone; called before every write."""

@@ -24,11 +24,11 @@ from typing import Any, Self
 import redis
 from redis.exceptions import RedisError
 
-from tasks import keys, names
-from tasks.models import CodeRequest, CodeResult
-from tasks.settings import AgentName, Settings
-from tasks.streaming import FIELD, StreamEvent, shorten
-from workers.agents.stream import live_events
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.models import CodeRequest, CodeResult
+from claudebox_pool.tasks.settings import AgentName, Settings
+from claudebox_pool.tasks.streaming import FIELD, StreamEvent, shorten
+from claudebox_pool.workers.agents.stream import live_events
 
 log = logging.getLogger(__name__)
 

@@ -34,16 +34,16 @@ from collections.abc import Callable
 
 import redis
 
-from tasks import keys
-from tasks.errors import ClaudeBoxError, SessionNotFoundError
-from tasks.lifecycle import SweepReport, SweptSession
-from tasks.models import CleanupRequest, SessionRecord, iso_to_epoch, utc_now
-from tasks.settings import Settings
-from workers import sessions
-from workers.context import WorkerContext
-from workers.lock import SessionLock
-from workers.runtimes.base import Runtime
-from workers.store import SessionStore
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.errors import ClaudeBoxError, SessionNotFoundError
+from claudebox_pool.tasks.lifecycle import SweepReport, SweptSession
+from claudebox_pool.tasks.models import CleanupRequest, SessionRecord, iso_to_epoch, utc_now
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers import sessions
+from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.lock import SessionLock
+from claudebox_pool.workers.runtimes.base import Runtime
+from claudebox_pool.workers.store import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from producer import ClaudeBox, pool
-from tasks import names
-from tasks.app import app
-from tasks.models import CodeRequest, CodeResult, HistoryEntry
-from tasks.settings import get_settings
-from workers.store import SessionStore
+from claudebox_pool import ClaudeBox
+from claudebox_pool.producer import pool
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.models import CodeRequest, CodeResult, HistoryEntry
+from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers.store import SessionStore
 
 
 def open_session(session_id: str) -> Path:

@@ -17,19 +17,19 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import ClaudeBox
-from producer import pool as producer_pool
-from tasks import names
-from tasks.errors import (
+from claudebox_pool import ClaudeBox
+from claudebox_pool.producer import pool as producer_pool
+from claudebox_pool.tasks import names
+from claudebox_pool.tasks.errors import (
     InvalidRequestError,
     InvalidSessionIdError,
     SessionCorruptedError,
     SessionNotFoundError,
 )
-from tasks.settings import get_settings
+from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers.store import SessionStore
 from tests.faults.conftest import history, open_session
 from tests.support.processes import Worker
-from workers.store import SessionStore
 
 BAD_IDS = ["../x", "a/b", "", "x" * 256, "café", ".", ".."]
 NOBODY = 65534

@@ -9,8 +9,8 @@ import signal
 import pytest
 import redis
 
-from tasks import keys
-from tasks.errors import LockLostError
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.errors import LockLostError
 from tests.conftest import WorkerFactory
 from tests.faults.conftest import (
     entries_of,

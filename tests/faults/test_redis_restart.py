@@ -14,12 +14,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from producer import ClaudeBox
-from producer import pool as producer_pool
-from tasks import keys, names
-from tasks.app import app, configure
-from tasks.errors import ClaudeBoxError
-from tasks.settings import get_settings
+from claudebox_pool import ClaudeBox
+from claudebox_pool.producer import pool as producer_pool
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app, configure
+from claudebox_pool.tasks.errors import ClaudeBoxError
+from claudebox_pool.tasks.settings import get_settings
 from tests.faults.conftest import open_session, result_of, send_code
 from tests.support.processes import RedisServer, Worker, wait_for
 

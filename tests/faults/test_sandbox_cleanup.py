@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks import keys
+from claudebox_pool.tasks import keys
 from tests.conftest import WorkerFactory
 from tests.faults.conftest import entries_of, open_session, result_of, running_in, send_code
 from tests.support.processes import Worker, wait_for

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from tasks import keys
+from claudebox_pool.tasks import keys
 from tests.conftest import WorkerFactory
 from tests.faults.conftest import (
     alive,

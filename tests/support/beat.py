@@ -31,7 +31,7 @@ class Beat:
                     "-m",
                     "celery",
                     "-A",
-                    "tasks.app",
+                    "claudebox_pool.tasks.app",
                     "beat",
                     "--schedule",
                     str(self.directory / f"{self.name}-schedule"),

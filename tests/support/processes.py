@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from tasks import keys, names
+from claudebox_pool.tasks import keys, names
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def claudebox_pool(
 ) -> subprocess.CompletedProcess[str]:
     """Run the `claudebox-pool` command as a user would, with this process's environment."""
     return subprocess.run(
-        [sys.executable, "-m", "producer.cli", *args],
+        [sys.executable, "-m", "claudebox_pool.producer.cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -144,7 +144,7 @@ class Worker:
                 "-m",
                 "celery",
                 "-A",
-                "workers.app",
+                "claudebox_pool.workers.app",
                 "worker",
                 "--hostname",
                 self.hostname,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from tasks.models import CodeRequest, SessionRecord
-from workers.runtimes.base import ExecResult, Mount, Sandbox
+from claudebox_pool.tasks.models import CodeRequest, SessionRecord
+from claudebox_pool.workers.runtimes.base import ExecResult, Mount, Sandbox
 
 BASE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin",

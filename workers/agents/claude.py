@@ -13,16 +13,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tasks.models import CodeRequest, SessionRecord
-from tasks.settings import Settings, default_cli_dir
-from workers.agents.base import (
+from claudebox_pool.tasks.models import CodeRequest, SessionRecord
+from claudebox_pool.tasks.settings import Settings, default_cli_dir
+from claudebox_pool.workers.agents.base import (
     BASE_ENV,
     Agent,
     AgentOutcome,
     Invocation,
 )
-from workers.agents.stream import parse
-from workers.runtimes.base import ExecResult, Mount, Sandbox
+from claudebox_pool.workers.agents.stream import parse
+from claudebox_pool.workers.runtimes.base import ExecResult, Mount, Sandbox
 
 CLI_GUEST_DIR = "/opt/claude-code"
 CLI_ENV = {

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from tasks.models import CodeRequest, SessionRecord
-from workers.agents.base import BASE_ENV, Agent, AgentOutcome, Invocation, failure_reason
-from workers.runtimes.base import ExecResult, Sandbox
+from claudebox_pool.tasks.models import CodeRequest, SessionRecord
+from claudebox_pool.workers.agents.base import (
+    BASE_ENV,
+    Agent,
+    AgentOutcome,
+    Invocation,
+    failure_reason,
+)
+from claudebox_pool.workers.runtimes.base import ExecResult, Sandbox
 
 
 class ShellAgent(Agent):

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.streaming import StreamEvent, shorten
+from claudebox_pool.tasks.streaming import StreamEvent, shorten
 
 
 @dataclass

@@ -15,7 +15,7 @@ A task takes a :class:`Lease` for its session, binds ``lease.socket_dir`` into t
 then reads ``lease.usage`` and ``lease.events`` and closes the lease.
 """
 
-from workers.gateway.bridge import (
+from claudebox_pool.workers.gateway.bridge import (
     DEFAULT_PORT,
     GUEST_SOCKET,
     GUEST_SOCKET_DIR,
@@ -23,11 +23,11 @@ from workers.gateway.bridge import (
     bridged_argv,
     sandbox_env,
 )
-from workers.gateway.credential import Credential
-from workers.gateway.gateway import Gateway
-from workers.gateway.lease import Event, Lease
-from workers.gateway.pricing import DEFAULT_PRICES, Price
-from workers.gateway.usage import Usage
+from claudebox_pool.workers.gateway.credential import Credential
+from claudebox_pool.workers.gateway.gateway import Gateway
+from claudebox_pool.workers.gateway.lease import Event, Lease
+from claudebox_pool.workers.gateway.pricing import DEFAULT_PRICES, Price
+from claudebox_pool.workers.gateway.usage import Usage
 
 __all__ = [
     "DEFAULT_PORT",

@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from workers.gateway.allowlist import AllowList, Target, parse_authority
-from workers.gateway.lease import Ledger
-from workers.gateway.relay import relay, request_headers
-from workers.gateway.wire import HttpConnection, Request, anthropic_error
+from claudebox_pool.workers.gateway.allowlist import AllowList, Target, parse_authority
+from claudebox_pool.workers.gateway.lease import Ledger
+from claudebox_pool.workers.gateway.relay import relay, request_headers
+from claudebox_pool.workers.gateway.wire import HttpConnection, Request, anthropic_error
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,15 @@ from typing import Any, Self, TypeVar
 import h11
 import httpx
 
-from workers.gateway.allowlist import AllowList
-from workers.gateway.bridge import SOCKET_NAME
-from workers.gateway.credential import Credential
-from workers.gateway.egress import EgressProxy, is_absolute_form
-from workers.gateway.lease import Lease, Ledger
-from workers.gateway.model_api import ModelApi
-from workers.gateway.pricing import DEFAULT_PRICES, Price
-from workers.gateway.relay import transparent_client
-from workers.gateway.wire import BodyTooLarge, HttpConnection, anthropic_error
+from claudebox_pool.workers.gateway.allowlist import AllowList
+from claudebox_pool.workers.gateway.bridge import SOCKET_NAME
+from claudebox_pool.workers.gateway.credential import Credential
+from claudebox_pool.workers.gateway.egress import EgressProxy, is_absolute_form
+from claudebox_pool.workers.gateway.lease import Lease, Ledger
+from claudebox_pool.workers.gateway.model_api import ModelApi
+from claudebox_pool.workers.gateway.pricing import DEFAULT_PRICES, Price
+from claudebox_pool.workers.gateway.relay import transparent_client
+from claudebox_pool.workers.gateway.wire import BodyTooLarge, HttpConnection, anthropic_error
 
 T = TypeVar("T")
 

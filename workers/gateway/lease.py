@@ -12,8 +12,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from workers.gateway.allowlist import AllowList
-from workers.gateway.usage import Tokens, Usage
+from claudebox_pool.workers.gateway.allowlist import AllowList
+from claudebox_pool.workers.gateway.usage import Tokens, Usage
 
 Event = tuple[str, dict[str, Any]]
 """(action, context), e.g. ("egress_denied", {"host": "example.com", "port": 443})."""

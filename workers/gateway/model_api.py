@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 
-from workers.gateway.credential import Credential
-from workers.gateway.lease import Ledger
-from workers.gateway.pricing import Price, price_for
-from workers.gateway.relay import read_raw, relay, request_headers, send_raw
-from workers.gateway.usage import StreamMeter, read_error, read_message
-from workers.gateway.wire import HttpConnection, Request, anthropic_error
+from claudebox_pool.workers.gateway.credential import Credential
+from claudebox_pool.workers.gateway.lease import Ledger
+from claudebox_pool.workers.gateway.pricing import Price, price_for
+from claudebox_pool.workers.gateway.relay import read_raw, relay, request_headers, send_raw
+from claudebox_pool.workers.gateway.usage import StreamMeter, read_error, read_message
+from claudebox_pool.workers.gateway.wire import HttpConnection, Request, anthropic_error
 
 log = logging.getLogger(__name__)
 

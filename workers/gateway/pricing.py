@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tasks.settings import DEFAULT_MODEL_PRICES, ModelPrice
-from workers.gateway.usage import Tokens
+from claudebox_pool.tasks.settings import DEFAULT_MODEL_PRICES, ModelPrice
+from claudebox_pool.workers.gateway.usage import Tokens
 
 _PER_TOKEN = 1e-6
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import httpx
 
-from workers.gateway.wire import Headers, HttpConnection
+from claudebox_pool.workers.gateway.wire import Headers, HttpConnection
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) describe one connection and are never passed on; host
 # and framing are recomputed for the next hop by httpx (requests) and h11 (responses).

@@ -8,9 +8,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import RuntimeUnavailableError
-from tasks.settings import RuntimeName
-from workers.runtimes.base import Probe, Runtime
+from claudebox_pool.tasks.errors import RuntimeUnavailableError
+from claudebox_pool.tasks.settings import RuntimeName
+from claudebox_pool.workers.runtimes.base import Probe, Runtime
 
 log = logging.getLogger(__name__)
 

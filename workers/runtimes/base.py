@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Self
 
-from tasks.settings import Settings
+from claudebox_pool.tasks.settings import Settings
 
 LineSink = Callable[[str, str], None]
 """Called with ("stdout" | "stderr", line) for every line a command prints, as it prints it."""

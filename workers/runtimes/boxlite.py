@@ -68,10 +68,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasks.errors import RuntimeUnavailableError, SandboxError
-from tasks.settings import Settings, get_settings
-from workers.runtimes.auto import hardware_virtualisation
-from workers.runtimes.base import (
+from claudebox_pool.tasks.errors import RuntimeUnavailableError, SandboxError
+from claudebox_pool.tasks.settings import Settings, get_settings
+from claudebox_pool.workers.runtimes.auto import hardware_virtualisation
+from claudebox_pool.workers.runtimes.base import (
     AGENT_HOME,
     WORKSPACE,
     ExecResult,
@@ -82,7 +82,7 @@ from workers.runtimes.base import (
     Sandbox,
     SandboxSpec,
 )
-from workers.runtimes.supervise import (
+from claudebox_pool.workers.runtimes.supervise import (
     KILL_GRACE_S,
     Command,
     LoopThread,

@@ -26,8 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
-from workers.runtimes import exec_server
-from workers.runtimes.base import (
+from claudebox_pool.workers.runtimes import exec_server
+from claudebox_pool.workers.runtimes.base import (
     AGENT_HOME,
     WORKSPACE,
     ExecResult,
@@ -37,11 +37,11 @@ from workers.runtimes.base import (
     Sandbox,
     SandboxSpec,
 )
-from workers.runtimes.process import run_process
-from workers.warm import client as warm_client
-from workers.warm.keeper import WarmError
-from workers.warm.protocol import warmable
-from workers.warm.sandbox import WarmSandbox
+from claudebox_pool.workers.runtimes.process import run_process
+from claudebox_pool.workers.warm import client as warm_client
+from claudebox_pool.workers.warm.keeper import WarmError
+from claudebox_pool.workers.warm.protocol import warmable
+from claudebox_pool.workers.warm.sandbox import WarmSandbox
 
 log = logging.getLogger(__name__)
 

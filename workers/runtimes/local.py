@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 
-from workers.runtimes.base import (
+from claudebox_pool.workers.runtimes.base import (
     ExecResult,
     LineSink,
     Mount,
@@ -14,7 +14,7 @@ from workers.runtimes.base import (
     Sandbox,
     SandboxSpec,
 )
-from workers.runtimes.process import run_process
+from claudebox_pool.workers.runtimes.process import run_process
 
 
 class LocalSandbox(Sandbox):

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import IO
 
-from workers.runtimes.base import ExecResult, LineSink
+from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
 
 OUTPUT_LIMIT_BYTES = 4_000_000
 

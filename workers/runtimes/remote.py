@@ -17,10 +17,10 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from workers.runtimes.base import ExecResult, LineSink
-from workers.runtimes.exec_server import recv_frame, send_frame
-from workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
-from workers.runtimes.supervise import LineSplitter
+from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
+from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
+from claudebox_pool.workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
+from claudebox_pool.workers.runtimes.supervise import LineSplitter
 
 CANCEL_POLL_S = 0.05
 """How often a run looks at its cancel event (a threading.Event cannot be selected on)."""

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from workers.runtimes.base import ExecResult, LineSink
-from workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
+from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
+from claudebox_pool.workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
 
 T = TypeVar("T")
 

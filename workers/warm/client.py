@@ -11,10 +11,10 @@ import os
 import socket
 from pathlib import Path
 
-from workers.runtimes.base import SandboxSpec
-from workers.runtimes.exec_server import recv_frame, send_frame
-from workers.warm.keeper import READY_TIMEOUT_S, WarmError
-from workers.warm.protocol import Reply, Request, WarmSpec
+from claudebox_pool.workers.runtimes.base import SandboxSpec
+from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
+from claudebox_pool.workers.warm.keeper import READY_TIMEOUT_S, WarmError
+from claudebox_pool.workers.warm.protocol import Reply, Request, WarmSpec
 
 _address: Path | None = None
 

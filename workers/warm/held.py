@@ -17,8 +17,8 @@ import socket
 import threading
 from typing import Any
 
-from workers.runtimes.base import Sandbox
-from workers.runtimes.exec_server import recv_frame, serve_requests
+from claudebox_pool.workers.runtimes.base import Sandbox
+from claudebox_pool.workers.runtimes.exec_server import recv_frame, serve_requests
 
 DEFAULT_TIMEOUT_S = 24 * 3600.0
 """A run's deadline here when the request names none: the pool child enforces its own."""

@@ -50,13 +50,13 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
-from tasks import keys
-from tasks.connections import text
-from tasks.settings import Settings
-from workers.runtimes.base import Runtime, Sandbox, SandboxSpec
-from workers.runtimes.exec_server import recv_frame, send_frame
-from workers.warm.held import serve_sandbox
-from workers.warm.protocol import Reply, Request, WarmSpec
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.connections import text
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers.runtimes.base import Runtime, Sandbox, SandboxSpec
+from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
+from claudebox_pool.workers.warm.held import serve_sandbox
+from claudebox_pool.workers.warm.protocol import Reply, Request, WarmSpec
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from workers.runtimes.base import GatewayMount, Mount, SandboxSpec
+from claudebox_pool.workers.runtimes.base import GatewayMount, Mount, SandboxSpec
 
 
 class WarmSpec(BaseModel):

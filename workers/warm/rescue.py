@@ -20,11 +20,11 @@ from typing import Any
 
 from celery.contrib.migrate import move
 
-from tasks import keys, names
-from tasks.app import app
-from tasks.connections import text
-from tasks.models import WorkerInfo
-from workers.context import WorkerContext
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.connections import text
+from claudebox_pool.tasks.models import WorkerInfo
+from claudebox_pool.workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
 

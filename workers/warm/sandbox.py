@@ -13,9 +13,9 @@ import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from tasks.errors import SandboxError
-from tasks.settings import Settings
-from workers.runtimes.base import (
+from claudebox_pool.tasks.errors import SandboxError
+from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers.runtimes.base import (
     WORKSPACE,
     ExecResult,
     LineSink,
@@ -24,9 +24,9 @@ from workers.runtimes.base import (
     Sandbox,
     SandboxSpec,
 )
-from workers.runtimes.remote import SandboxGoneError, run_remote
-from workers.warm.client import KeeperClient
-from workers.warm.keeper import WarmError
+from claudebox_pool.workers.runtimes.remote import SandboxGoneError, run_remote
+from claudebox_pool.workers.warm.client import KeeperClient
+from claudebox_pool.workers.warm.keeper import WarmError
 
 log = logging.getLogger(__name__)
 

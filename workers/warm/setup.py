@@ -16,12 +16,12 @@ from celery import signals
 from celery.worker.control import control_command
 from redis.exceptions import RedisError
 
-from tasks import keys, names
-from tasks.app import app
-from workers.context import context
-from workers.runtimes.auto import choose
-from workers.warm import client
-from workers.warm.keeper import Keeper
+from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.workers.context import context
+from claudebox_pool.workers.runtimes.auto import choose
+from claudebox_pool.workers.warm import client
+from claudebox_pool.workers.warm.keeper import Keeper
 
 log = logging.getLogger(__name__)
 
