@@ -264,6 +264,17 @@ def test_dockerfile_installs_the_claude_cli_version_the_project_pins() -> None:
     assert pinned.group(1) == CLAUDE_CLI_VERSION
 
 
+def test_dockerfile_installs_from_the_lock_with_the_uv_it_names() -> None:
+    lock = (DEPLOY.parent / "uv.lock").read_text()
+    locked = re.search(r'name = "uv"\nversion = "([^"]+)"', lock)
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+
+    assert locked is not None
+    assert f"uv=={locked.group(1)}" in dockerfile
+    assert "uv export --frozen" in dockerfile
+    assert "--require-hashes" in dockerfile
+
+
 # systemd
 
 
