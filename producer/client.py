@@ -135,7 +135,6 @@ class ClaudeBox:
         raw = await pool.call(
             names.OPEN,
             request.model_dump(mode="json"),
-            f"[session={self._session_id} mode={request.mode}]",
             timeout_s=pool.settings().lock_wait_s + WAIT_MARGIN_S,
         )
         record = SessionRecord.model_validate(raw)
@@ -193,12 +192,9 @@ class ClaudeBox:
             timeout_s=timeout_s,
             sandbox=self._sandbox,
         )
-        shown = f"[session={self._session_id} agent={request.agent} prompt={_preview(prompt)}]"
         wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
         async with self._order:
-            self._task_id, route = await live.send(
-                names.CODE, request.model_dump(mode="json"), shown
-            )
+            self._task_id, route = await live.send(names.CODE, request.model_dump(mode="json"))
             try:
                 raw = await live.wait(self._task_id, wait_s, on_output, route)
             finally:
@@ -290,7 +286,6 @@ class ClaudeBox:
         raw = await pool.call(
             names.CLEANUP,
             request.model_dump(mode="json"),
-            f"[session={session_id} remove_workspace={remove_workspace}]",
             timeout_s=current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S,
         )
         return CleanupResult.model_validate(raw)
@@ -347,8 +342,3 @@ class _Reconnect:
 def _removed_by_hand(record: SessionRecord) -> bool:
     session_dir = Path(record.workspace_path).parent
     return session_dir.parent.is_dir() and not session_dir.exists()
-
-
-def _preview(prompt: str, limit: int = 60) -> str:
-    flat = " ".join(prompt.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

@@ -85,13 +85,13 @@ async def follow(task_id: str, on_output: OutputCallback) -> None:
             await outcome
 
 
-async def send(name: str, payload: dict[str, Any], shown: str) -> tuple[str, Route]:
+async def send(name: str, payload: dict[str, Any]) -> tuple[str, Route]:
     """Queue a task where its session lives (``producer.routing``); its id and route."""
     try:
         route = await routing.route(payload, await pool.redis_client())
     except (RedisError, OSError) as exc:
         raise pool.unreachable(exc) from None
-    return pool.send(name, payload, shown, route.queue), route
+    return pool.send(name, payload, route.queue), route
 
 
 async def wait(

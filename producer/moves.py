@@ -57,11 +57,6 @@ async def move_session(session_id: str, node: str, *, force: bool = False) -> Se
         )
     request = AdoptRequest(session_id=session_id, node=node, previous_node=record.node)
     target = routing.Route(names.node_queue(node), node, session_id)
-    task_id = pool.send(
-        names.ADOPT,
-        request.model_dump(mode="json"),
-        f"[session={session_id} move {record.node or '?'} -> {node}]",
-        target.queue,
-    )
+    task_id = pool.send(names.ADOPT, request.model_dump(mode="json"), target.queue)
     raw = await pool.wait(task_id, current.lock_wait_s + WAIT_MARGIN_S, target)
     return SessionRecord.model_validate(raw)

@@ -167,13 +167,11 @@ async def ensure_workers() -> None:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
 
 
-def send(name: str, payload: dict[str, Any], shown: str, queue: str | None = None) -> str:
-    """Queue task ``name`` (on ``queue``, else the common one); ``shown`` is what monitors
-    (Flower) display instead of the payload."""
+def send(name: str, payload: dict[str, Any], queue: str | None = None) -> str:
+    """Queue task ``name`` (on ``queue``, else the common one). What monitors (Flower) show of
+    its payload is written by the app's message factory (``tasks.monitoring``)."""
     try:
-        result: AsyncResult[Any] = app.send_task(
-            name, args=[payload], argsrepr=shown, kwargsrepr="{}", queue=queue
-        )
+        result: AsyncResult[Any] = app.send_task(name, args=[payload], queue=queue)
     except OperationalError as exc:
         raise unreachable(exc) from None
     return str(result.id)
@@ -236,19 +234,17 @@ def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
     )
 
 
-async def call(name: str, payload: dict[str, Any], shown: str, timeout_s: float) -> Any:
+async def call(name: str, payload: dict[str, Any], timeout_s: float) -> Any:
     """Send a task where its session lives (``producer.routing``) and wait for its result."""
     try:
         route = await routing.route(payload, await redis_client())
     except (RedisError, OSError) as exc:
         raise unreachable(exc) from None
-    task_id = send(name, payload, shown, route.queue)
+    task_id = send(name, payload, route.queue)
     return await wait(task_id, timeout_s, route)
 
 
-async def call_on_every_node(
-    name: str, payload: dict[str, Any], shown: str, timeout_s: float
-) -> list[Any]:
+async def call_on_every_node(name: str, payload: dict[str, Any], timeout_s: float) -> list[Any]:
     """Run a task once on each live node (a reindex: each node sees only its own disk)."""
     try:
         nodes = await routing.alive_nodes(await redis_client())
@@ -257,5 +253,5 @@ async def call_on_every_node(
     if not nodes:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
     routes = [Route(names.node_queue(node), node) for node in nodes]
-    sent = [(send(name, payload, shown, r.queue), r) for r in routes]
+    sent = [(send(name, payload, r.queue), r) for r in routes]
     return list(await asyncio.gather(*(wait(task_id, timeout_s, r) for task_id, r in sent)))
