@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Generator
+from contextlib import closing
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-
-from redis.exceptions import RedisError
 
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
@@ -256,13 +255,8 @@ class ClaudeBox:
         Read from the registry; where this machine sees a session's sessions root and the
         session's directory is gone from it (removed by hand), the session is left out.
         """
-        client = sync_redis(pool.settings())
-        try:
+        with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
             records = read_all(client)
-        except (RedisError, OSError) as exc:
-            raise pool.unreachable(exc) from None
-        finally:
-            client.close()
         return [record for record in records if not _removed_by_hand(record)]
 
     @staticmethod

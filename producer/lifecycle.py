@@ -8,10 +8,10 @@ session's lock.
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Any
 
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 
 from claudebox_pool.producer import pool
 from claudebox_pool.tasks import names
@@ -67,13 +67,8 @@ async def restore(session_id: str, name: str) -> Checkpoint:
 
 def checkpoints(session_id: str) -> list[str]:
     """The session's checkpoint names, oldest first, from the registry."""
-    client = sync_redis(pool.settings())
-    try:
+    with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
         record = read_one(client, validate_session_id(session_id))
-    except (RedisError, OSError) as exc:
-        raise pool.unreachable(exc) from None
-    finally:
-        client.close()
     if record is None:
         raise SessionNotFoundError(session_id)
     return list(record.checkpoints)

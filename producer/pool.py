@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +56,24 @@ def settings() -> Settings:
     return get_settings()
 
 
-def unreachable(exc: BaseException) -> PoolUnavailableError:
-    url = redacted(settings().broker_url)
-    return PoolUnavailableError(
-        f"cannot reach Redis at {url} ({exc}); is redis-server running? "
-        "Set CLAUDEBOX_BROKER_URL and CLAUDEBOX_RESULT_BACKEND to your Redis"
-    )
+UNREACHABLE = (RedisError, OSError, OperationalError)
+"""What a failure to reach the pool's Redis raises: redis-py's errors, a socket's, and kombu's
+when it sends a task."""
+
+
+@contextmanager
+def map_redis_errors() -> Iterator[None]:
+    """Raise a failure to reach Redis inside the block as PoolUnavailableError, which says
+    what to check; in sync and async code alike (``with map_redis_errors(): await ...``)."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        url = redacted(settings().broker_url)
+        # from None: the redis-py traceback says nothing the message does not.
+        raise PoolUnavailableError(
+            f"cannot reach Redis at {url} ({exc}); is redis-server running? "
+            "Set CLAUDEBOX_BROKER_URL and CLAUDEBOX_RESULT_BACKEND to your Redis"
+        ) from None
 
 
 @dataclass
@@ -157,12 +169,10 @@ async def _subscribed(link: _Link, name: bytes) -> AsyncIterator[_Channel]:
 async def ensure_workers() -> None:
     """PoolUnavailableError unless some worker has announced itself recently."""
     current = settings()
-    try:
+    with map_redis_errors():
         client = await redis_client()
         since = time.time() - current.worker_alive_s
         alive = await client.zcount(keys.workers(), since, "+inf")
-    except (RedisError, OSError) as exc:
-        raise unreachable(exc) from None
     if not alive:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
 
@@ -170,10 +180,8 @@ async def ensure_workers() -> None:
 def send(name: str, payload: dict[str, Any], queue: str | None = None) -> str:
     """Queue task ``name`` (on ``queue``, else the common one). What monitors (Flower) show of
     its payload is written by the app's message factory (``tasks.monitoring``)."""
-    try:
+    with map_redis_errors():
         result: AsyncResult[Any] = app.send_task(name, args=[payload], queue=queue)
-    except OperationalError as exc:
-        raise unreachable(exc) from None
     return str(result.id)
 
 
@@ -188,7 +196,7 @@ async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) 
     current = settings()
     deadline = time.monotonic() + timeout_s
     next_node_check = time.monotonic() + current.worker_heartbeat_s
-    try:
+    with map_redis_errors():
         link = await _link()
         client = link.client
         async with _subscribed(link, key) as channel:
@@ -217,8 +225,6 @@ async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) 
                 # A message carries the state it announces; without one, read it anyway.
                 message = await channel.next(min(remaining, POLL_S))
                 raw = message["data"] if message else await client.get(key)
-    except (RedisError, OSError) as exc:
-        raise unreachable(exc) from None
 
 
 def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
@@ -236,20 +242,16 @@ def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
 
 async def call(name: str, payload: dict[str, Any], timeout_s: float) -> Any:
     """Send a task where its session lives (``producer.routing``) and wait for its result."""
-    try:
+    with map_redis_errors():
         route = await routing.route(payload, await redis_client())
-    except (RedisError, OSError) as exc:
-        raise unreachable(exc) from None
     task_id = send(name, payload, route.queue)
     return await wait(task_id, timeout_s, route)
 
 
 async def call_on_every_node(name: str, payload: dict[str, Any], timeout_s: float) -> list[Any]:
     """Run a task once on each live node (a reindex: each node sees only its own disk)."""
-    try:
+    with map_redis_errors():
         nodes = await routing.alive_nodes(await redis_client())
-    except (RedisError, OSError) as exc:
-        raise unreachable(exc) from None
     if not nodes:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
     routes = [Route(names.node_queue(node), node) for node in nodes]
