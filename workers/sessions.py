@@ -1,4 +1,4 @@
-"""What each task does to a session once it holds the session's lock.
+"""What the create, code and cleanup tasks do to a session.
 
 Every write goes through the store with the lock's ``check`` as its guard, and the registry is
 updated after the disk, so that the registry never shows what the disk does not hold.
@@ -12,7 +12,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
+from celery import Task
 from redis.exceptions import RedisError
 
 from claudebox_pool.tasks.errors import ClaudeBoxError
@@ -29,15 +31,42 @@ from claudebox_pool.tasks.models import (
 )
 from claudebox_pool.workers import archive, disk, inputs, registry
 from claudebox_pool.workers.agents.base import AgentOutcome
+from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.delivery import counted_delivery, session_lock
 from claudebox_pool.workers.lock import SessionLock
 from claudebox_pool.workers.model_access import passage
 from claudebox_pool.workers.runtimes.base import LineSink, SandboxSpec
 from claudebox_pool.workers.store import SessionStore
+from claudebox_pool.workers.streaming import OutputPublisher, announce_running
 
 log = logging.getLogger(__name__)
 
 PROMPT_IN_HISTORY_CHARS = 10_000
+
+
+def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> CodeResult:
+    """One code task: its delivery counted, its session locked, its output published, its
+    cancel flag watched, and :func:`run_code` in the middle."""
+    task_id = task.request.id or ""
+    with (
+        counted_delivery(ctx, task_id) as attempt,
+        session_lock(task, ctx, request.session_id, request.enqueued_at) as lock,
+        OutputPublisher(ctx.redis, task_id, request.agent, ctx.settings) as output,
+        CancelWatch(ctx.redis, task_id, lock.lost) as watch,
+    ):
+        if watch.requested:
+            result = cancelled_before_start(ctx.store, request, task_id, lock)
+        else:
+            announce_running(task, request)
+            result = run_code(
+                ctx, request, lock, task_id, attempt, on_line=output.on_line, cancel=watch.stop
+            )
+            # The flag may come just as the agent ends by itself: then nothing was stopped.
+            if watch.requested and (result.error or "").startswith("cancelled"):
+                record_cancelled(ctx.store, request.session_id, task_id, lock)
+        output.end(result)
+    return result
 
 
 def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
