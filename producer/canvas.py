@@ -160,12 +160,13 @@ async def _queues(session_ids: Iterable[str]) -> dict[str, str]:
 
 
 def _code_step(job: Job, session_id: str, task_id: str, queue: str) -> Signature:
-    request = CodeRequest(
-        session_id=session_id,
-        prompt=job.prompt,
-        agent=job.agent or pool.settings().agent,
-        env=job.env,
-        timeout_s=job.timeout,
+    request = CodeRequest.model_validate(
+        {
+            **job.code_options(),
+            "session_id": session_id,
+            "prompt": job.prompt,
+            "agent": job.agent or pool.settings().agent,
+        }
     )
     return app.signature(
         names.CODE,
