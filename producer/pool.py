@@ -5,9 +5,11 @@ change there, the encoded result with it) instead of polling from a thread, so t
 calls can wait at once inside one event loop.
 
 Each event loop keeps its Redis connections from call to call (:func:`redis_client`): opening
-one costs over ten times the round trip it carries, and a call used to open three (routing,
-reading the result, the subscription). A pub/sub connection whose wait ended cleanly is kept
-too, unsubscribed, for the next wait.
+one costs over ten times the round trip it carries, and a call needs three (routing, reading
+the result, the subscription). A pub/sub connection whose wait ended cleanly is kept too,
+unsubscribed, for the next wait.
+
+A failure to reach Redis becomes PoolUnavailableError in one place, :func:`map_redis_errors`.
 """
 
 from __future__ import annotations
