@@ -7,6 +7,7 @@ jobs, or a mapping whose ``jobs`` key holds one)::
      "timeout": 600, "env": {"CI": "1"}, "depends_on": ["build"]}
 
 Only ``prompt`` is required; a job without ``session_id`` gets an ephemeral session of its own.
+A job takes every option of a code call (``producer.options``), ``timeout`` for ``timeout_s``.
 Jobs of one session run in file order; a job also waits for the jobs named in ``depends_on``
 (in any session) and is skipped when one of them failed. Sessions run side by side, at most
 ``concurrency`` at a time, and a failed job is run again up to ``retry`` times before its
@@ -43,11 +44,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
 from rich.console import Console
 
 from claudebox_pool.producer import pool
 from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.producer.options import OptionFields
 from claudebox_pool.producer.progress import BatchProgress, summary
 from claudebox_pool.tasks.errors import (
     ClaudeBoxError,
@@ -56,24 +58,22 @@ from claudebox_pool.tasks.errors import (
     SessionNotFoundError,
 )
 from claudebox_pool.tasks.models import SessionId
-from claudebox_pool.tasks.settings import AgentName
 
 DEFAULT_CONCURRENCY = 16
 YAML_SUFFIXES = (".yaml", ".yml")
 
 
-class Job(BaseModel):
-    """One job of a batch."""
-
-    model_config = ConfigDict(extra="forbid")
+class Job(OptionFields):
+    """One job of a batch: a prompt, where it runs, and the options of its code call."""
 
     id: str = ""
     session_id: SessionId | None = None
     prompt: str = Field(min_length=1)
-    agent: AgentName | None = None
-    timeout: int | None = Field(default=None, gt=0)
-    env: dict[str, str] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list)
+    timeout_s: int | None = Field(
+        default=None, gt=0, validation_alias=AliasChoices("timeout", "timeout_s")
+    )
+    """A jobs file names it ``timeout``."""
 
     @field_validator("depends_on", mode="before")
     @classmethod
@@ -368,7 +368,7 @@ async def _open(session_id: str | None, stack: AsyncExitStack) -> ClaudeBox:
 
 async def _attempt(box: ClaudeBox, job: Job, attempt: int) -> JobResult:
     try:
-        result = await box.code(job.prompt, timeout_s=job.timeout, agent=job.agent, env=job.env)
+        result = await box.code(job.prompt, **job.code_options())
     except ClaudeBoxError as exc:
         return _failed(job, box.session_id, str(exc), attempt)
     return JobResult(

@@ -31,7 +31,6 @@ from typing import Any
 from celery import chain
 from celery.canvas import Signature
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 
 from claudebox_pool.producer import pool, routing
 from claudebox_pool.producer.batch import Job, JobResult, by_session, plan
@@ -152,23 +151,22 @@ async def _open(job: Job) -> str:
 
 async def _queues(session_ids: Iterable[str]) -> dict[str, str]:
     """The queue of each session: its node's, where its files live (``producer.routing``)."""
-    try:
+    with pool.map_redis_errors():
         client = await pool.redis_client()
         return {
             session_id: (await routing.route({"session_id": session_id}, client)).queue
             for session_id in session_ids
         }
-    except (RedisError, OSError) as exc:
-        raise pool.unreachable(exc) from None
 
 
 def _code_step(job: Job, session_id: str, task_id: str, queue: str) -> Signature:
-    request = CodeRequest(
-        session_id=session_id,
-        prompt=job.prompt,
-        agent=job.agent or pool.settings().agent,
-        env=job.env,
-        timeout_s=job.timeout,
+    request = CodeRequest.model_validate(
+        {
+            **job.code_options(),
+            "session_id": session_id,
+            "prompt": job.prompt,
+            "agent": job.agent or pool.settings().agent,
+        }
     )
     return app.signature(
         names.CODE,

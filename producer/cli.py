@@ -493,7 +493,7 @@ def sessions_reindex() -> None:
 
         await pool.ensure_workers()
         # Each node reindexes its own disk.
-        raws = await pool.call_on_every_node(names.REINDEX, {}, "[reindex]", 600)
+        raws = await pool.call_on_every_node(names.REINDEX, {}, 600)
         results = [ReindexResult.model_validate(raw) for raw in raws]
         return ReindexResult(
             indexed=sum(r.indexed for r in results),

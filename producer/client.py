@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Generator
+from contextlib import closing
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
-
-from redis.exceptions import RedisError
+from typing import Any, Self, Unpack
 
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
+from claudebox_pool.producer.options import CallOptions
 from claudebox_pool.tasks import names
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError
@@ -135,7 +135,6 @@ class ClaudeBox:
         raw = await pool.call(
             names.OPEN,
             request.model_dump(mode="json"),
-            f"[session={self._session_id} mode={request.mode}]",
             timeout_s=pool.settings().lock_wait_s + WAIT_MARGIN_S,
         )
         record = SessionRecord.model_validate(raw)
@@ -157,17 +156,19 @@ class ClaudeBox:
         allowed_tools: list[str] | None = None,
         disallowed_tools: list[str] | None = None,
         *,
-        timeout_s: int | None = None,
-        agent: AgentName | None = None,
-        env: dict[str, str] | None = None,
         on_output: OutputCallback | None = None,
+        **options: Unpack[CallOptions],
     ) -> CodeResult:
         """Run ``prompt`` in the session; the result says whether the agent succeeded.
 
-        ``env`` adds to the box's environment for this call. ``on_output`` is called with each
-        :class:`StreamEvent` (output lines, tool calls) while the agent runs. Abandoning the
-        call (cancelling the awaiting task, Ctrl-C) cancels the task in the pool too.
+        The options are documented in :mod:`producer.options`; ``env`` adds to the box's
+        environment for this call. ``on_output`` is called with each :class:`StreamEvent`
+        (output lines, tool calls) while the agent runs. Abandoning the call (cancelling the
+        awaiting task, Ctrl-C) cancels the task in the pool too.
         """
+        unknown = options.keys() - CallOptions.__optional_keys__
+        if unknown:
+            raise TypeError(f"code() got an unexpected keyword argument {min(unknown)!r}")
         if self._record is None:
             raise InvalidRequestError(
                 "this box is not open: use `async with ClaudeBox(...) as box:` or "
@@ -182,23 +183,23 @@ class ClaudeBox:
                 f"the prompt is {size} bytes, over the limit of {current.max_prompt_bytes} "
                 "(CLAUDEBOX_MAX_PROMPT_BYTES); put large inputs in the workspace instead"
             )
-        request = CodeRequest(
-            session_id=self._session_id,
-            prompt=prompt,
-            agent=agent or self._agent,
-            max_turns=max_turns,
-            allowed_tools=tuple(allowed_tools or ()),
-            disallowed_tools=tuple(disallowed_tools or ()),
-            env={**self._env, **(env or {})},
-            timeout_s=timeout_s,
-            sandbox=self._sandbox,
+        # Every option travels under its own name: one added to CallOptions needs no line here.
+        request = CodeRequest.model_validate(
+            {
+                **options,
+                "session_id": self._session_id,
+                "prompt": prompt,
+                "agent": options.get("agent") or self._agent,
+                "max_turns": max_turns,
+                "allowed_tools": tuple(allowed_tools or ()),
+                "disallowed_tools": tuple(disallowed_tools or ()),
+                "env": {**self._env, **(options.get("env") or {})},
+                "sandbox": self._sandbox,
+            }
         )
-        shown = f"[session={self._session_id} agent={request.agent} prompt={_preview(prompt)}]"
         wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
         async with self._order:
-            self._task_id, route = await live.send(
-                names.CODE, request.model_dump(mode="json"), shown
-            )
+            self._task_id, route = await live.send(names.CODE, request.model_dump(mode="json"))
             try:
                 raw = await live.wait(self._task_id, wait_s, on_output, route)
             finally:
@@ -211,23 +212,13 @@ class ClaudeBox:
         max_turns: int | None = None,
         allowed_tools: list[str] | None = None,
         disallowed_tools: list[str] | None = None,
-        *,
-        timeout_s: int | None = None,
-        agent: AgentName | None = None,
-        env: dict[str, str] | None = None,
+        **options: Unpack[CallOptions],
     ) -> CodeStream:
         """``async for event in box.stream(prompt)``: the events of a ``code`` call as they
         happen; the returned stream's ``result`` holds its CodeResult after the loop."""
         return CodeStream(
             lambda on_output: self.code(
-                prompt,
-                max_turns,
-                allowed_tools,
-                disallowed_tools,
-                timeout_s=timeout_s,
-                agent=agent,
-                env=env,
-                on_output=on_output,
+                prompt, max_turns, allowed_tools, disallowed_tools, on_output=on_output, **options
             )
         )
 
@@ -260,13 +251,8 @@ class ClaudeBox:
         Read from the registry; where this machine sees a session's sessions root and the
         session's directory is gone from it (removed by hand), the session is left out.
         """
-        client = sync_redis(pool.settings())
-        try:
+        with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
             records = read_all(client)
-        except (RedisError, OSError) as exc:
-            raise pool.unreachable(exc) from None
-        finally:
-            client.close()
         return [record for record in records if not _removed_by_hand(record)]
 
     @staticmethod
@@ -290,7 +276,6 @@ class ClaudeBox:
         raw = await pool.call(
             names.CLEANUP,
             request.model_dump(mode="json"),
-            f"[session={session_id} remove_workspace={remove_workspace}]",
             timeout_s=current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S,
         )
         return CleanupResult.model_validate(raw)
@@ -347,8 +332,3 @@ class _Reconnect:
 def _removed_by_hand(record: SessionRecord) -> bool:
     session_dir = Path(record.workspace_path).parent
     return session_dir.parent.is_dir() and not session_dir.exists()
-
-
-def _preview(prompt: str, limit: int = 60) -> str:
-    flat = " ".join(prompt.split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

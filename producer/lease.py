@@ -31,10 +31,8 @@ class Lease:
     async def take(self) -> None:
         """Write the lease and keep renewing it until :meth:`release`; PoolUnavailableError if
         Redis cannot be reached."""
-        try:
+        with pool.map_redis_errors():
             await self._write()
-        except (RedisError, OSError) as exc:
-            raise pool.unreachable(exc) from None
         self._renewer = asyncio.create_task(self._renew(), name=f"lease-{self.session_id}")
 
     async def release(self) -> None:

@@ -8,10 +8,10 @@ session's lock.
 
 from __future__ import annotations
 
+from contextlib import closing
 from typing import Any
 
 from pydantic import BaseModel
-from redis.exceptions import RedisError
 
 from claudebox_pool.producer import pool
 from claudebox_pool.tasks import names
@@ -55,27 +55,20 @@ async def checkpoint(session_id: str, name: str, replace: bool = False) -> Check
         name=validate_name(name, "checkpoint name"),
         replace=replace,
     )
-    shown = f"[session={session_id} checkpoint={name}]"
-    return Checkpoint.model_validate(await _call(names.CHECKPOINT, request, shown))
+    return Checkpoint.model_validate(await _call(names.CHECKPOINT, request))
 
 
 async def restore(session_id: str, name: str) -> Checkpoint:
     request = RestoreCheckpointRequest(
         session_id=validate_session_id(session_id), name=validate_name(name, "checkpoint name")
     )
-    shown = f"[session={session_id} restore={name}]"
-    return Checkpoint.model_validate(await _call(names.RESTORE_CHECKPOINT, request, shown))
+    return Checkpoint.model_validate(await _call(names.RESTORE_CHECKPOINT, request))
 
 
 def checkpoints(session_id: str) -> list[str]:
     """The session's checkpoint names, oldest first, from the registry."""
-    client = sync_redis(pool.settings())
-    try:
+    with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
         record = read_one(client, validate_session_id(session_id))
-    except (RedisError, OSError) as exc:
-        raise pool.unreachable(exc) from None
-    finally:
-        client.close()
     if record is None:
         raise SessionNotFoundError(session_id)
     return list(record.checkpoints)
@@ -87,23 +80,21 @@ async def fork(source_session_id: str, new_session_id: str) -> SessionRecord:
             f"cannot fork session '{source_session_id}' into itself; name a new session"
         )
     request = ForkRequest(source_session_id=source_session_id, session_id=new_session_id)
-    shown = f"[session={new_session_id} fork-of={source_session_id}]"
-    return SessionRecord.model_validate(await _call(names.FORK, request, shown))
+    return SessionRecord.model_validate(await _call(names.FORK, request))
 
 
 async def restore_archive(archive: str) -> RestoredArchive:
     """``archive``: a file name in the archive directory, or a path to a file in it."""
     request = RestoreArchiveRequest(archive=archive)
-    shown = f"[restore-archive={archive}]"
-    return RestoredArchive.model_validate(await _call(names.RESTORE_ARCHIVE, request, shown))
+    return RestoredArchive.model_validate(await _call(names.RESTORE_ARCHIVE, request))
 
 
 async def disk_usage() -> DiskUsage:
-    return DiskUsage.model_validate(await _call(names.DISK_USAGE, None, "[disk-usage]"))
+    return DiskUsage.model_validate(await _call(names.DISK_USAGE, None))
 
 
-async def _call(name: str, request: BaseModel | None, shown: str) -> Any:
+async def _call(name: str, request: BaseModel | None) -> Any:
     await pool.ensure_workers()
     payload = request.model_dump(mode="json") if request is not None else {}
     # The visibility timeout bounds how long a message may wait and run: as long as we wait.
-    return await pool.call(name, payload, shown, timeout_s=pool.settings().visibility_timeout_s)
+    return await pool.call(name, payload, timeout_s=pool.settings().visibility_timeout_s)

@@ -20,7 +20,6 @@ from typing import Any
 
 import redis.asyncio
 from celery import states
-from redis.exceptions import RedisError
 
 from claudebox_pool.producer import pool, routing
 from claudebox_pool.producer.routing import Route
@@ -53,7 +52,7 @@ async def events(task_id: str) -> AsyncGenerator[StreamEvent, None]:
     key = keys.task_output(task_id)
     last = "0-0"
     over = False
-    try:
+    with pool.map_redis_errors():
         client = await pool.redis_client()
         while True:
             # One stream asked, so a reply is [[key, [(entry id, {field: value}), ...]]].
@@ -73,8 +72,6 @@ async def events(task_id: str) -> AsyncGenerator[StreamEvent, None]:
                 yield event
                 if event.kind == "end":
                     return
-    except (RedisError, OSError) as exc:
-        raise pool.unreachable(exc) from None
 
 
 async def follow(task_id: str, on_output: OutputCallback) -> None:
@@ -85,13 +82,11 @@ async def follow(task_id: str, on_output: OutputCallback) -> None:
             await outcome
 
 
-async def send(name: str, payload: dict[str, Any], shown: str) -> tuple[str, Route]:
+async def send(name: str, payload: dict[str, Any]) -> tuple[str, Route]:
     """Queue a task where its session lives (``producer.routing``); its id and route."""
-    try:
+    with pool.map_redis_errors():
         route = await routing.route(payload, await pool.redis_client())
-    except (RedisError, OSError) as exc:
-        raise pool.unreachable(exc) from None
-    return pool.send(name, payload, shown, route.queue), route
+    return pool.send(name, payload, route.queue), route
 
 
 async def wait(
@@ -144,14 +139,12 @@ async def cancel(task_id: str) -> bool:
     if not task_id or any(c.isspace() for c in task_id) or len(task_id) > 255:
         raise InvalidRequestError(f"{task_id!r} is not a task id (a UUID like 5f1c2a...)")
     current = pool.settings()
-    try:
+    with pool.map_redis_errors():
         client = await pool.redis_client()
         if await finished(client, task_id):
             return False
         await client.set(keys.task_cancel(task_id), "1", ex=current.visibility_timeout_s)
         return True
-    except (RedisError, OSError) as exc:
-        raise pool.unreachable(exc) from None
 
 
 class CodeStream:

@@ -8,8 +8,6 @@ re-attached disk), then this tells a worker of that node to adopt the copy
 
 from __future__ import annotations
 
-from redis.exceptions import RedisError
-
 from claudebox_pool.producer import pool, routing
 from claudebox_pool.producer.client import WAIT_MARGIN_S
 from claudebox_pool.tasks import keys, names
@@ -30,15 +28,13 @@ async def move_session(session_id: str, node: str, *, force: bool = False) -> Se
     """
     validate_session_id(session_id)
     current = pool.settings()
-    try:
+    with pool.map_redis_errors():
         client = await pool.redis_client()
         record = parse(await client.hget(keys.registry(), session_id))
         target_silent_s = await routing.silent_for(client, node)
         source_silent_s = (
             await routing.silent_for(client, record.node) if record and record.node else None
         )
-    except (RedisError, OSError) as exc:
-        raise pool.unreachable(exc) from None
     if record is None:
         raise SessionNotFoundError(session_id)
     if record.node == node:
@@ -57,11 +53,6 @@ async def move_session(session_id: str, node: str, *, force: bool = False) -> Se
         )
     request = AdoptRequest(session_id=session_id, node=node, previous_node=record.node)
     target = routing.Route(names.node_queue(node), node, session_id)
-    task_id = pool.send(
-        names.ADOPT,
-        request.model_dump(mode="json"),
-        f"[session={session_id} move {record.node or '?'} -> {node}]",
-        target.queue,
-    )
+    task_id = pool.send(names.ADOPT, request.model_dump(mode="json"), target.queue)
     raw = await pool.wait(task_id, current.lock_wait_s + WAIT_MARGIN_S, target)
     return SessionRecord.model_validate(raw)

@@ -5,17 +5,19 @@ change there, the encoded result with it) instead of polling from a thread, so t
 calls can wait at once inside one event loop.
 
 Each event loop keeps its Redis connections from call to call (:func:`redis_client`): opening
-one costs over ten times the round trip it carries, and a call used to open three (routing,
-reading the result, the subscription). A pub/sub connection whose wait ended cleanly is kept
-too, unsubscribed, for the next wait.
+one costs over ten times the round trip it carries, and a call needs three (routing, reading
+the result, the subscription). A pub/sub connection whose wait ended cleanly is kept too,
+unsubscribed, for the next wait.
+
+A failure to reach Redis becomes PoolUnavailableError in one place, :func:`map_redis_errors`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +58,24 @@ def settings() -> Settings:
     return get_settings()
 
 
-def unreachable(exc: BaseException) -> PoolUnavailableError:
-    url = redacted(settings().broker_url)
-    return PoolUnavailableError(
-        f"cannot reach Redis at {url} ({exc}); is redis-server running? "
-        "Set CLAUDEBOX_BROKER_URL and CLAUDEBOX_RESULT_BACKEND to your Redis"
-    )
+UNREACHABLE = (RedisError, OSError, OperationalError)
+"""What a failure to reach the pool's Redis raises: redis-py's errors, a socket's, and kombu's
+when it sends a task."""
+
+
+@contextmanager
+def map_redis_errors() -> Iterator[None]:
+    """Raise a failure to reach Redis inside the block as PoolUnavailableError, which says
+    what to check; in sync and async code alike (``with map_redis_errors(): await ...``)."""
+    try:
+        yield
+    except UNREACHABLE as exc:
+        url = redacted(settings().broker_url)
+        # from None: the redis-py traceback says nothing the message does not.
+        raise PoolUnavailableError(
+            f"cannot reach Redis at {url} ({exc}); is redis-server running? "
+            "Set CLAUDEBOX_BROKER_URL and CLAUDEBOX_RESULT_BACKEND to your Redis"
+        ) from None
 
 
 @dataclass
@@ -157,25 +171,19 @@ async def _subscribed(link: _Link, name: bytes) -> AsyncIterator[_Channel]:
 async def ensure_workers() -> None:
     """PoolUnavailableError unless some worker has announced itself recently."""
     current = settings()
-    try:
+    with map_redis_errors():
         client = await redis_client()
         since = time.time() - current.worker_alive_s
         alive = await client.zcount(keys.workers(), since, "+inf")
-    except (RedisError, OSError) as exc:
-        raise unreachable(exc) from None
     if not alive:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
 
 
-def send(name: str, payload: dict[str, Any], shown: str, queue: str | None = None) -> str:
-    """Queue task ``name`` (on ``queue``, else the common one); ``shown`` is what monitors
-    (Flower) display instead of the payload."""
-    try:
-        result: AsyncResult[Any] = app.send_task(
-            name, args=[payload], argsrepr=shown, kwargsrepr="{}", queue=queue
-        )
-    except OperationalError as exc:
-        raise unreachable(exc) from None
+def send(name: str, payload: dict[str, Any], queue: str | None = None) -> str:
+    """Queue task ``name`` (on ``queue``, else the common one). What monitors (Flower) show of
+    its payload is written by the app's message factory (``tasks.monitoring``)."""
+    with map_redis_errors():
+        result: AsyncResult[Any] = app.send_task(name, args=[payload], queue=queue)
     return str(result.id)
 
 
@@ -190,7 +198,7 @@ async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) 
     current = settings()
     deadline = time.monotonic() + timeout_s
     next_node_check = time.monotonic() + current.worker_heartbeat_s
-    try:
+    with map_redis_errors():
         link = await _link()
         client = link.client
         async with _subscribed(link, key) as channel:
@@ -219,8 +227,6 @@ async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) 
                 # A message carries the state it announces; without one, read it anyway.
                 message = await channel.next(min(remaining, POLL_S))
                 raw = message["data"] if message else await client.get(key)
-    except (RedisError, OSError) as exc:
-        raise unreachable(exc) from None
 
 
 def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
@@ -236,26 +242,20 @@ def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
     )
 
 
-async def call(name: str, payload: dict[str, Any], shown: str, timeout_s: float) -> Any:
+async def call(name: str, payload: dict[str, Any], timeout_s: float) -> Any:
     """Send a task where its session lives (``producer.routing``) and wait for its result."""
-    try:
+    with map_redis_errors():
         route = await routing.route(payload, await redis_client())
-    except (RedisError, OSError) as exc:
-        raise unreachable(exc) from None
-    task_id = send(name, payload, shown, route.queue)
+    task_id = send(name, payload, route.queue)
     return await wait(task_id, timeout_s, route)
 
 
-async def call_on_every_node(
-    name: str, payload: dict[str, Any], shown: str, timeout_s: float
-) -> list[Any]:
+async def call_on_every_node(name: str, payload: dict[str, Any], timeout_s: float) -> list[Any]:
     """Run a task once on each live node (a reindex: each node sees only its own disk)."""
-    try:
+    with map_redis_errors():
         nodes = await routing.alive_nodes(await redis_client())
-    except (RedisError, OSError) as exc:
-        raise unreachable(exc) from None
     if not nodes:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
     routes = [Route(names.node_queue(node), node) for node in nodes]
-    sent = [(send(name, payload, shown, r.queue), r) for r in routes]
+    sent = [(send(name, payload, r.queue), r) for r in routes]
     return list(await asyncio.gather(*(wait(task_id, timeout_s, r) for task_id, r in sent)))

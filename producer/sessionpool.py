@@ -18,9 +18,11 @@ import asyncio
 from collections.abc import Iterable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, Literal, Self, overload
+from typing import Literal, Self, Unpack, overload
 
 from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.producer.live import OutputCallback
+from claudebox_pool.producer.options import CodeOptions
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionNotFoundError
 from claudebox_pool.tasks.models import CodeResult
 from claudebox_pool.tasks.settings import AgentName
@@ -85,8 +87,14 @@ class SessionPool:
         await self._stack.aclose()
         self._boxes = []
 
-    async def code(self, prompt: str, **options: Any) -> CodeResult:
-        """Run ``prompt`` on the next free session (``options`` as for ``ClaudeBox.code``)."""
+    async def code(
+        self,
+        prompt: str,
+        *,
+        on_output: OutputCallback | None = None,
+        **options: Unpack[CodeOptions],
+    ) -> CodeResult:
+        """Run ``prompt`` on the next free session, with the options of ``ClaudeBox.code``."""
         if not self._boxes:
             raise InvalidRequestError("the pool is not open: use `async with SessionPool(...)`")
         # Agent and env go with each call, as a reconnected box does not carry them.
@@ -94,22 +102,37 @@ class SessionPool:
         options["env"] = {**(self._env or {}), **(options.get("env") or {})}
         box = await self._free.get()
         try:
-            return await box.code(prompt, **options)
+            return await box.code(prompt, on_output=on_output, **options)
         finally:
             self._free.put_nowait(box)
 
     @overload
     async def map(
-        self, prompts: Iterable[str], *, return_exceptions: Literal[False] = ..., **options: Any
+        self,
+        prompts: Iterable[str],
+        *,
+        return_exceptions: Literal[False] = ...,
+        on_output: OutputCallback | None = None,
+        **options: Unpack[CodeOptions],
     ) -> list[CodeResult]: ...
 
     @overload
     async def map(
-        self, prompts: Iterable[str], *, return_exceptions: Literal[True], **options: Any
+        self,
+        prompts: Iterable[str],
+        *,
+        return_exceptions: Literal[True],
+        on_output: OutputCallback | None = None,
+        **options: Unpack[CodeOptions],
     ) -> list[CodeResult | BaseException]: ...
 
     async def map(
-        self, prompts: Iterable[str], *, return_exceptions: bool = False, **options: Any
+        self,
+        prompts: Iterable[str],
+        *,
+        return_exceptions: bool = False,
+        on_output: OutputCallback | None = None,
+        **options: Unpack[CodeOptions],
     ) -> list[CodeResult] | list[CodeResult | BaseException]:
         """Run every prompt, spread over the sessions; the results in the prompts' order.
 
@@ -117,7 +140,8 @@ class SessionPool:
         unless ``return_exceptions`` asks for errors in place of their results.
         """
         outcomes = await asyncio.gather(
-            *(self.code(prompt, **options) for prompt in prompts), return_exceptions=True
+            *(self.code(prompt, on_output=on_output, **options) for prompt in prompts),
+            return_exceptions=True,
         )
         if return_exceptions:
             return outcomes

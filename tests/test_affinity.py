@@ -144,7 +144,7 @@ def test_a_task_that_reaches_the_wrong_node_is_refused_without_running(nodes: No
     request = CodeRequest(session_id="a1", prompt="touch stray", agent="shell")
     wrong = Route(names.node_queue("node-b"))
 
-    task_id = pool.send(names.CODE, request.model_dump(mode="json"), "[stray]", wrong.queue)
+    task_id = pool.send(names.CODE, request.model_dump(mode="json"), wrong.queue)
     with pytest.raises(WrongNodeError, match=r"lives on node 'node-a'.*reached node 'node-b'"):
         asyncio.run(pool.wait(task_id, 30, wrong))
 

@@ -182,7 +182,7 @@ def test_cancel_stops_a_sleeping_agent_within_2s_and_the_session_stays_usable() 
 def send_code(session_id: str, prompt: str) -> str:
     """Queue a code task with no producer waiting for it (as a script or another host would)."""
     request = CodeRequest(session_id=session_id, prompt=prompt, agent="shell")
-    return pool.send(names.CODE, request.model_dump(mode="json"), f"[session={session_id}]")
+    return pool.send(names.CODE, request.model_dump(mode="json"))
 
 
 async def wait_for_line(task_id: str, text: str) -> None:

@@ -39,7 +39,7 @@ SWEEPING = {
 }
 PRODUCER = """
 import asyncio
-from producer import ClaudeBox
+from claudebox_pool import ClaudeBox
 
 async def main():
     async with ClaudeBox() as box:

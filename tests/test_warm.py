@@ -165,7 +165,7 @@ def test_a_worker_stopped_cleanly_takes_its_sandboxes_and_leaves_no_task_behind(
     # Sent to it by a producer that routed the task a moment before it stopped.
     payload = CodeRequest(session_id="left", prompt="echo rescued", agent="shell")
     task_id = pool.send(
-        names.CODE, payload.model_dump(mode="json"), "[left]", names.worker_queue(leaving.hostname)
+        names.CODE, payload.model_dump(mode="json"), names.worker_queue(leaving.hostname)
     )
     result = result_of(task_id, 30)
 
@@ -202,7 +202,6 @@ def test_a_worker_killed_while_keeping_a_warm_sandbox_leaves_nothing_blocking_th
         CodeRequest(session_id="orphaned", prompt=SANDBOX_ID, agent="shell").model_dump(
             mode="json"
         ),
-        "[orphaned]",
         route.queue,
     )
 

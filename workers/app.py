@@ -2,13 +2,12 @@
 
 ``claudebox-pool worker`` runs it.
 
-Importing this module registers the task bodies on the shared app (``jobs``, ``lifecycle_jobs``,
-``moves``), has every worker consume its node's own queue too (``affinity``), and adds two
-things to every worker: a heartbeat in Redis (of the worker and of its node), so that
-producers can tell no worker is running instead of waiting forever, and at which the tasks a
-dead worker of the node left in its own queue are moved to the node's (``warm.rescue``); a
-reconciliation of the session registry with the disk at start; and the keeper of its warm
-sandboxes (``warm.setup``).
+Importing this module registers every task on the shared app (``jobs``), has every worker
+consume its node's own queue too (``affinity``), and adds two things to every worker: a
+heartbeat in Redis (of the worker and of its node), so that producers can tell no worker is
+running instead of waiting forever, and at which the tasks a dead worker of the node left in
+its own queue are moved to the node's (``warm.rescue``); a reconciliation of the session
+registry with the disk at start; and the keeper of its warm sandboxes (``warm.setup``).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from celery.worker import WorkController
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.models import WorkerInfo
-from claudebox_pool.workers import affinity, jobs, lifecycle_jobs, moves, registry, shutdown  # noqa: F401
+from claudebox_pool.workers import affinity, jobs, registry, shutdown  # noqa: F401
 from claudebox_pool.workers.agents.claude import cli_version, find_cli
 from claudebox_pool.workers.context import context
 from claudebox_pool.workers.runtimes.auto import choose

@@ -28,12 +28,7 @@ def to_other_nodes(ctx: WorkerContext, name: str, payload: dict[str, Any]) -> li
     members: list[bytes] = ctx.redis.zrangebyscore(keys.nodes(), since, "+inf")  # type: ignore[assignment]
     others = sorted(node for node in map(text, members) if node != ctx.node)
     for node in others:
-        app.send_task(
-            name,
-            args=[{**payload, "every_node": False}],
-            queue=names.node_queue(node),
-            argsrepr=f"[{node}]",
-        )
+        app.send_task(name, args=[{**payload, "every_node": False}], queue=names.node_queue(node))
     if others:
         log.info("%s sent on to node(s) %s", name, ", ".join(others))
     return others

@@ -1,94 +1,64 @@
-"""The task bodies: count the delivery, take the session's lock, do the work, release.
+"""Every Celery task a worker answers, one registration each: which code answers a task name.
 
-A task that finds its session busy waits a moment for the lock, then gives its worker slot back
-and retries with backoff until ``CLAUDEBOX_LOCK_WAIT_S`` after it was sent, when it fails with
-SessionBusyError. A task delivered more than ``CLAUDEBOX_MAX_ATTEMPTS`` times (its worker died
-each time: ``task_reject_on_worker_lost`` requeues it) is failed rather than requeued forever.
+Each registration parses its payload, takes the locks of the sessions it writes
+(:mod:`workers.delivery`: a busy one makes the task retry with backoff until
+``CLAUDEBOX_LOCK_WAIT_S``) and calls its body in the module that owns the idea. Sweeps are the
+exception: they never wait for a lock (see :mod:`workers.sweeps`). Task names are spelled only
+in :mod:`tasks.names`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
-from celery.exceptions import Retry
 
-from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks import names
 from claudebox_pool.tasks.app import app
-from claudebox_pool.tasks.errors import ClaudeBoxError, SessionBusyError, TaskAttemptsExceededError
-from claudebox_pool.tasks.lifecycle import ReindexRequest
-from claudebox_pool.tasks.models import CleanupRequest, CodeRequest, OpenRequest, parse_payload
-from claudebox_pool.workers import fanout, forks, registry, sessions
+from claudebox_pool.tasks.errors import ClaudeBoxError
+from claudebox_pool.tasks.lifecycle import (
+    CheckpointRequest,
+    ForkRequest,
+    ReindexRequest,
+    RestoreArchiveRequest,
+    RestoreCheckpointRequest,
+    SweepReport,
+    SweepRequest,
+)
+from claudebox_pool.tasks.models import (
+    AdoptRequest,
+    CleanupRequest,
+    CodeRequest,
+    OpenRequest,
+    parse_payload,
+)
+from claudebox_pool.workers import (
+    archive,
+    checkpoints,
+    disk,
+    fanout,
+    forks,
+    moves,
+    registry,
+    sessions,
+    sweeps,
+)
 from claudebox_pool.workers.affinity import refuse_if_elsewhere
-from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext, context
-from claudebox_pool.workers.lock import SessionLock
-from claudebox_pool.workers.streaming import OutputPublisher, announce_running
-
-LOCK_POLL_S = 2.0
-"""How long a task holds its worker slot waiting for a busy session before it retries."""
-MAX_BACKOFF_S = 10.0
-
-
-@contextmanager
-def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
-    """Count this delivery of ``task_id``. The count is kept only if the worker dies or stops
-    the task (SystemExit: a cold shutdown, a terminating revoke), since the task runs again: a
-    task that ends forgets it, and a retry for a busy session takes its own delivery back."""
-    key = keys.task_attempts(task_id)
-    pipe = ctx.redis.pipeline()
-    pipe.incr(key)
-    pipe.expire(key, ctx.settings.visibility_timeout_s * 2)
-    attempt = int(pipe.execute()[0])
-    try:
-        if attempt > ctx.settings.max_attempts:
-            raise TaskAttemptsExceededError(task_id, attempt - 1)
-        yield attempt
-    except Retry:
-        ctx.redis.decr(key)
-        raise
-    except Exception:
-        ctx.redis.delete(key)
-        raise
-    else:
-        ctx.redis.delete(key)
-
-
-@contextmanager
-def session_lock(
-    task: Task[Any, Any],
-    ctx: WorkerContext,
-    session_id: str,
-    enqueued_at: float,
-    *,
-    check_node: bool = True,
-) -> Iterator[SessionLock]:
-    """Hold the session's lock; with ``check_node``, refuse a session bound to another node."""
-    lock = SessionLock(ctx.redis, session_id, ctx.settings.lock_ttl_s)
-    if not lock.acquire(LOCK_POLL_S):
-        waited = time.time() - enqueued_at
-        remaining = ctx.settings.lock_wait_s - waited
-        if remaining <= 0:
-            raise SessionBusyError(session_id, waited)
-        backoff = min(0.5 * 2**task.request.retries, MAX_BACKOFF_S, remaining)
-        raise task.retry(countdown=backoff)
-    with lock:
-        if check_node:
-            refuse_if_elsewhere(ctx, session_id)
-        yield lock
-
+from claudebox_pool.workers.delivery import session_lock
+from claudebox_pool.workers.lock import raise_fence
 
 # max_retries=None: a task waiting for a busy session retries until its own deadline.
 RETRYING = {"bind": True, "throws": (ClaudeBoxError,), "max_retries": None}
 
 
+# --- a session's life: open, code, cleanup ----------------------------------------------------
+
+
 @app.task(name=names.OPEN, **RETRYING)
 def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = parse_payload(OpenRequest, payload)
-    ctx = context()
+    request, ctx = parse_payload(OpenRequest, payload), context()
     if request.mode == "reconnect":
         refuse_if_elsewhere(ctx, request.session_id)
         # Reading session.json needs no lock: it is only ever replaced whole.
@@ -104,34 +74,64 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
 @app.task(name=names.CODE, **RETRYING)
 def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     request = parse_payload(CodeRequest, payload)
-    ctx = context()
-    task_id = self.request.id or ""
-    with (
-        counted_delivery(ctx, task_id) as attempt,
-        session_lock(self, ctx, request.session_id, request.enqueued_at) as lock,
-        OutputPublisher(ctx.redis, task_id, request.agent, ctx.settings) as output,
-        CancelWatch(ctx.redis, task_id, lock.lost) as watch,
-    ):
-        if watch.requested:
-            result = cancelled_before_start(ctx.store, request, task_id, lock)
-        else:
-            announce_running(self, request)
-            result = sessions.run_code(
-                ctx, request, lock, task_id, attempt, on_line=output.on_line, cancel=watch.stop
-            )
-            # The flag may come just as the agent ends by itself: then nothing was stopped.
-            if watch.requested and (result.error or "").startswith("cancelled"):
-                record_cancelled(ctx.store, request.session_id, task_id, lock)
-        output.end(result)
-    return result.model_dump(mode="json")
+    return sessions.code(self, context(), request).model_dump(mode="json")
 
 
 @app.task(name=names.CLEANUP, **RETRYING)
 def cleanup(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = parse_payload(CleanupRequest, payload)
-    ctx = context()
+    request, ctx = parse_payload(CleanupRequest, payload), context()
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
         return sessions.cleanup_session(ctx, request, lock).model_dump(mode="json")
+
+
+# --- checkpoints, forks, archives, moves ------------------------------------------------------
+
+
+@app.task(name=names.CHECKPOINT, **RETRYING)
+def checkpoint(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(CheckpointRequest, payload), context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        return checkpoints.create(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.RESTORE_CHECKPOINT, **RETRYING)
+def restore_checkpoint(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(RestoreCheckpointRequest, payload), context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        return checkpoints.restore(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.FORK, **RETRYING)
+def fork(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(ForkRequest, payload), context()
+    # The new session's lock first, as for a template (open_session): one order.
+    with (
+        session_lock(self, ctx, request.session_id, request.enqueued_at) as lock,
+        session_lock(self, ctx, forks.other(request.source_session_id, lock), request.enqueued_at),
+    ):
+        return forks.fork(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.RESTORE_ARCHIVE, **RETRYING)
+def restore_archive(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(RestoreArchiveRequest, payload), context()
+    contents = archive.inspect(ctx.settings, ctx.store, request.archive)
+    # Before the lock is taken, so that its fencing number is above the archived one.
+    raise_fence(ctx.redis, contents.session_id, contents.record.fence)
+    with session_lock(self, ctx, contents.session_id, request.enqueued_at) as lock:
+        return archive.restore(ctx, contents, lock).model_dump(mode="json")
+
+
+@app.task(name=names.ADOPT, **RETRYING)
+def adopt(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(AdoptRequest, payload), context()
+    moves.refuse_if_not_here(ctx, request)
+    # No node check: the registry still names the old node until this task rebinds it.
+    with session_lock(self, ctx, request.session_id, request.enqueued_at, check_node=False) as lock:
+        return moves.adopt(ctx, request, lock).model_dump(mode="json")
+
+
+# --- the sessions root: reindex, disk usage, beat's sweeps ------------------------------------
 
 
 @app.task(name=names.REINDEX, throws=(ClaudeBoxError,))
@@ -140,3 +140,32 @@ def reindex(payload: dict[str, Any] | None = None) -> dict[str, Any]:
     if request.every_node:
         fanout.to_other_nodes(ctx, names.REINDEX, payload or {})
     return registry.reindex(ctx.redis, ctx.store).model_dump(mode="json")
+
+
+@app.task(name=names.DISK_USAGE, throws=(ClaudeBoxError,))
+def disk_usage(payload: dict[str, Any] | None = None) -> dict[str, Any]:
+    ctx = context()
+    return disk.usage(ctx.settings, ctx.store).model_dump(mode="json")
+
+
+# Their reports go to <home>/sweeps.jsonl; nobody waits for a sweep's result.
+@app.task(name=names.SWEEP_AGE, throws=(ClaudeBoxError,), ignore_result=True)
+def sweep_age(payload: dict[str, Any]) -> dict[str, Any] | None:
+    return _sweep(names.SWEEP_AGE, sweeps.sweep_age, payload)
+
+
+@app.task(name=names.SWEEP_LEAKS, throws=(ClaudeBoxError,), ignore_result=True)
+def sweep_leaks(payload: dict[str, Any]) -> dict[str, Any] | None:
+    return _sweep(names.SWEEP_LEAKS, sweeps.sweep_leaks, payload)
+
+
+def _sweep(
+    name: str,
+    run: Callable[[WorkerContext, float], SweepReport | None],
+    payload: dict[str, Any],
+) -> dict[str, Any] | None:
+    request, ctx = parse_payload(SweepRequest, payload), context()
+    if request.every_node:
+        fanout.to_other_nodes(ctx, name, payload)
+    report = run(ctx, request.every_s)
+    return report.model_dump(mode="json") if report else None

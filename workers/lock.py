@@ -33,6 +33,9 @@ RETRY_S = 0.1
 """How often a waiting ``acquire`` tries again (redis-py's own lock polls as often)."""
 
 _ACQUIRE = """
+-- KEYS[1] the session's lock (keys.session_lock), KEYS[2] its fencing counter (session_fence)
+-- ARGV[1] the new holder's token, ARGV[2] the lock's TTL in milliseconds
+-- Returns the holder's fencing number, or 0 when another holder has the lock.
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
@@ -141,6 +144,8 @@ class SessionLock:
 
 
 _RAISE_FENCE = """
+-- KEYS[1] the session's fencing counter (keys.session_fence)
+-- ARGV[1] the number the counter must reach; a higher counter is left as it is
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) end
 """

@@ -10,45 +10,39 @@ refused there (``workers.affinity``).
 
 from __future__ import annotations
 
-from typing import Any
-
-from celery import Task
-
-from claudebox_pool.tasks import names
-from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import InvalidRequestError, WrongNodeError
-from claudebox_pool.tasks.models import AdoptRequest, HistoryEntry, parse_payload, utc_now
+from claudebox_pool.tasks.models import AdoptRequest, HistoryEntry, SessionRecord, utc_now
 from claudebox_pool.workers import registry
-from claudebox_pool.workers.context import context
-from claudebox_pool.workers.jobs import RETRYING, session_lock
+from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.lock import SessionLock
 
 
-@app.task(name=names.ADOPT, **RETRYING)
-def adopt(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = parse_payload(AdoptRequest, payload)
-    ctx = context()
+def refuse_if_not_here(ctx: WorkerContext, request: AdoptRequest) -> None:
+    """WrongNodeError unless this worker is on the node the session moves to."""
     if request.node != ctx.node:
         raise WrongNodeError(request.session_id, request.node, ctx.node)
-    # No node check: the registry still names the old node until this task rebinds it.
-    with session_lock(self, ctx, request.session_id, request.enqueued_at, check_node=False) as lock:
-        if not ctx.store.exists(request.session_id):
-            where = ctx.store.paths(request.session_id).root
-            raise InvalidRequestError(
-                f"session '{request.session_id}' has no files on node '{ctx.node}' (looked for "
-                f"{where}); copy its directory there from node '{request.previous_node}' first, "
-                f"e.g. rsync -a OLD_HOST:<its sessions root>/{request.session_id}/ {where}/"
-            )
-        record = ctx.store.load(request.session_id).model_copy(
-            update={"fence": lock.fence, "updated_at": utc_now(), "status": "stopped"}
+
+
+def adopt(ctx: WorkerContext, request: AdoptRequest, lock: SessionLock) -> SessionRecord:
+    """Bind the session, whose files were copied onto this node, to it."""
+    if not ctx.store.exists(request.session_id):
+        where = ctx.store.paths(request.session_id).root
+        raise InvalidRequestError(
+            f"session '{request.session_id}' has no files on node '{ctx.node}' (looked for "
+            f"{where}); copy its directory there from node '{request.previous_node}' first, "
+            f"e.g. rsync -a OLD_HOST:<its sessions root>/{request.session_id}/ {where}/"
         )
-        ctx.store.append_history(
-            request.session_id,
-            HistoryEntry(
-                action="session_moved",
-                context={"from_node": request.previous_node, "to_node": ctx.node},
-            ),
-            lock.check,
-        )
-        ctx.store.save(record, lock.check)
-        registry.put(ctx.redis, record)
-    return record.model_dump(mode="json")
+    record = ctx.store.load(request.session_id).model_copy(
+        update={"fence": lock.fence, "updated_at": utc_now(), "status": "stopped"}
+    )
+    ctx.store.append_history(
+        request.session_id,
+        HistoryEntry(
+            action="session_moved",
+            context={"from_node": request.previous_node, "to_node": ctx.node},
+        ),
+        lock.check,
+    )
+    ctx.store.save(record, lock.check)
+    registry.put(ctx.redis, record)
+    return record

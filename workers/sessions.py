@@ -1,4 +1,4 @@
-"""What each task does to a session once it holds the session's lock.
+"""What the create, code and cleanup tasks do to a session.
 
 Every write goes through the store with the lock's ``check`` as its guard, and the registry is
 updated after the disk, so that the registry never shows what the disk does not hold.
@@ -12,7 +12,9 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
+from celery import Task
 from redis.exceptions import RedisError
 
 from claudebox_pool.tasks.errors import ClaudeBoxError
@@ -29,15 +31,42 @@ from claudebox_pool.tasks.models import (
 )
 from claudebox_pool.workers import archive, disk, inputs, registry
 from claudebox_pool.workers.agents.base import AgentOutcome
+from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.delivery import counted_delivery, session_lock
 from claudebox_pool.workers.lock import SessionLock
 from claudebox_pool.workers.model_access import passage
 from claudebox_pool.workers.runtimes.base import LineSink, SandboxSpec
 from claudebox_pool.workers.store import SessionStore
+from claudebox_pool.workers.streaming import OutputPublisher, announce_running
 
 log = logging.getLogger(__name__)
 
 PROMPT_IN_HISTORY_CHARS = 10_000
+
+
+def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> CodeResult:
+    """One code task: its delivery counted, its session locked, its output published, its
+    cancel flag watched, and :func:`run_code` in the middle."""
+    task_id = task.request.id or ""
+    with (
+        counted_delivery(ctx, task_id) as attempt,
+        session_lock(task, ctx, request.session_id, request.enqueued_at) as lock,
+        OutputPublisher(ctx.redis, task_id, request.agent, ctx.settings) as output,
+        CancelWatch(ctx.redis, task_id, lock.lost) as watch,
+    ):
+        if watch.requested:
+            result = cancelled_before_start(ctx.store, request, task_id, lock)
+        else:
+            announce_running(task, request)
+            result = run_code(
+                ctx, request, lock, task_id, attempt, on_line=output.on_line, cancel=watch.stop
+            )
+            # The flag may come just as the agent ends by itself: then nothing was stopped.
+            if watch.requested and (result.error or "").startswith("cancelled"):
+                record_cancelled(ctx.store, request.session_id, task_id, lock)
+        output.end(result)
+    return result
 
 
 def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
@@ -85,6 +114,16 @@ def sandbox_spec(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one run of the agent gave, for the session's records and the task's result."""
+
+    outcome: AgentOutcome
+    started_at: str
+    duration_s: float
+    created: list[str]
+
+
 def run_code(
     ctx: WorkerContext,
     request: CodeRequest,
@@ -97,14 +136,29 @@ def run_code(
 ) -> CodeResult:
     """``on_line`` gets the agent's output as it prints; ``cancel`` stops the agent (it defaults
     to the lock's ``lost`` Event; a caller passing its own must set it when the lock is lost)."""
-    store, guard = ctx.store, lock.check
-    record = store.load(request.session_id)
-    store.check_workspace(request.session_id)  # before anything is written
-    recorded = _recorded_run(store, request.session_id, task_id)
+    record = ctx.store.load(request.session_id)
+    ctx.store.check_workspace(request.session_id)  # before anything is written
+    recorded = _recorded_run(ctx.store, request.session_id, task_id)
     if recorded is not None:
         # Delivered again after it ran to its end (a resend under the same id, a redelivery
         # of a task whose worker died before the ack): give back its result, run nothing.
         return recorded
+    record, spec = _mark_running(ctx, request, record, lock, task_id, attempt)
+    run = _run_agent(ctx, request, record, spec, lock, on_line, cancel)
+    _record_run(ctx, request, record, run, lock, task_id)
+    return _result(ctx, request, run, task_id)
+
+
+def _mark_running(
+    ctx: WorkerContext,
+    request: CodeRequest,
+    record: SessionRecord,
+    lock: SessionLock,
+    task_id: str,
+    attempt: int,
+) -> tuple[SessionRecord, SandboxSpec]:
+    """Check the disk and the inputs, then record the session as running; its sandbox's spec."""
+    store, guard = ctx.store, lock.check
     disk.guard(ctx.settings, store, f"session '{request.session_id}' cannot run a task")
     # Its inputs are checked here too, before anything is written.
     spec = sandbox_spec(ctx, record, request.sandbox)
@@ -119,7 +173,20 @@ def run_code(
             HistoryEntry(action="attempt_interrupted", context={"task_id": task_id}),
             guard,
         )
+    return record, spec
 
+
+def _run_agent(
+    ctx: WorkerContext,
+    request: CodeRequest,
+    record: SessionRecord,
+    spec: SandboxSpec,
+    lock: SessionLock,
+    on_line: LineSink | None,
+    cancel: threading.Event | None,
+) -> _Run:
+    """Run the agent in the session's sandbox, through the model passage if it has one."""
+    store = ctx.store
     agent = ctx.agent(request.agent)
     timeout_s = float(
         min(request.timeout_s or ctx.settings.task_time_limit_s, ctx.settings.task_time_limit_s)
@@ -149,7 +216,19 @@ def run_code(
             outcome = way_out.settle(outcome, request.session_id)
     duration_s = time.monotonic() - started
     created = sorted(store.workspace_files(request.session_id) - before)
+    return _Run(outcome, started_at, duration_s, created)
 
+
+def _record_run(
+    ctx: WorkerContext,
+    request: CodeRequest,
+    record: SessionRecord,
+    run: _Run,
+    lock: SessionLock,
+    task_id: str,
+) -> None:
+    """Add the run to the session's counters and history; the session is stopped again."""
+    outcome, created = run.outcome, run.created
     now = utc_now()
     record = record.model_copy(
         update={
@@ -159,7 +238,7 @@ def run_code(
             "total_commands": record.total_commands + 1,
             "total_files_created": record.total_files_created + len(created),
             "total_turns": record.total_turns + outcome.num_turns,
-            "total_duration_ms": record.total_duration_ms + int(duration_s * 1000),
+            "total_duration_ms": record.total_duration_ms + int(run.duration_s * 1000),
             "total_cost_usd": record.total_cost_usd + outcome.cost_usd,
             "total_input_tokens": record.total_input_tokens + outcome.input_tokens,
             "total_output_tokens": record.total_output_tokens + outcome.output_tokens,
@@ -174,8 +253,8 @@ def run_code(
                 "prompt": request.prompt[:PROMPT_IN_HISTORY_CHARS],
                 "success": outcome.success,
                 "exit_code": outcome.exit_code,
-                "duration_s": round(duration_s, 3),
-                "started_at": started_at,
+                "duration_s": round(run.duration_s, 3),
+                "started_at": run.started_at,
                 "agent": request.agent,
                 "task_id": task_id,
                 "response": outcome.response[:PROMPT_IN_HISTORY_CHARS],
@@ -189,21 +268,25 @@ def run_code(
         *(HistoryEntry(action="file_created", context={"file": name}) for name in created),
         *(HistoryEntry(action=action, context=context) for action, context in outcome.events),
     ]
-    store.append_history_many(request.session_id, entries, guard)
-    store.save(record, guard)
+    ctx.store.append_history_many(request.session_id, entries, lock.check)
+    ctx.store.save(record, lock.check)
     registry.put(ctx.redis, record)
+
+
+def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -> CodeResult:
+    outcome = run.outcome
     return CodeResult(
         success=outcome.success,
         response=outcome.response,
         exit_code=outcome.exit_code,
         raw_output=_tail(outcome.raw_output, ctx.settings.max_output_bytes),
         error=outcome.error,
-        duration_s=round(duration_s, 3),
+        duration_s=round(run.duration_s, 3),
         cost_usd=outcome.cost_usd,
         num_turns=outcome.num_turns,
         session_id=request.session_id,
         task_id=task_id,
-        files_created=created,
+        files_created=run.created,
     )
 
 

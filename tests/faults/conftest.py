@@ -36,7 +36,7 @@ def send_code(session_id: str, prompt: str, task_id: str | None = None) -> str:
     """Queue a shell-agent `code` task (under ``task_id`` if given); its task id."""
     payload = CodeRequest(session_id=session_id, prompt=prompt, agent="shell")
     if task_id is None:
-        return pool.send(names.CODE, payload.model_dump(mode="json"), f"[{session_id}]")
+        return pool.send(names.CODE, payload.model_dump(mode="json"))
     app.send_task(
         names.CODE, args=[payload.model_dump(mode="json")], task_id=task_id, queue=names.QUEUE
     )

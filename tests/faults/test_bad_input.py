@@ -73,7 +73,7 @@ def test_a_worker_refuses_an_unsafe_session_id_sent_past_the_producer(
     before = tree(home)
     payload = {"session_id": bad, "mode": "create"}
 
-    task_id = producer_pool.send(names.OPEN, payload, "[bad]")
+    task_id = producer_pool.send(names.OPEN, payload)
     with pytest.raises(InvalidSessionIdError, match=re.escape(f"Invalid session id {bad!r}")):
         asyncio.run(producer_pool.wait(task_id, 30))
 
@@ -83,7 +83,7 @@ def test_a_worker_refuses_an_unsafe_session_id_sent_past_the_producer(
 def test_a_worker_refuses_a_malformed_payload_with_what_is_wrong(
     pool: list[Worker], clean_state: redis.Redis
 ) -> None:
-    task_id = producer_pool.send(names.OPEN, {"session_id": "ok-id", "mode": "sideways"}, "[bad]")
+    task_id = producer_pool.send(names.OPEN, {"session_id": "ok-id", "mode": "sideways"})
 
     with pytest.raises(InvalidRequestError, match="malformed OpenRequest: mode"):
         asyncio.run(producer_pool.wait(task_id, 30))

@@ -135,7 +135,7 @@ def test_a_lost_registry_is_rebuilt_from_disk_by_a_reindex(
     server.client().delete(keys.registry())
     assert ClaudeBox.list_sessions() == []
 
-    task_id = producer_pool.send(names.REINDEX, {}, "[reindex]")
+    task_id = producer_pool.send(names.REINDEX, {})
     indexed = asyncio.run(producer_pool.wait(task_id, 30))
 
     assert indexed["indexed"] == len(sessions)

@@ -1,0 +1,61 @@
+"""The options of one ``code`` call, declared once for every way of making one.
+
+``ClaudeBox.code`` and ``ClaudeBox.stream`` take :class:`CallOptions` as keywords, after the
+three agent limits the seed's signature takes positionally; ``SessionPool.code`` and
+``SessionPool.map`` take every option as a keyword (:class:`CodeOptions`); a batch job, a line
+of a jobs file, carries them as fields (:class:`OptionFields`, validated).
+
+Adding an option is one change here: a key in :class:`CallOptions` (its type and what it does)
+and its field in :class:`OptionFields`, side by side; the call sends it under the same name in
+``tasks.models.CodeRequest``, where the worker reads it. tests/test_options.py names any of the
+three that lacks it. An unset keyword option is None, so a field the worker reads defaults to
+None too.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from claudebox_pool.tasks.settings import AgentName
+
+
+class CallOptions(TypedDict, total=False):
+    """The keyword options of one code call; unset ones take the box's, else the worker's."""
+
+    timeout_s: int | None
+    """Seconds before the agent is stopped; at most ``CLAUDEBOX_TASK_TIME_LIMIT_S``."""
+    agent: AgentName | None
+    """``claude`` or ``shell``; unset: the box's agent, else ``CLAUDEBOX_AGENT``."""
+    env: dict[str, str] | None
+    """Added to the box's environment for this call."""
+
+
+class CodeOptions(CallOptions, total=False):
+    """Every option of one code call, as keywords: :class:`CallOptions` and the agent's limits,
+    which ``ClaudeBox.code`` also takes positionally (the seed's signature)."""
+
+    max_turns: int | None
+    """Agent turns at most (claude's ``--max-turns``)."""
+    allowed_tools: list[str] | None
+    """Tools the agent may use without asking (claude's ``--allowedTools``)."""
+    disallowed_tools: list[str] | None
+    """Tools the agent may not use (claude's ``--disallowedTools``)."""
+
+
+class OptionFields(BaseModel):
+    """:class:`CodeOptions` as validated fields of a model that carries them (a batch job)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: int | None = Field(default=None, gt=0)
+    agent: AgentName | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    max_turns: int | None = Field(default=None, gt=0)
+    allowed_tools: list[str] = Field(default_factory=list)
+    disallowed_tools: list[str] = Field(default_factory=list)
+
+    def code_options(self) -> CodeOptions:
+        """These fields, as the keywords of a code call."""
+        return cast(CodeOptions, {name: getattr(self, name) for name in OptionFields.model_fields})

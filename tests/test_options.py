@@ -1,0 +1,47 @@
+"""The options of a code call are declared once (``producer.options``) and reach the worker."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+from claudebox_pool.producer import canvas
+from claudebox_pool.producer.batch import read_jobs
+from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.producer.options import CallOptions, CodeOptions, OptionFields
+from claudebox_pool.tasks.models import CodeRequest
+
+LIMITS = ["max_turns", "allowed_tools", "disallowed_tools"]
+"""The options ``ClaudeBox.code`` also takes positionally, in the seed's order."""
+
+
+def test_every_option_is_a_job_field_and_travels_in_the_code_request() -> None:
+    options = CodeOptions.__optional_keys__
+
+    assert options == set(OptionFields.model_fields)
+    assert options <= set(CodeRequest.model_fields)
+    assert options - CallOptions.__optional_keys__ == set(LIMITS)
+
+
+def test_code_takes_the_agent_limits_positionally_after_the_prompt() -> None:
+    parameters = list(inspect.signature(ClaudeBox.code).parameters.values())
+
+    assert [p.name for p in parameters[1:5]] == ["prompt", *LIMITS]
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters[1:5])
+    assert parameters[-1].kind is inspect.Parameter.VAR_KEYWORD
+
+
+def test_a_jobs_options_reach_the_task_it_sends(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(
+        '{"id": "a", "prompt": "fix it", "agent": "claude", "timeout": 60, "max_turns": 3, '
+        '"allowed_tools": ["Read"], "disallowed_tools": ["Bash"], "env": {"CI": "1"}}\n'
+    )
+    [job] = read_jobs(jobs)
+
+    step = canvas._code_step(job, "s-1", "task-1", "claudebox")
+
+    sent = CodeRequest.model_validate(step.args[0])
+    assert (sent.agent, sent.timeout_s, sent.max_turns) == ("claude", 60, 3)
+    assert (sent.allowed_tools, sent.disallowed_tools) == (("Read",), ("Bash",))
+    assert sent.env == {"CI": "1"}

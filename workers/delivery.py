@@ -1,0 +1,75 @@
+"""What every task runs inside: its delivery counted, its session's lock held.
+
+A task that finds its session busy waits a moment for the lock, then gives its worker slot back
+and retries with backoff until ``CLAUDEBOX_LOCK_WAIT_S`` after it was sent, when it fails with
+SessionBusyError. A task delivered more than ``CLAUDEBOX_MAX_ATTEMPTS`` times (its worker died
+each time: ``task_reject_on_worker_lost`` requeues it) is failed rather than requeued forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Task
+from celery.exceptions import Retry
+
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.errors import SessionBusyError, TaskAttemptsExceededError
+from claudebox_pool.workers.affinity import refuse_if_elsewhere
+from claudebox_pool.workers.context import WorkerContext
+from claudebox_pool.workers.lock import SessionLock
+
+LOCK_POLL_S = 2.0
+"""How long a task holds its worker slot waiting for a busy session before it retries."""
+MAX_BACKOFF_S = 10.0
+
+
+@contextmanager
+def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
+    """Count this delivery of ``task_id``. The count is kept only if the worker dies or stops
+    the task (SystemExit: a cold shutdown, a terminating revoke), since the task runs again: a
+    task that ends forgets it, and a retry for a busy session takes its own delivery back."""
+    key = keys.task_attempts(task_id)
+    pipe = ctx.redis.pipeline()
+    pipe.incr(key)
+    pipe.expire(key, ctx.settings.visibility_timeout_s * 2)
+    attempt = int(pipe.execute()[0])
+    try:
+        if attempt > ctx.settings.max_attempts:
+            raise TaskAttemptsExceededError(task_id, attempt - 1)
+        yield attempt
+    except Retry:
+        ctx.redis.decr(key)
+        raise
+    except Exception:
+        ctx.redis.delete(key)
+        raise
+    else:
+        ctx.redis.delete(key)
+
+
+@contextmanager
+def session_lock(
+    task: Task[Any, Any],
+    ctx: WorkerContext,
+    session_id: str,
+    enqueued_at: float,
+    *,
+    check_node: bool = True,
+) -> Iterator[SessionLock]:
+    """Hold the session's lock; with ``check_node``, refuse a session bound to another node."""
+    lock = SessionLock(ctx.redis, session_id, ctx.settings.lock_ttl_s)
+    if not lock.acquire(LOCK_POLL_S):
+        waited = time.time() - enqueued_at
+        remaining = ctx.settings.lock_wait_s - waited
+        if remaining <= 0:
+            raise SessionBusyError(session_id, waited)
+        backoff = min(0.5 * 2**task.request.retries, MAX_BACKOFF_S, remaining)
+        raise task.retry(countdown=backoff)
+    with lock:
+        if check_node:
+            refuse_if_elsewhere(ctx, session_id)
+        yield lock
