@@ -23,6 +23,19 @@ AgentName = Literal["claude", "shell"]
 
 CLAUDE_CLI_VERSION = "2.1.332"
 """The Claude Code CLI release this project is tested against (npm `@anthropic-ai/claude-code`)."""
+CLI_BETAS = (
+    "claude-code-20250219",
+    "interleaved-thinking-2025-05-14",
+    "context-management-2025-06-27",
+    "per-turn-control-2026-07-01",
+    "mid-conversation-tool-changes-2026-07-01",
+    "thinking-token-count-2026-05-13",
+    "advanced-tool-use-2025-11-20",
+    "effort-2025-11-24",
+    "thinking-display-updates-2026-08-18",
+)
+"""The `anthropic-beta` values that CLI release sends (measured with the scripted model server
+of `tests/support/model_server.py`): the model gateway's default allow-list."""
 
 
 class ModelPrice(BaseModel):
@@ -220,6 +233,17 @@ class Settings(BaseSettings):
         description="`host[:port]` entries every sandbox may reach through the egress proxy, "
         "comma-separated (default: none); `ClaudeBox(egress_allow=[...])` adds per session.",
     )
+    gateway_allow_server_tools: bool = Field(
+        default=False,
+        description="Let sandboxes' model calls use provider-side tools (`mcp_servers`, "
+        "web fetch, web search, code execution: any tool with a `type`), which reach the "
+        "internet past the egress allow-list at fees the gateway does not meter.",
+    )
+    gateway_allowed_betas: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(CLI_BETAS),
+        description="`anthropic-beta` values a sandbox's model call may carry, comma-separated; "
+        "a call with any other is refused. Default: those the pinned CLI sends.",
+    )
     flower_basic_auth: SecretStr | None = Field(
         default=None,
         description="`user:password` Flower requires; `claudebox-pool flower` refuses to start "
@@ -314,7 +338,7 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("egress_allow", mode="before")
+    @field_validator("egress_allow", "gateway_allowed_betas", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
