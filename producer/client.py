@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
-from claudebox_pool.tasks import names
+from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError
 from claudebox_pool.tasks.lifecycle import Checkpoint
@@ -193,6 +193,11 @@ class ClaudeBox:
             timeout_s=timeout_s,
             sandbox=self._sandbox,
         )
+        try:
+            client = await pool.redis_client()
+            request = await env_travel.send_beside(client, request, current.result_ttl_s)
+        except (RedisError, OSError) as exc:
+            raise pool.unreachable(exc) from None
         shown = f"[session={self._session_id} agent={request.agent} prompt={_preview(prompt)}]"
         wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
         async with self._order:

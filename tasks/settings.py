@@ -13,9 +13,10 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RuntimeName = Literal["auto", "boxlite", "bwrap", "local"]
@@ -249,6 +250,13 @@ class Settings(BaseSettings):
         description="`user:password` Flower requires; `claudebox-pool flower` refuses to start "
         "without it unless `--insecure-dev`.",
     )
+    flower_control_api: bool = Field(
+        default=False,
+        description="Turn on Flower's control API (send or apply tasks, revoke and terminate "
+        "them, shut down, restart or resize workers, rate and time limits, queues); off, "
+        "Flower only shows the pool. Anyone with Flower's password can then run commands in "
+        "any session.",
+    )
     cpus: int = Field(default=2, gt=0, description="Default vCPUs of a session's sandbox.")
     memory_mib: int = Field(
         default=2048, gt=0, description="Default memory of a session's sandbox (MiB)."
@@ -350,6 +358,24 @@ class Settings(BaseSettings):
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser().absolute()
 
+    @model_validator(mode="after")
+    def _local_redis_password(self) -> Self:
+        # `claudebox-pool up` starts its Redis with a generated password, recorded in the run
+        # directory; a later command in the same home finds it there.
+        try:
+            password = self.local_redis_password_file.read_text().strip()
+        except OSError:
+            return self
+        if password:
+            self.broker_url = _with_password(self.broker_url, password)
+            self.result_backend = _with_password(self.result_backend, password)
+        return self
+
+    @property
+    def local_redis_password_file(self) -> Path:
+        """Where ``up`` keeps the password of the Redis it started (mode 0600)."""
+        return self.home / "run" / "redis" / "password"
+
     @property
     def sessions_root(self) -> Path:
         return self.home / "sessions"
@@ -371,6 +397,17 @@ class Settings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         """Above the longest a message may stay unacked: queued waits plus the run itself."""
         return self.task_time_limit_s + self.lock_wait_s + self.visibility_margin_s
+
+
+LOCAL_REDIS_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _with_password(url: str, password: str) -> str:
+    """A loopback ``redis://`` URL without a password, given ``password``; others unchanged."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or parts.password or parts.hostname not in LOCAL_REDIS_HOSTS:
+        return url
+    return urlunsplit(parts._replace(netloc=f":{password}@{parts.netloc.rpartition('@')[2]}"))
 
 
 @lru_cache(maxsize=1)

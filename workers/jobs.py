@@ -16,7 +16,7 @@ from typing import Any
 from celery import Task
 from celery.exceptions import Retry
 
-from claudebox_pool.tasks import keys, names
+from claudebox_pool.tasks import env_travel, keys, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import ClaudeBoxError, SessionBusyError, TaskAttemptsExceededError
 from claudebox_pool.tasks.lifecycle import ReindexRequest
@@ -103,8 +103,9 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
 
 @app.task(name=names.CODE, **RETRYING)
 def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = parse_payload(CodeRequest, payload)
     ctx = context()
+    sent = parse_payload(CodeRequest, payload)
+    request = env_travel.bring_back(ctx.redis, sent)
     task_id = self.request.id or ""
     with (
         counted_delivery(ctx, task_id) as attempt,
@@ -123,6 +124,7 @@ def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
             if watch.requested and (result.error or "").startswith("cancelled"):
                 record_cancelled(ctx.store, request.session_id, task_id, lock)
         output.end(result)
+    env_travel.forget(ctx.redis, sent)
     return result.model_dump(mode="json")
 
 
