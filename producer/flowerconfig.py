@@ -68,6 +68,7 @@ def _lock_down() -> None:
     import tornado.routing
     import tornado.web
     from flower import urls
+    from flower.api import BaseApiHandler
     from tornado.options import options
 
     from claudebox_pool.tasks.settings import get_settings
@@ -79,8 +80,11 @@ def _lock_down() -> None:
     if get_settings().flower_control_api:
         return
 
-    class ControlApiOff(tornado.web.RequestHandler):
+    class ControlApiOff(BaseApiHandler):  # type: ignore[misc]  # Flower ships no types
         def prepare(self) -> None:
+            super().prepare()
+            if not self.current_user:  # Flower's own check: 401 without valid credentials
+                raise tornado.web.HTTPError(401)
             self.set_status(403)
             self.finish(
                 {
