@@ -48,7 +48,7 @@ def everything_in(client: redis.Redis) -> dict[str, bytes]:
     dump: dict[str, bytes] = {}
     for raw_key in client.scan_iter(count=1000):
         key = raw_key.decode()
-        kind = client.type(key).decode()
+        kind = str(client.type(key), "ascii")
         if kind == "string":
             value: Any = client.get(key)
         elif kind == "list":
