@@ -48,7 +48,8 @@ def everything_in(client: redis.Redis) -> dict[str, bytes]:
     dump: dict[str, bytes] = {}
     for raw_key in client.scan_iter(count=1000):
         key = raw_key.decode()
-        kind = str(client.type(key), "ascii")
+        kind = client.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
         if kind == "string":
             value: Any = client.get(key)
         elif kind == "list":
