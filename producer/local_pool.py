@@ -1,8 +1,10 @@
 """``claudebox-pool up`` / ``down``: a whole pool on one machine, for development and demos.
 
 It uses the Redis of CLAUDEBOX_BROKER_URL if one answers there, else starts the system's
-redis-server on that address (append-only file on, no eviction). Workers, beat and, with
-``--flower``, Flower are ``claudebox-pool`` processes.
+redis-server on that (loopback) address: append-only file on, no eviction, files private to
+its user, and the URL's password or else a generated one, kept 0600 in the run directory where
+every later command in the same home finds it (``Settings``). Workers, beat and, with
+``--flower``, Flower are ``claudebox-pool`` processes; only workers get the model key.
 
 Each process runs in a process group of its own, so that a Ctrl-C in the terminal reaches only
 ``up``, which then stops the pool in order: the Celery processes first, with Celery's warm
