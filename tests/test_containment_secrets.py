@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 import redis
+from celery.result import AsyncResult
 
-from claudebox_pool import ClaudeBox
+from claudebox_pool import ClaudeBox, enqueue
 from claudebox_pool.tasks import keys, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.settings import get_settings
@@ -132,6 +133,36 @@ def test_env_values_and_the_whole_prompt_stay_out_of_results_inspect_and_redis(
     meta = json.loads(client.get(app.backend.get_key_for_task(task_id)) or b"{}")
     assert meta["status"] == "SUCCESS"
     assert "args" not in meta and "kwargs" not in meta
+
+
+def test_queued_batch_jobs_carry_their_env_values_beside_the_messages(
+    worker: Worker, redis_server: RedisServer
+) -> None:
+    client = redis_server.client()
+    sessions = get_settings().sessions_root
+    jobs = [
+        {
+            "id": "first",
+            "session_id": "batched",
+            "prompt": "while [ ! -f go ]; do sleep 0.02; done",
+        },
+        {"id": "second", "session_id": "batched", "prompt": "printenv API_TOKEN > seen"},
+    ]
+    jobs[1]["env"] = {"API_TOKEN": CANARY}  # type: ignore[assignment]
+
+    queued = asyncio.run(enqueue(jobs))
+    wait_for(lambda: client.exists(keys.session_lock("batched")), 30, "the first job to run")
+    waiting = everything_in(client)
+    (sessions / "batched" / "workspace" / "go").touch()
+    second = AsyncResult(queued[1].task_id, app=app)
+    second.get(timeout=30)
+
+    # The chain's later step waits inside the first one's message: without its env values.
+    assert {key.rpartition(":")[0] for key in holding(waiting, CANARY)} == {
+        keys.task_env("x").rpartition(":")[0]
+    }
+    assert (sessions / "batched" / "workspace" / "seen").read_text() == CANARY + "\n"
+    assert holding(everything_in(client), CANARY) == set()
 
 
 def test_a_task_whose_env_values_expired_fails_with_a_message(
