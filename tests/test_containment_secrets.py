@@ -140,15 +140,12 @@ def test_queued_batch_jobs_carry_their_env_values_beside_the_messages(
 ) -> None:
     client = redis_server.client()
     sessions = get_settings().sessions_root
-    jobs = [
-        {
-            "id": "first",
-            "session_id": "batched",
-            "prompt": "while [ ! -f go ]; do sleep 0.02; done",
-        },
+    wait = "while [ ! -f go ]; do sleep 0.02; done"
+    jobs: list[dict[str, Any]] = [
+        {"id": "first", "session_id": "batched", "prompt": wait},
         {"id": "second", "session_id": "batched", "prompt": "printenv API_TOKEN > seen"},
     ]
-    jobs[1]["env"] = {"API_TOKEN": CANARY}  # type: ignore[assignment]
+    jobs[1]["env"] = {"API_TOKEN": CANARY}
 
     queued = asyncio.run(enqueue(jobs))
     wait_for(lambda: client.exists(keys.session_lock("batched")), 30, "the first job to run")
