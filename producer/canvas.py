@@ -35,7 +35,7 @@ from pydantic import BaseModel
 from claudebox_pool.producer import pool, routing
 from claudebox_pool.producer.batch import Job, JobResult, by_session, plan
 from claudebox_pool.producer.client import ClaudeBox
-from claudebox_pool.tasks import names
+from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import SessionAlreadyExistsError, SessionNotFoundError
 from claudebox_pool.tasks.models import CleanupRequest, CodeRequest
@@ -77,7 +77,8 @@ async def enqueue(
         steps = []
         for job in strand:
             session_id = session_ids[job.session_key]
-            steps.append(_code_step(job, session_id, queued[job.id].task_id, queues[session_id]))
+            task_id = queued[job.id].task_id
+            steps.append(await _code_step(job, session_id, task_id, queues[session_id]))
             if job.session_id is None:
                 steps.append(_cleanup_step(session_id, queues[session_id]))
         chain(*steps).apply_async()
@@ -159,7 +160,7 @@ async def _queues(session_ids: Iterable[str]) -> dict[str, str]:
         }
 
 
-def _code_step(job: Job, session_id: str, task_id: str, queue: str) -> Signature:
+async def _code_step(job: Job, session_id: str, task_id: str, queue: str) -> Signature:
     request = CodeRequest.model_validate(
         {
             **job.code_options(),
@@ -168,6 +169,9 @@ def _code_step(job: Job, session_id: str, task_id: str, queue: str) -> Signature
             "agent": job.agent or pool.settings().agent,
         }
     )
+    with pool.map_redis_errors():
+        client = await pool.redis_client()
+        request = await env_travel.send_beside(client, request, pool.settings().result_ttl_s)
     return app.signature(
         names.CODE,
         args=[request.model_dump(mode="json")],

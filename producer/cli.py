@@ -100,10 +100,14 @@ def guarded(call: Callable[[], T]) -> T:
         fail(str(exc), EXIT_USAGE)
 
 
-def exec_celery(arguments: list[str], env: dict[str, str] | None = None) -> NoReturn:
-    """Replace this process with ``python -m celery ...`` (signals then reach Celery directly)."""
+def exec_celery(
+    arguments: list[str], env: dict[str, str] | None = None, *, drop: tuple[str, ...] = ()
+) -> NoReturn:
+    """Replace this process with ``python -m celery ...`` (signals then reach Celery directly),
+    its environment this one's without ``drop``, plus ``env``."""
     argv = [sys.executable, "-m", "celery", *arguments]
-    os.execvpe(argv[0], argv, {**os.environ, **(env or {})})
+    kept = {name: value for name, value in os.environ.items() if name not in drop}
+    os.execvpe(argv[0], argv, {**kept, **(env or {})})
 
 
 @cli.command()
@@ -158,7 +162,8 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
             loglevel,
             "--schedule",
             str(schedule),
-        ]
+        ],
+        drop=local_pool.WORKER_ONLY_ENV + local_pool.FLOWER_ONLY_ENV,
     )
 
 
@@ -174,6 +179,8 @@ def flower(
     auth = get_settings().flower_basic_auth
     env: dict[str, str] = {}
     if auth is not None:
+        if (problem := flowerconfig.basic_auth_problem(auth.get_secret_value())) is not None:
+            fail(problem, EXIT_USAGE)
         # Through the environment, not argv, where any local user could read it.
         env["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
     elif not insecure_dev:
@@ -193,6 +200,7 @@ def flower(
             conf,
         ],
         env,
+        drop=local_pool.WORKER_ONLY_ENV,
     )
 
 

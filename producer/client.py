@@ -20,7 +20,7 @@ from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
 from claudebox_pool.producer.options import CallOptions
-from claudebox_pool.tasks import names
+from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError
 from claudebox_pool.tasks.lifecycle import Checkpoint
@@ -197,6 +197,9 @@ class ClaudeBox:
                 "sandbox": self._sandbox,
             }
         )
+        with pool.map_redis_errors():
+            client = await pool.redis_client()
+            request = await env_travel.send_beside(client, request, current.result_ttl_s)
         wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
         async with self._order:
             self._task_id, route = await live.send(names.CODE, request.model_dump(mode="json"))

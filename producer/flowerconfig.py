@@ -5,10 +5,18 @@ Flower executes the file and takes the names below that are Flower options. Cred
 not set here: basic auth comes from ``CLAUDEBOX_FLOWER_BASIC_AUTH``, handed to Flower in its
 environment. Task arguments are already safe to show (``tasks.monitoring`` writes them); the
 formatter below is a second line for tasks that some other client sent without that.
+
+Run inside Flower, the file also locks it down: basic auth that is empty or malformed stops
+Flower at start, and Flower's control API (sending tasks, which runs commands in any session;
+revoking and terminating them; shutting down, restarting and resizing workers; rate limits,
+time limits and queues) answers 403 unless ``CLAUDEBOX_FLOWER_CONTROL_API`` turns it on.
+Flower reads its routes from one list (``flower.urls.handlers``) when it builds its app, after
+reading this file, so the control routes are swapped for a refusal in that list.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 max_tasks = 20_000
@@ -21,6 +29,19 @@ task_runtime_metric_buckets = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 
 defaults end at 10 s)."""
 
 HIDDEN = "[hidden: sent without claudebox-pool's display text]"
+CONTROL_ROUTES = (
+    r"/api/worker/shutdown/",
+    r"/api/worker/pool/",
+    r"/api/worker/queue/",
+    r"/api/task/apply/",
+    r"/api/task/async-apply/",
+    r"/api/task/send-task/",
+    r"/api/task/abort/",
+    r"/api/task/timeout/",
+    r"/api/task/rate-limit/",
+    r"/api/task/revoke/",
+)
+"""Prefixes of Flower's routes that act on the pool rather than show it."""
 
 
 def format_task(task: Any) -> Any:
@@ -28,3 +49,58 @@ def format_task(task: Any) -> Any:
     if str(task.name or "").startswith("claudebox.") and "{'" in str(task.args or ""):
         task.args = HIDDEN
     return task
+
+
+def basic_auth_problem(value: str) -> str | None:
+    """What is wrong with Flower basic auth ``user:password[,user:password...]``, or None."""
+    for entry in value.split(","):
+        user, colon, password = entry.partition(":")
+        if not colon or not user.strip() or not password:
+            return (
+                "Flower basic auth must be user:password with neither part empty (comma-"
+                "separated for several users); fix CLAUDEBOX_FLOWER_BASIC_AUTH"
+            )
+    return None
+
+
+def _lock_down() -> None:
+    # Imported here: only the Flower process has Flower and tornado loaded.
+    import tornado.routing
+    import tornado.web
+    from flower import urls
+    from flower.api import BaseApiHandler
+    from tornado.options import options
+
+    from claudebox_pool.tasks.settings import get_settings
+
+    problem = basic_auth_problem(",".join(options.basic_auth)) if options.basic_auth else None
+    if problem is not None:
+        print(f"claudebox-pool: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    if get_settings().flower_control_api:
+        return
+
+    class ControlApiOff(BaseApiHandler):  # type: ignore[misc]  # Flower ships no types
+        def prepare(self) -> None:
+            super().prepare()
+            if not self.current_user:  # Flower's own check: 401 without valid credentials
+                raise tornado.web.HTTPError(401)
+            self.set_status(403)
+            self.finish(
+                {
+                    "error": "Flower's control API is off in claudebox-pool; an operator can "
+                    "turn it on with CLAUDEBOX_FLOWER_CONTROL_API=true"
+                }
+            )
+
+    for index, handler in enumerate(urls.handlers):
+        pattern = (
+            handler.regex.pattern if isinstance(handler, tornado.routing.URLSpec) else handler[0]
+        )
+        if str(pattern).startswith(CONTROL_ROUTES):
+            urls.handlers[index] = (pattern, ControlApiOff)
+
+
+# Flower executes this file with flower.command already loaded; anywhere else it is imported.
+if "flower.command" in sys.modules:
+    _lock_down()

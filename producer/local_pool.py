@@ -1,8 +1,10 @@
 """``claudebox-pool up`` / ``down``: a whole pool on one machine, for development and demos.
 
 It uses the Redis of CLAUDEBOX_BROKER_URL if one answers there, else starts the system's
-redis-server on that address (append-only file on, no eviction). Workers, beat and, with
-``--flower``, Flower are ``claudebox-pool`` processes.
+redis-server on that (loopback) address: append-only file on, no eviction, files private to
+its user, and the URL's password or else a generated one, kept 0600 in the run directory where
+every later command in the same home finds it (``Settings``). Workers, beat and, with
+``--flower``, Flower are ``claudebox-pool`` processes; only workers get the model key.
 
 Each process runs in a process group of its own, so that a Ctrl-C in the terminal reaches only
 ``up``, which then stops the pool in order: the Celery processes first, with Celery's warm
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -36,6 +39,7 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.text import Text
 
+from claudebox_pool.producer.flowerconfig import basic_auth_problem
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import redacted, sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, PoolUnavailableError
@@ -54,6 +58,15 @@ WARM: Step = (signal.SIGTERM, None)
 COLD: Step = (signal.SIGQUIT, 20)
 """Celery's cold shutdown: running tasks are stopped, and requeued as they are acked late."""
 SOON: Step = (signal.SIGTERM, 30)
+
+WORKER_ONLY_ENV = (
+    "CLAUDEBOX_ANTHROPIC_API_KEY",
+    "CLAUDEBOX_CLAUDE_CODE_OAUTH_TOKEN",
+    "ANTHROPIC_API_KEY",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+)
+"""The model credential: only workers (their gateways) get it, never beat or Flower."""
+FLOWER_ONLY_ENV = ("CLAUDEBOX_FLOWER_BASIC_AUTH", "FLOWER_BASIC_AUTH")
 
 
 class PoolState(BaseModel):
@@ -126,7 +139,9 @@ class Launcher:
     pumps: list[threading.Thread] = field(default_factory=list)
     colours: Iterator[str] = field(default_factory=lambda: itertools.cycle(COLOURS))
 
-    def start(self, name: str, argv: list[str]) -> Member:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None, umask: int = -1
+    ) -> Member:
         output: IO[bytes] | int = subprocess.PIPE
         if self.detach:
             logs_dir(self.settings).mkdir(parents=True, exist_ok=True)
@@ -138,6 +153,8 @@ class Launcher:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=env,
+                umask=umask,
             )
         finally:
             if not isinstance(output, int):
@@ -190,18 +207,43 @@ def _redis_argv(settings: Settings) -> list[str]:
             "redis-server is not installed: apt-get install redis-server (or brew install redis)"
         )
     directory = run_dir(settings) / "redis"
-    directory.mkdir(parents=True, exist_ok=True)
-    argv = [server]
-    if url.password:
-        # In a file only its owner reads, not on the command line, which `ps` shows to all.
-        config = directory / "auth.conf"
-        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"requirepass {url.password}\n")
-        argv.append(str(config))  # redis-server takes its config file as the first argument
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # In a file only its owner reads, not on the command line, which `ps` shows to all.
+    config = directory / "auth.conf"
+    _write_private(config, f"requirepass {url.password}\n")
+    argv = [server, str(config)]  # redis-server takes its config file as the first argument
     argv += ["--bind", url.hostname or "127.0.0.1", "--port", str(url.port or 6379)]
     argv += ["--dir", str(directory), "--appendonly", "yes", "--maxmemory-policy", "noeviction"]
     return argv
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def _with_generated_password(settings: Settings) -> Settings:
+    """``settings`` for a Redis this command starts: a password is generated unless the broker
+    URL has one, and kept 0600 in the run directory beside the Redis's data, where later
+    commands (and the next ``up`` on that data) find it."""
+    if urlsplit(settings.broker_url).password:
+        return settings
+    password_file = settings.local_redis_password_file
+    password_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _write_private(password_file, secrets.token_urlsafe(32))
+    return Settings(
+        home=settings.home, broker_url=settings.broker_url, result_backend=settings.result_backend
+    )
+
+
+def _child_env(settings: Settings, drop: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment of a process of the pool: this one's, with the pool's Redis URLs (which
+    carry a generated password) and without ``drop``."""
+    env = {name: value for name, value in os.environ.items() if name not in drop}
+    env["CLAUDEBOX_BROKER_URL"] = settings.broker_url
+    env["CLAUDEBOX_RESULT_BACKEND"] = settings.result_backend
+    return env
 
 
 def _wait_for(condition: Callable[[], bool], members: list[Member], timeout_s: float) -> None:
@@ -266,6 +308,10 @@ def up(
             "--flower needs CLAUDEBOX_FLOWER_BASIC_AUTH=user:password: Flower shows every task "
             "of the pool and is never started without a password"
         )
+    if flower_port is not None and settings.flower_basic_auth is not None:
+        problem = basic_auth_problem(settings.flower_basic_auth.get_secret_value())
+        if problem is not None:
+            raise InvalidRequestError(problem)
     if any(member.alive() for member in _recorded(settings)):
         raise InvalidRequestError(
             "a local pool is already running; stop it with `claudebox-pool down`"
@@ -278,7 +324,9 @@ def up(
         if _redis_answers(settings):
             out.print(f"using the Redis at {redacted(settings.broker_url)}", highlight=False)
         else:
-            started.append(launcher.start("redis", _redis_argv(settings)))
+            settings = _with_generated_password(settings)
+            # umask 077: the append-only file and snapshots hold every queued task.
+            started.append(launcher.start("redis", _redis_argv(settings), umask=0o077))
             state.redis_pid = started[0].pid
             _wait_for(lambda: _redis_answers(settings), started, 10)
             out.print(f"started redis-server at {redacted(settings.broker_url)}", highlight=False)
@@ -286,11 +334,15 @@ def up(
         for index in range(1, workers + 1):
             name = f"w{index}@{host}"
             argv = _cli("worker", "--concurrency", str(concurrency), "--hostname", name)
-            celery.append(launcher.start(f"worker-{index}", argv))
+            celery.append(launcher.start(f"worker-{index}", argv, _child_env(settings)))
             state.worker_names.append(name)
-        celery.append(launcher.start("beat", _cli("beat")))
+        beat_env = _child_env(settings, WORKER_ONLY_ENV + FLOWER_ONLY_ENV)
+        celery.append(launcher.start("beat", _cli("beat"), beat_env))
         if flower_port is not None:
-            celery.append(launcher.start("flower", _cli("flower", "--port", str(flower_port))))
+            flower_argv = _cli("flower", "--port", str(flower_port))
+            celery.append(
+                launcher.start("flower", flower_argv, _child_env(settings, WORKER_ONLY_ENV))
+            )
         state.members = {member.name: member.pid for member in celery}
         state_file(settings).parent.mkdir(parents=True, exist_ok=True)
         state_file(settings).write_text(state.model_dump_json())

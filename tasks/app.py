@@ -14,7 +14,7 @@ from typing import Any
 from celery import Celery
 
 from claudebox_pool.tasks import names
-from claudebox_pool.tasks.monitoring import RedactingAMQP
+from claudebox_pool.tasks.monitoring import RedactedTask, RedactingAMQP
 from claudebox_pool.tasks.schedule import beat_schedule
 from claudebox_pool.tasks.settings import Settings, get_settings
 
@@ -49,7 +49,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": settings.task_time_limit_s + 30,
         "task_time_limit": settings.task_time_limit_s + 60,
         "result_expires": settings.result_ttl_s,
-        "result_extended": True,
+        # Extended results would keep every task's arguments (whole prompts) in Redis for
+        # CLAUDEBOX_RESULT_TTL_S; producers know what they sent, and monitors read events.
+        "result_extended": False,
         "enable_utc": True,
         "beat_schedule": beat_schedule(settings),
     }
@@ -68,5 +70,5 @@ def configure(settings: Settings | None = None) -> Celery:
     return app
 
 
-app = Celery("claudebox", amqp=RedactingAMQP)
+app = Celery("claudebox", amqp=RedactingAMQP, task_cls=RedactedTask)
 configure()

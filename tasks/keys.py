@@ -17,6 +17,7 @@ Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
     claudebox:output:<task id>        stream a code task's live output (StreamEvent JSON), TTL
     claudebox:cancel:<task id>        string set to ask a queued or running task to stop, TTL
     claudebox:warm:<session>          string the worker keeping the session's sandbox warm, TTL
+    claudebox:env:<token>             string a queued code task's env values (JSON), TTL
 """
 
 from typing import Final
@@ -78,3 +79,7 @@ def sweep_claim(sweep: str, node: str) -> str:
 
 def warm(session_id: str) -> str:
     return f"{PREFIX}warm:{session_id}"
+
+
+def task_env(token: str) -> str:
+    return f"{PREFIX}env:{token}"

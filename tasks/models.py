@@ -97,6 +97,11 @@ class CodeRequest(_Message):
     allowed_tools: tuple[str, ...] = ()
     disallowed_tools: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
+    env_ref: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Token of the env values sent beside the message (``tasks.env_travel``).",
+    )
     timeout_s: int | None = Field(default=None, gt=0)
     sandbox: SandboxOptions = SandboxOptions()
     enqueued_at: float = Field(default_factory=time.time)

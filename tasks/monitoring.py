@@ -1,4 +1,4 @@
-"""What monitors (Flower, ``celery events``) see of a claudebox task's arguments.
+"""What monitors (Flower, `celery events`, `celery inspect`) see of a claudebox task's arguments.
 
 A task message carries ``argsrepr``, the text that task events and Flower show instead of the
 arguments. Celery fills it with a repr of the payload, which would show whole prompts and the
@@ -7,12 +7,18 @@ values of ``env`` (API keys, tokens). The shared app builds its messages with
 whoever sends it: a producer, a worker sending the next step of a chain, or Flower's own task
 API. Only a short list of harmless fields is shown, and the prompt only shortened, so a field
 added to a payload later stays hidden until it is listed here.
+
+A worker answers ``celery inspect active`` (and ``reserved``, ``scheduled``, ``query_task``)
+with each request's ``info()``, which holds the raw arguments unless the asker passes
+``safe=True``; :class:`RedactedTask` gives every claudebox task a request class whose
+``info()`` shows the display text whatever is asked.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from celery import Task
 from celery.app.amqp import AMQP
 
 TASK_PREFIX = "claudebox."
@@ -51,3 +57,10 @@ class RedactingAMQP(AMQP):  # type: ignore[misc]  # Celery ships no type informa
             options["argsrepr"] = describe(name, args[0] if args else options.get("args"))
             options["kwargsrepr"] = "{}"
         return super().as_task_v2(task_id, name, *args, **options)
+
+
+class RedactedTask(Task):  # type: ignore[misc]
+    """The shared app's task class: its worker-side request never shows raw arguments."""
+
+    # A path, resolved only by a worker: producers need not import the worker's request class.
+    Request = "claudebox_pool.tasks.redacted_request:RedactedRequest"

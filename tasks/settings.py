@@ -13,9 +13,10 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RuntimeName = Literal["auto", "boxlite", "bwrap", "local"]
@@ -23,6 +24,19 @@ AgentName = Literal["claude", "shell"]
 
 CLAUDE_CLI_VERSION = "2.1.332"
 """The Claude Code CLI release this project is tested against (npm `@anthropic-ai/claude-code`)."""
+CLI_BETAS = (
+    "claude-code-20250219",
+    "interleaved-thinking-2025-05-14",
+    "context-management-2025-06-27",
+    "per-turn-control-2026-07-01",
+    "mid-conversation-tool-changes-2026-07-01",
+    "thinking-token-count-2026-05-13",
+    "advanced-tool-use-2025-11-20",
+    "effort-2025-11-24",
+    "thinking-display-updates-2026-08-18",
+)
+"""The `anthropic-beta` values that CLI release sends (measured with the scripted model server
+of `tests/support/model_server.py`): the model gateway's default allow-list."""
 
 
 class ModelPrice(BaseModel):
@@ -220,10 +234,28 @@ class Settings(BaseSettings):
         description="`host[:port]` entries every sandbox may reach through the egress proxy, "
         "comma-separated (default: none); `ClaudeBox(egress_allow=[...])` adds per session.",
     )
+    gateway_allow_server_tools: bool = Field(
+        default=False,
+        description="Let sandboxes' model calls use provider-side tools (`mcp_servers`, "
+        "web fetch, web search, code execution: any tool with a `type`), which reach the "
+        "internet past the egress allow-list at fees the gateway does not meter.",
+    )
+    gateway_allowed_betas: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(CLI_BETAS),
+        description="`anthropic-beta` values a sandbox's model call may carry, comma-separated; "
+        "a call with any other is refused. Default: those the pinned CLI sends.",
+    )
     flower_basic_auth: SecretStr | None = Field(
         default=None,
         description="`user:password` Flower requires; `claudebox-pool flower` refuses to start "
         "without it unless `--insecure-dev`.",
+    )
+    flower_control_api: bool = Field(
+        default=False,
+        description="Turn on Flower's control API (send or apply tasks, revoke and terminate "
+        "them, shut down, restart or resize workers, rate and time limits, queues); off, "
+        "Flower only shows the pool. Anyone with Flower's password can then run commands in "
+        "any session.",
     )
     cpus: int = Field(default=2, gt=0, description="Default vCPUs of a session's sandbox.")
     memory_mib: int = Field(
@@ -314,7 +346,7 @@ class Settings(BaseSettings):
     def _empty_secret_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("egress_allow", mode="before")
+    @field_validator("egress_allow", "gateway_allowed_betas", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
@@ -325,6 +357,24 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _local_redis_password(self) -> Self:
+        # `claudebox-pool up` starts its Redis with a generated password, recorded in the run
+        # directory; a later command in the same home finds it there.
+        try:
+            password = self.local_redis_password_file.read_text().strip()
+        except OSError:
+            return self
+        if password:
+            self.broker_url = _with_password(self.broker_url, password)
+            self.result_backend = _with_password(self.result_backend, password)
+        return self
+
+    @property
+    def local_redis_password_file(self) -> Path:
+        """Where ``up`` keeps the password of the Redis it started (mode 0600)."""
+        return self.home / "run" / "redis" / "password"
 
     @property
     def sessions_root(self) -> Path:
@@ -347,6 +397,17 @@ class Settings(BaseSettings):
     def visibility_timeout_s(self) -> int:
         """Above the longest a message may stay unacked: queued waits plus the run itself."""
         return self.task_time_limit_s + self.lock_wait_s + self.visibility_margin_s
+
+
+LOCAL_REDIS_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _with_password(url: str, password: str) -> str:
+    """A loopback ``redis://`` URL without a password, given ``password``; others unchanged."""
+    parts = urlsplit(url)
+    if parts.scheme != "redis" or parts.password or parts.hostname not in LOCAL_REDIS_HOSTS:
+        return url
+    return urlunsplit(parts._replace(netloc=f":{password}@{parts.netloc.rpartition('@')[2]}"))
 
 
 @lru_cache(maxsize=1)

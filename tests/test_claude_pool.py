@@ -179,6 +179,22 @@ def test_upstream_errors_give_a_failed_result_with_the_apis_message(
     assert worker.proc is not None and worker.proc.poll() is None
 
 
+def test_a_model_call_the_gateway_refuses_fails_the_run_and_is_in_history(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    # The CLI adds ANTHROPIC_BETAS to its anthropic-beta header; this one lets the provider
+    # connect to remote MCP servers, past the egress allow-list.
+    result = code("extra-beta", "hello", env={"ANTHROPIC_BETAS": "mcp-client-2025-04-04"})
+
+    assert not result.success
+    assert "mcp-client-2025-04-04 is not on the allow-list" in result.response + (
+        result.error or ""
+    )
+    assert model.message_requests() == []
+    denied = [e["context"] for e in history("extra-beta") if e["action"] == "model_request_denied"]
+    assert denied and denied[0]["reason"] == "beta_not_allowed"
+
+
 def test_a_stream_cut_mid_way_is_not_a_crash(fresh: redis.Redis, model: ModelServer) -> None:
     model.push(Cut(Reply([Text("never finished")])), [Text("second try")])
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from claudebox_pool.tasks.settings import CLI_BETAS
 from claudebox_pool.workers.gateway import (
     DEFAULT_PRICES,
     GUEST_SOCKET_DIR,
@@ -31,6 +32,7 @@ from claudebox_pool.workers.gateway import (
     sandbox_env,
 )
 from claudebox_pool.workers.gateway.allowlist import AllowList, Target
+from claudebox_pool.workers.gateway.policy import RequestPolicy
 from claudebox_pool.workers.gateway.pricing import price_for
 from claudebox_pool.workers.gateway.usage import StreamMeter
 from claudebox_pool.workers.runtimes.base import AGENT_HOME, ExecResult, Mount, SandboxSpec
@@ -85,7 +87,11 @@ def gateway(model: ModelServer) -> Iterator[Gateway]:
 
 
 def run_in_sandbox(
-    lease: Lease, root: Path, argv: Sequence[str], mounts: Sequence[Mount] = ()
+    lease: Lease,
+    root: Path,
+    argv: Sequence[str],
+    mounts: Sequence[Mount] = (),
+    extra_env: dict[str, str] | None = None,
 ) -> ExecResult:
     """``argv`` under bwrap with only the lease's socket as a way out, bridged to loopback."""
     workspace, home = root / "workspace", root / "home"
@@ -101,11 +107,14 @@ def run_in_sandbox(
         mounts=(Mount(lease.socket_dir, GUEST_SOCKET_DIR, read_only=False), *mounts),
     )
     env = {"PATH": "/usr/bin:/bin", "HOME": AGENT_HOME, "IS_SANDBOX": "1", **sandbox_env()}
+    env.update(extra_env or {})
     with BwrapRuntime().open(spec) as sandbox:
         return sandbox.exec(bridged_argv(argv), env, timeout_s=EXEC_TIMEOUT_S)
 
 
-def run_cli(lease: Lease, root: Path, prompt: str) -> dict[str, Any]:
+def run_cli(
+    lease: Lease, root: Path, prompt: str, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """The CLI's final stream-json ``result`` line for one ``-p`` run in a sandbox."""
     assert CLAUDE_CLI is not None
     install = _install_dir(CLAUDE_CLI)
@@ -119,7 +128,7 @@ def run_cli(lease: Lease, root: Path, prompt: str) -> dict[str, Any]:
         "--verbose",
         "--dangerously-skip-permissions",
     ]
-    done = run_in_sandbox(lease, root, argv, [Mount(install, str(guest))])
+    done = run_in_sandbox(lease, root, argv, [Mount(install, str(guest))], extra_env)
     return _result_line(done.stdout, done.stderr)
 
 
@@ -145,7 +154,12 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def _post_message(
-    lease: Lease, headers: dict[str, str] | None = None, *, over_tcp: bool = False
+    lease: Lease,
+    headers: dict[str, str] | None = None,
+    *,
+    over_tcp: bool = False,
+    extra: dict[str, Any] | None = None,
+    path: str = "/v1/messages",
 ) -> tuple[int, Any]:
     connection: http.client.HTTPConnection
     if over_tcp:
@@ -154,9 +168,10 @@ def _post_message(
     else:
         connection = _UnixConnection(lease.socket_path)
     body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": True, "messages": []}
+    body.update(extra or {})
     connection.request(
         "POST",
-        "/v1/messages",
+        path,
         body=json.dumps(body),
         headers={"content-type": "application/json", **(headers or {})},
     )
@@ -352,6 +367,128 @@ def test_endpoints_beyond_the_messages_api_are_not_forwarded(
     assert events == [("model_route_denied", {"method": "POST", "path": "/v1/messages/batches"})]
 
 
+def _get(lease: Lease, path: str) -> int:
+    connection = _UnixConnection(lease.socket_path)
+    connection.request("GET", path)
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/..",
+        "/v1/models/../files",
+        "/v1/models/%2e%2e/files",
+        "/v1/models/%2E%2E%2Ffiles",
+        "/v1/models/%252e%252e/files",
+        "//v1/files",
+        "/v1/models/x/../../organizations",
+    ],
+)
+def test_paths_are_normalised_before_the_route_check(
+    model: ModelServer, gateway: Gateway, path: str
+) -> None:
+    with gateway.lease("traverser") as lease:
+        status = _get(lease, path)
+        events = lease.events
+
+    assert status == 404
+    assert model.requests == []
+    assert [action for action, _ in events] == ["model_route_denied"]
+
+
+def test_a_normalised_path_is_what_is_forwarded(model: ModelServer, gateway: Gateway) -> None:
+    model.push(Reply([Text("hi")]))
+    with gateway.lease("slashes") as lease:
+        status, _body = _post_message(lease, path="/v1//messages/./?beta=true")
+
+    assert status == 200
+    (call,) = model.requests
+    assert call.path == "/v1/messages?beta=true"
+
+
+_SERVER_SIDE_REACH = {
+    "mcp_servers": {
+        "mcp_servers": [{"type": "url", "url": "https://attacker.example/mcp", "name": "x"}]
+    },
+    "web_fetch": {"tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}]},
+    "web_search": {"tools": [{"type": "web_search_20250305", "name": "web_search"}]},
+    "code_execution": {"tools": [{"type": "code_execution_20250825", "name": "code_execution"}]},
+}
+
+
+@pytest.mark.parametrize("feature", sorted(_SERVER_SIDE_REACH))
+def test_requests_that_make_the_provider_reach_the_internet_are_refused(
+    model: ModelServer, gateway: Gateway, feature: str
+) -> None:
+    with gateway.lease("reacher") as lease:
+        status, body = _post_message(lease, extra=_SERVER_SIDE_REACH[feature])
+        events = lease.events
+
+    assert status == 403
+    assert body["error"]["type"] == "permission_error"
+    assert "CLAUDEBOX_GATEWAY_ALLOW_SERVER_TOOLS" in body["error"]["message"]
+    assert model.requests == []
+    ((action, context),) = events
+    assert (action, context["reason"]) == ("model_request_denied", "server_tools")
+
+
+def test_custom_tools_pass_and_server_tools_pass_once_allowed(model: ModelServer) -> None:
+    model.push(Reply([Text("one")]), Reply([Text("two")]))
+    custom = {"tools": [{"name": "Bash", "input_schema": {"type": "object"}, "type": "custom"}]}
+    with Gateway(model.url, Credential.api_key(REAL_KEY)) as strict, strict.lease("c") as lease:
+        custom_status, _ = _post_message(lease, extra=custom)
+    policy = RequestPolicy(allow_server_tools=True)
+    with (
+        Gateway(model.url, Credential.api_key(REAL_KEY), policy=policy) as open_gateway,
+        open_gateway.lease("s") as lease,
+    ):
+        server_status, _ = _post_message(lease, extra=_SERVER_SIDE_REACH["web_fetch"])
+
+    assert (custom_status, server_status) == (200, 200)
+    assert len(model.message_requests()) == 2
+
+
+def test_unknown_beta_values_are_refused(model: ModelServer, gateway: Gateway) -> None:
+    model.push(Reply([Text("hi")]))
+    with gateway.lease("beta") as lease:
+        known, _ = _post_message(lease, {"anthropic-beta": ",".join(CLI_BETAS)})
+        unknown, body = _post_message(
+            lease, {"anthropic-beta": "claude-code-20250219,mcp-client-2025-04-04"}
+        )
+        events = lease.events
+
+    assert (known, unknown) == (200, 403)
+    assert "mcp-client-2025-04-04" in body["error"]["message"]
+    assert "CLAUDEBOX_GATEWAY_ALLOWED_BETAS" in body["error"]["message"]
+    assert len(model.requests) == 1
+    assert events == [
+        (
+            "model_request_denied",
+            {
+                "reason": "beta_not_allowed",
+                "detail": "anthropic-beta mcp-client-2025-04-04 is not on the allow-list",
+            },
+        )
+    ]
+
+
+@needs_cli
+def test_the_cli_shows_why_a_model_call_was_refused(
+    model: ModelServer, gateway: Gateway, tmp_path: Path
+) -> None:
+    with gateway.lease("extra-beta") as lease:
+        result = run_cli(lease, tmp_path, "hi", {"ANTHROPIC_BETAS": "mcp-client-2025-04-04"})
+        events = lease.events
+
+    assert result["is_error"] is True
+    assert "mcp-client-2025-04-04 is not on the allow-list" in result["result"]
+    assert model.message_requests() == []
+    assert {action for action, _ in events} == {"model_request_denied"}
+
+
 # --- upstream failures ----------------------------------------------------------------------
 
 
@@ -515,6 +652,58 @@ def test_egress_reaches_allowed_hosts_only_and_only_through_the_proxy(
         ("egress_denied", {"host": "127.0.0.1", "port": denied.port, "method": "CONNECT"}),
     ]
     assert model.requests == []
+
+
+def _connect(lease: Lease, authority: str) -> tuple[int, bytes]:
+    """A CONNECT through the lease's socket: the status, and the body of a refusal."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(lease.socket_path))
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        reply = sock.makefile("rb")
+        status = int(reply.readline().split()[1])
+        length = 0
+        while (line := reply.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return status, reply.read(length) if status != 200 else b""
+
+
+def test_an_allowed_name_that_resolves_to_loopback_is_refused(
+    model: ModelServer, tmp_path: Path
+) -> None:
+    with _Site() as site:
+        allowed = [f"localhost:{site.port}", "169.254.169.254:80"]
+        with (
+            Gateway(model.url, None, egress_allow=allowed) as gateway,
+            gateway.lease("rebind") as lease,
+        ):
+            by_name, body = _connect(lease, f"localhost:{site.port}")
+            # An address named on the list is the operator's own choice; it is allowed (the
+            # metadata address then fails to connect here, which is a 502, not a 403).
+            by_address, _ = _connect(lease, "169.254.169.254:80")
+            events = lease.events
+
+    assert by_name == 403
+    assert "not public" in json.loads(body)["error"]["message"]
+    assert by_address != 403
+    assert events[0][0] == "egress_denied"
+    assert "127.0.0.1" in events[0][1]["addresses"]
+
+
+def test_a_listed_address_lets_a_name_resolving_to_it_through(model: ModelServer) -> None:
+    with _Site() as site:
+        allowed = [f"localhost:{site.port}", f"127.0.0.1:{site.port}"]
+        with (
+            Gateway(model.url, None, egress_allow=allowed) as gateway,
+            gateway.lease("listed") as lease,
+        ):
+            status, _ = _connect(lease, f"localhost:{site.port}")
+            events = lease.events
+
+    assert status == 200
+    assert events == []
 
 
 # --- the pieces underneath -------------------------------------------------------------------

@@ -68,7 +68,9 @@ class LocalPool:
             )
 
     def redis(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
+        """A client of the Redis `up` started, with the password it generated."""
+        password = (self.home / ".claudebox" / "run" / "redis" / "password").read_text()
+        return redis.Redis(port=self.port, password=password.strip())
 
     def processes(self) -> list[str]:
         """Command lines of every process carrying this pool's marker."""

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from pathlib import Path
+
+import redis
 
 from claudebox_pool.producer import canvas
 from claudebox_pool.producer.batch import read_jobs
 from claudebox_pool.producer.client import ClaudeBox
 from claudebox_pool.producer.options import CallOptions, CodeOptions, OptionFields
+from claudebox_pool.tasks import env_travel
 from claudebox_pool.tasks.models import CodeRequest
 
 LIMITS = ["max_turns", "allowed_tools", "disallowed_tools"]
@@ -31,7 +35,9 @@ def test_code_takes_the_agent_limits_positionally_after_the_prompt() -> None:
     assert parameters[-1].kind is inspect.Parameter.VAR_KEYWORD
 
 
-def test_a_jobs_options_reach_the_task_it_sends(tmp_path: Path) -> None:
+def test_a_jobs_options_reach_the_task_it_sends(
+    tmp_path: Path, pool_env: dict[str, str], clean_state: redis.Redis
+) -> None:
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(
         '{"id": "a", "prompt": "fix it", "agent": "claude", "timeout": 60, "max_turns": 3, '
@@ -39,9 +45,11 @@ def test_a_jobs_options_reach_the_task_it_sends(tmp_path: Path) -> None:
     )
     [job] = read_jobs(jobs)
 
-    step = canvas._code_step(job, "s-1", "task-1", "claudebox")
+    step = asyncio.run(canvas._code_step(job, "s-1", "task-1", "claudebox"))
 
     sent = CodeRequest.model_validate(step.args[0])
     assert (sent.agent, sent.timeout_s, sent.max_turns) == ("claude", 60, 3)
     assert (sent.allowed_tools, sent.disallowed_tools) == (("Read",), ("Bash",))
-    assert sent.env == {"CI": "1"}
+    # env values travel beside the message (tasks.env_travel), never in it
+    assert sent.env == {}
+    assert env_travel.bring_back(clean_state, sent).env == {"CI": "1"}

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import Task
 
-from claudebox_pool.tasks import names
+from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import ClaudeBoxError
 from claudebox_pool.tasks.lifecycle import (
@@ -73,8 +73,11 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
 
 @app.task(name=names.CODE, **RETRYING)
 def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
-    request = parse_payload(CodeRequest, payload)
-    return sessions.code(self, context(), request).model_dump(mode="json")
+    ctx = context()
+    sent = parse_payload(CodeRequest, payload)
+    result = sessions.code(self, ctx, env_travel.bring_back(ctx.redis, sent))
+    env_travel.forget(ctx.redis, sent)
+    return result.model_dump(mode="json")
 
 
 @app.task(name=names.CLEANUP, **RETRYING)

@@ -33,6 +33,7 @@ from claudebox_pool.workers.gateway import (
     sandbox_env,
 )
 from claudebox_pool.workers.gateway.bridge import SOCKET_NAME
+from claudebox_pool.workers.gateway.policy import RequestPolicy
 from claudebox_pool.workers.gateway.pricing import prices_from
 from claudebox_pool.workers.runtimes.base import GatewayMount, Runtime, Sandbox
 
@@ -60,6 +61,9 @@ def start_gateway(settings: Settings) -> Gateway:
         credential(settings),
         prices_from(settings.model_prices),
         settings.egress_allow,
+        policy=RequestPolicy.of(
+            settings.gateway_allow_server_tools, settings.gateway_allowed_betas
+        ),
     ).start()
 
 

@@ -31,6 +31,7 @@ from claudebox_pool.workers.gateway.credential import Credential
 from claudebox_pool.workers.gateway.egress import EgressProxy, is_absolute_form
 from claudebox_pool.workers.gateway.lease import Lease, Ledger
 from claudebox_pool.workers.gateway.model_api import ModelApi
+from claudebox_pool.workers.gateway.policy import RequestPolicy
 from claudebox_pool.workers.gateway.pricing import DEFAULT_PRICES, Price
 from claudebox_pool.workers.gateway.relay import transparent_client
 from claudebox_pool.workers.gateway.wire import BodyTooLarge, HttpConnection, anthropic_error
@@ -49,8 +50,9 @@ class Gateway:
 
     ``upstream_url`` is the Messages API (``https://api.anthropic.com``); ``prices`` maps a
     model family (a substring of the model name) to its :class:`Price`; ``egress_allow`` holds
-    the ``host[:port]`` entries every lease may reach. Sockets live in a private 0700 directory
-    under ``runtime_dir`` (the system temp directory by default).
+    the ``host[:port]`` entries every lease may reach; ``policy`` says which provider-side
+    features (server tools, beta flags) a model call may use. Sockets live in a private 0700
+    directory under ``runtime_dir`` (the system temp directory by default).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Gateway:
         prices: Mapping[str, Price] = DEFAULT_PRICES,
         egress_allow: Iterable[str] = (),
         *,
+        policy: RequestPolicy | None = None,
         runtime_dir: Path | None = None,
     ) -> None:
         self.upstream_url = upstream_url
@@ -74,7 +77,9 @@ class Gateway:
         # and only ever used from the gateway's loop.
         self._model_client = transparent_client(_MODEL_TIMEOUT)
         self._egress_client = transparent_client(_EGRESS_TIMEOUT)
-        self._model = ModelApi(self._model_client, upstream_url, credential, dict(prices))
+        self._model = ModelApi(
+            self._model_client, upstream_url, credential, dict(prices), policy or RequestPolicy()
+        )
         self._egress = EgressProxy(self._egress_client, self._allow)
         self._leases: dict[Path, _Served] = {}
         self._leases_lock = threading.Lock()

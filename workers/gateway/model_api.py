@@ -16,6 +16,7 @@ import httpx
 
 from claudebox_pool.workers.gateway.credential import Credential
 from claudebox_pool.workers.gateway.lease import Ledger
+from claudebox_pool.workers.gateway.policy import RequestPolicy, normalise_path
 from claudebox_pool.workers.gateway.pricing import Price, price_for
 from claudebox_pool.workers.gateway.relay import read_raw, relay, request_headers, send_raw
 from claudebox_pool.workers.gateway.usage import StreamMeter, read_error, read_message
@@ -43,19 +44,39 @@ class ModelApi:
         upstream_url: str,
         credential: Credential | None,
         prices: Mapping[str, Price],
+        policy: RequestPolicy,
     ) -> None:
         self._client = client
+        self._policy = policy
         self._base = upstream_url.rstrip("/")
         self._credential = credential
         self._prices = prices
 
     async def handle(self, http: HttpConnection, request: Request, ledger: Ledger) -> bool:
         """Answer one origin-form request; False if the connection must close after it."""
-        path = request.target.split("?", 1)[0]
-        if not any(request.method == m and route.fullmatch(path) for m, route in _ROUTES):
+        normal = normalise_path(request.target)
+        path = normal[0] if normal is not None else request.target.split("?", 1)[0]
+        if normal is None or not any(
+            request.method == m and route.fullmatch(path) for m, route in _ROUTES
+        ):
             ledger.record("model_route_denied", {"method": request.method, "path": path})
             message = f"the claudebox gateway does not forward {request.method} {path}"
             await http.send_json(404, anthropic_error("not_found_error", message))
+            return True
+        target = f"{path}?{normal[1]}" if normal[1] else path
+        if request.method == "POST" and (
+            denial := self._policy.check(request.headers, request.body)
+        ):
+            ledger.record(
+                "model_request_denied", {"reason": denial.reason, "detail": denial.detail}
+            )
+            # permission_error with x-should-retry false: the CLI shows the message and stops,
+            # where it would retry an invalid_request_error with features turned off.
+            await http.send_json(
+                403,
+                anthropic_error("permission_error", denial.message),
+                [("x-should-retry", "false")],
+            )
             return True
         metered = request.method == "POST" and path == MESSAGES_PATH
         if metered and (over := ledger.over_budget()) is not None:
@@ -73,7 +94,7 @@ class ModelApi:
         if self._credential is not None:
             self._credential.apply(headers)
         upstream = self._client.build_request(
-            request.method, self._base + request.target, headers=headers, content=request.body
+            request.method, self._base + target, headers=headers, content=request.body
         )
         try:
             response = await self._client.send(upstream, stream=True)
