@@ -19,8 +19,10 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+import claudebox_pool
 from claudebox_pool.producer import flowerconfig, lifecycle, live, local_pool
 from claudebox_pool.producer.batch import (
     DEFAULT_CONCURRENCY,
@@ -38,6 +40,7 @@ from claudebox_pool.tasks import names
 from claudebox_pool.tasks.app import app as celery_app
 from claudebox_pool.tasks.errors import (
     ClaudeBoxError,
+    InvalidSettingError,
     PoolUnavailableError,
     SessionNotFoundError,
 )
@@ -48,6 +51,7 @@ from claudebox_pool.tasks.settings import (
     AgentName,
     default_cli_dir,
     get_settings,
+    unknown_variables,
 )
 
 EXIT_FAILED = 1
@@ -61,6 +65,8 @@ cli = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Sub-commands inherit these from the root's context.
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 sessions_cli = typer.Typer(
     help="List, inspect, clean up and reindex sessions.", no_args_is_help=True
@@ -74,8 +80,30 @@ T = TypeVar("T")
 
 
 def fail(message: str, code: int) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def show_version(wanted: bool) -> None:
+    if wanted:
+        out.print(
+            f"claudebox-pool {claudebox_pool.__version__} "
+            f"(Claude Code CLI {CLAUDE_CLI_VERSION} pinned)",
+            highlight=False,
+        )
+        raise typer.Exit()
+
+
+@cli.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """ClaudeBox sessions served by a pool of Celery workers."""
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -105,7 +133,9 @@ def exec_celery(
 ) -> NoReturn:
     """Replace this process with ``python -m celery ...`` (signals then reach Celery directly),
     its environment this one's without ``drop``, plus ``env``."""
-    argv = [sys.executable, "-m", "celery", *arguments]
+    # -P: the working directory is not put on sys.path, so a user's `celery.py` there does not
+    # stand in for Celery.
+    argv = [sys.executable, "-P", "-m", "celery", *arguments]
     kept = {name: value for name, value in os.environ.items() if name not in drop}
     os.execvpe(argv[0], argv, {**kept, **(env or {})})
 
@@ -539,8 +569,18 @@ def sessions_move(
 
 
 def main() -> None:
+    # `worker` turns into a Celery worker, which logs these itself once it starts.
+    if sys.argv[1:2] != ["worker"]:
+        for warning in unknown_variables():
+            err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     celery_app.set_current()
-    cli()
+    try:
+        cli()
+    except InvalidSettingError as exc:
+        # Settings are read on first use, wherever that is; commands that catch ClaudeBoxError
+        # report it themselves with the same line and code.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
+import subprocess
 import time
+from pathlib import Path
+from typing import Any
 
 import redis
 from pydantic import ValidationError
@@ -12,10 +17,12 @@ from rich.console import Console
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import redacted, sync_redis, text
 from claudebox_pool.tasks.models import WorkerInfo
-from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.tasks.settings import Settings, find_cli, get_settings
 
 OK = "[green]ok[/]"
 BAD = "[red]no[/]"
+WARN = "[yellow]warn[/]"
+CLI_PACKAGE = "@anthropic-ai/claude-code"
 
 
 def doctor_report(out: Console) -> bool:
@@ -32,6 +39,7 @@ def doctor_report(out: Console) -> bool:
     ):
         found = shutil.which(tool)
         out.print(f"{tool:<18} {OK if found else BAD} {found or why}", highlight=False)
+    out.print(f"{'node':<18} {node_check(settings)}", highlight=False)
 
     client = sync_redis(settings)
     url = redacted(settings.broker_url)
@@ -71,3 +79,94 @@ def doctor_report(out: Console) -> bool:
         if info.warm:
             out.print(f"  {' ' * len(name)}  warm sandboxes: {info.warm}", highlight=False)
     return True
+
+
+def node_check(settings: Settings) -> str:
+    """Node's version against the engine the Claude Code CLI's package declares. A mismatch is
+    a warning: npm installs the CLI anyway (EBADENGINE) and its native binary runs."""
+    cli = find_cli(settings)
+    package = cli_package(cli) if cli else None
+    engine = package.get("engines", {}).get("node") if package else None
+    version = node_version()
+    if not isinstance(engine, str):
+        what = "Claude Code CLI declares no Node engine" if cli else "Claude Code CLI not found"
+        return f"{version or 'not found'} ({what})"
+    declared = f"Claude Code {package.get('version', '?') if package else '?'} declares {engine}"
+    fix = "install a Node.js in that range (nodejs.org, or nvm)"
+    if version is None:
+        return f"{WARN} not found; {declared}: {fix}"
+    matches = satisfies(version, engine)
+    if matches is None:
+        return f"{version}; {declared} (a range doctor cannot check)"
+    if matches:
+        return f"{OK} {version}; {declared}"
+    return f"{WARN} {version}, but {declared}: the CLI runs here but is unsupported; {fix}"
+
+
+def cli_package(cli: Path) -> dict[str, Any] | None:
+    """The CLI's package.json: the binary (resolved) sits in the package's directory tree."""
+    for directory in cli.resolve().parents:
+        manifest = directory / "package.json"
+        if manifest.is_file():
+            try:
+                package = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                return None
+            return (
+                package
+                if isinstance(package, dict) and package.get("name") == CLI_PACKAGE
+                else None
+            )
+    return None
+
+
+def node_version() -> str | None:
+    node = shutil.which("node")
+    if node is None:
+        return None
+    try:
+        done = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+Version = tuple[int, int, int]
+COMPARATOR = re.compile(r"(>=|<=|>|<|=|\^|~)?\s*v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
+
+
+def satisfies(version: str, engine: str) -> bool | None:
+    """Whether ``version`` (``v20.1.0``) is in npm's range ``engine`` (``>=22.0.0``,
+    ``^18 || >=20``, ...); None for a range this small reader does not understand."""
+    parsed = COMPARATOR.fullmatch(version.strip())
+    if parsed is None or parsed.group(1):
+        return None
+    have = _version(parsed)
+    for alternative in engine.split("||"):
+        tokens = alternative.split()
+        comparators = [COMPARATOR.fullmatch(token) for token in tokens]
+        if not tokens or any(each is None for each in comparators):
+            return None
+        if all(_holds(have, each) for each in comparators if each is not None):
+            return True
+    return False
+
+
+def _version(match: re.Match[str]) -> Version:
+    return (int(match.group(2)), int(match.group(3) or 0), int(match.group(4) or 0))
+
+
+def _holds(have: Version, comparator: re.Match[str]) -> bool:
+    op, want = comparator.group(1) or "=", _version(comparator)
+    major, minor, _ = want
+    if op == "^":
+        return want <= have < (major + 1, 0, 0)
+    if op == "~":
+        return want <= have < (major, minor + 1, 0)
+    return {
+        ">=": have >= want,
+        "<=": have <= want,
+        ">": have > want,
+        "<": have < want,
+        "=": have == want,
+    }[op]

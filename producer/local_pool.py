@@ -181,7 +181,8 @@ class Launcher:
 
 
 def _cli(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "claudebox_pool.producer.cli", *arguments]
+    # -P: modules in the working directory (a user's `celery.py`) do not shadow installed ones.
+    return [sys.executable, "-P", "-m", "claudebox_pool.producer.cli", *arguments]
 
 
 def _redis_answers(settings: Settings) -> bool:

@@ -71,4 +71,6 @@ def configure(settings: Settings | None = None) -> Celery:
 
 
 app = Celery("claudebox", amqp=RedactingAMQP, task_cls=RedactedTask)
-configure()
+# Read on the app's first use, not at import: a command's --help works with a bad setting, and
+# the error comes where the command can report it.
+app.add_defaults(lambda: celery_config(get_settings()))

@@ -5,6 +5,7 @@
     ClaudeBoxError
     ├── InvalidSessionIdError        a session id breaks the naming rules (also a ValueError)
     ├── InvalidRequestError          a prompt or option is refused before it is queued
+    ├── InvalidSettingError          a CLAUDEBOX_* variable holds a value its setting refuses
     ├── SessionNotFoundError         no session by that id
     ├── SessionAlreadyExistsError    creating a session whose id is taken
     ├── SessionCorruptedError        session.json or the workspace is missing or unreadable
@@ -53,6 +54,11 @@ class InvalidSessionIdError(ClaudeBoxError, ValueError):
 
 class InvalidRequestError(ClaudeBoxError, ValueError):
     """A prompt or option was refused before anything was queued; the message says which."""
+
+
+class InvalidSettingError(ClaudeBoxError, ValueError):
+    """A ``CLAUDEBOX_*`` variable (in the environment or ``.env``) holds a value its setting
+    refuses; the message names each such variable, what is wrong and where it was read."""
 
 
 class SessionNotFoundError(ClaudeBoxError):

@@ -8,20 +8,38 @@ this class by :func:`settings_markdown` and a test keeps the two equal.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
+import shutil
 import socket
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Literal, Self, get_args
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from dotenv import dotenv_values
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from claudebox_pool.tasks.errors import InvalidSettingError
 
 RuntimeName = Literal["auto", "boxlite", "bwrap", "local"]
 AgentName = Literal["claude", "shell"]
 
+PREFIX = "CLAUDEBOX_"
+ENV_FILE = Path(".env")
+"""Read relative to the working directory, as pydantic-settings does."""
 CLAUDE_CLI_VERSION = "2.1.332"
 """The Claude Code CLI release this project is tested against (npm `@anthropic-ai/claude-code`)."""
 CLI_BETAS = (
@@ -64,12 +82,25 @@ def default_cli_dir() -> Path:
     return Path(cache) / "claudebox-pool" / f"claude-code-{CLAUDE_CLI_VERSION}"
 
 
+def find_cli(settings: Settings) -> Path | None:
+    """The CLI binary: the setting, else the pinned install, else ``claude`` on PATH."""
+    if settings.claude_cli is not None:
+        candidate: Path | None = settings.claude_cli.expanduser()
+    else:
+        pinned = default_cli_dir() / "node_modules" / ".bin" / "claude"
+        on_path = shutil.which("claude")
+        candidate = pinned if pinned.exists() else (Path(on_path) if on_path else None)
+    if candidate is None or not candidate.exists():
+        return None
+    return candidate.resolve()
+
+
 class Settings(BaseSettings):
     """claudebox-pool configuration, shared by producers, workers, beat and Flower."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CLAUDEBOX_",
-        env_file=".env",
+        env_prefix=PREFIX,
+        env_file=ENV_FILE,
         env_file_encoding="utf-8",
         extra="ignore",
     )
@@ -412,8 +443,76 @@ def _with_password(url: str, password: str) -> str:
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings, read once (call ``get_settings.cache_clear()`` after env edits)."""
-    return Settings()
+    """The process's settings, read once (call ``get_settings.cache_clear()`` after env edits).
+
+    Raises :class:`InvalidSettingError` naming each variable whose value is refused.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise InvalidSettingError(_refused(exc)) from None
+    except SettingsError as exc:
+        # pydantic-settings raises this one, not a ValidationError, for a JSON value it cannot
+        # parse; its message names the field and the source, its cause says what is wrong.
+        found = re.search(r'field "(\w+)"', str(exc))
+        field = found.group(1) if found else ""
+        raise InvalidSettingError(
+            f"{_variable(field)}: not valid JSON ({exc.__cause__}); correct or unset it"
+        ) from None
+
+
+def _dotenv() -> dict[str, str | None]:
+    return dotenv_values(ENV_FILE, encoding="utf-8") if ENV_FILE.is_file() else {}
+
+
+def _variable(field: str, value: str = "") -> str:
+    """A field's variable name, the value given (if any) and where it was read."""
+    variable = f"{PREFIX}{field.upper()}"
+    in_environment = any(name.upper() == variable for name in os.environ)
+    return f"{variable}{value} (in {'the environment' if in_environment else ENV_FILE})"
+
+
+def _refused(error: ValidationError) -> str:
+    """One line: each refused variable, its value (unless a secret) and what is wrong."""
+    problems: dict[str, str] = {}
+    for each in error.errors():
+        field, *inner = (str(part) for part in each["loc"])
+        info = Settings.model_fields.get(field)
+        secret = info is not None and SecretStr in (info.annotation, *get_args(info.annotation))
+        value = each.get("input")
+        shown = f"={value!r}" if isinstance(value, str) and not secret and len(value) < 80 else ""
+        where = f"{'.'.join(inner)}: " if inner else ""
+        message = " ".join(each["msg"].split())
+        problems.setdefault(field, f"{_variable(field, shown)}: {where}{message}")
+    return "; ".join(problems.values()) + "; correct or unset it"
+
+
+@lru_cache(maxsize=1)
+def unknown_variables() -> tuple[str, ...]:
+    """A warning for each ``CLAUDEBOX_*`` variable of the environment or ``.env`` that names no
+    setting (a typo is otherwise silently ignored), with the closest real name if one is near."""
+    return tuple(unknown_variable_warnings(os.environ, _dotenv()))
+
+
+def unknown_variable_warnings(
+    environ: Mapping[str, str], dotenv: Mapping[str, str | None]
+) -> list[str]:
+    fields = [name.upper() for name in Settings.model_fields]
+    seen: dict[str, str] = {}
+    for where, names in (("", environ), (f" (in {ENV_FILE})", dotenv)):
+        for name in names:
+            if name.upper().startswith(PREFIX):
+                seen.setdefault(name.upper(), f"{name}{where}")
+    warnings = []
+    for upper, shown in sorted(seen.items()):
+        # Compared without the prefix, which every name shares and would make all look close.
+        rest = upper.removeprefix(PREFIX)
+        if rest in fields:
+            continue
+        close = difflib.get_close_matches(rest, fields, n=1)
+        hint = f"; did you mean {PREFIX}{close[0]}?" if close else " (see the README's settings)"
+        warnings.append(f"{shown} is not a claudebox-pool setting{hint}")
+    return warnings
 
 
 def settings_markdown() -> str:
@@ -424,5 +523,5 @@ def settings_markdown() -> str:
         if isinstance(default, dict):
             default = json.dumps({key: value.model_dump() for key, value in default.items()})
         shown = "(unset)" if default in (None, []) else f"`{default}`"
-        rows.append(f"| `CLAUDEBOX_{name.upper()}` | {shown} | {field.description} |")
+        rows.append(f"| `{PREFIX}{name.upper()}` | {shown} | {field.description} |")
     return "\n".join(rows)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from claudebox_pool.tasks.settings import get_settings
+import claudebox_pool as package
+from claudebox_pool.tasks.settings import CLAUDE_CLI_VERSION, get_settings
+from tests.conftest import CLAUDE_CLI, WorkerFactory
 from tests.support.processes import claudebox_pool, free_port
 
 pytestmark = pytest.mark.usefixtures("pool")
@@ -161,3 +166,161 @@ def test_flower_refuses_to_start_without_credentials() -> None:
 
     assert done.returncode == 2
     assert "CLAUDEBOX_FLOWER_BASIC_AUTH" in done.stderr
+
+
+def test_version_prints_the_package_and_the_pinned_cli() -> None:
+    done = claudebox_pool("--version")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"claudebox-pool {package.__version__} (Claude Code CLI {CLAUDE_CLI_VERSION} pinned)"
+    )
+    assert package.__version__ != "0+unknown"
+
+
+@pytest.mark.parametrize("verb", [[], ["code"], ["sessions", "list"]])
+def test_dash_h_is_help(verb: list[str]) -> None:
+    done = claudebox_pool(*verb, "-h")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == claudebox_pool(*verb, "--help").stdout
+    assert "Usage" in done.stdout
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The single line a refused setting gives: exit code 2, no traceback, nothing else."""
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [["doctor"], ["code", "x", "true"], ["sessions", "list"], ["worker"], ["beat"], ["up"]],
+    ids=" ".join,
+)
+def test_a_bad_value_in_the_environment_is_one_line_naming_it(verb: list[str]) -> None:
+    done = claudebox_pool(*verb, env={"CLAUDEBOX_LOCK_TTL_S": "abc"})
+
+    line = one_error_line(done)
+    assert "CLAUDEBOX_LOCK_TTL_S='abc' (in the environment)" in line
+    assert "valid integer" in line
+
+
+def test_a_bad_line_in_dotenv_is_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("CLAUDEBOX_CPUS=two\n")
+
+    line = one_error_line(claudebox_pool("doctor", cwd=tmp_path))
+
+    assert "CLAUDEBOX_CPUS='two' (in .env)" in line
+    assert "valid integer" in line
+
+
+def test_a_value_that_is_not_json_is_one_line_naming_it() -> None:
+    done = claudebox_pool("doctor", env={"CLAUDEBOX_MODEL_PRICES": '{"opus": '})
+
+    line = one_error_line(done)
+    assert "CLAUDEBOX_MODEL_PRICES (in the environment): not valid JSON" in line
+
+
+def test_help_and_version_work_with_a_bad_value(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("CLAUDEBOX_RUNTIME=docker\n")
+
+    for args in (["--help"], ["code", "--help"], ["-h"], ["--version"]):
+        done = claudebox_pool(*args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+
+
+def test_an_unknown_variable_is_warned_once_with_the_closest_name(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("CLAUDEBOX_LOCKTTL=20\n")
+
+    done = claudebox_pool("doctor", env={"CLAUDEBOX_MEMORY_MB": "512"}, cwd=tmp_path)
+
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: CLAUDEBOX_LOCKTTL (in .env) is not a claudebox-pool setting; "
+        "did you mean CLAUDEBOX_LOCK_TTL_S?",
+        "warning: CLAUDEBOX_MEMORY_MB is not a claudebox-pool setting; "
+        "did you mean CLAUDEBOX_MEMORY_MIB?",
+    ]
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_known_variable_is_not_warned_about() -> None:
+    done = claudebox_pool("--version", env={"CLAUDEBOX_MEMORY_MIB": "512"})
+
+    assert done.stderr == ""
+
+
+def test_a_worker_logs_an_unknown_variable_once_at_start(start_workers: WorkerFactory) -> None:
+    (worker,) = start_workers(1, concurrency=1, CLAUDEBOX_SWEEP_AGE_DAYS="3")
+    worker.stop()
+
+    warned = re.findall(r"WARNING.*CLAUDEBOX_SWEEP_AGE_DAYS.*", worker.log())
+    assert len(warned) == 1, worker.log()[-3000:]
+    assert "did you mean CLAUDEBOX_SWEEP_MAX_AGE_DAYS?" in warned[0]
+
+
+def cli_package(root: Path, engine: str) -> Path:
+    """An npm install of a CLI whose package declares ``engine``; returns its bin link."""
+    package_dir = root / "node_modules" / "@anthropic-ai" / "claude-code"
+    (package_dir / "bin").mkdir(parents=True)
+    manifest = {
+        "name": "@anthropic-ai/claude-code",
+        "version": "9.9.9",
+        "engines": {"node": engine},
+    }
+    (package_dir / "package.json").write_text(json.dumps(manifest))
+    binary = package_dir / "bin" / "claude.exe"
+    binary.write_text("#!/bin/sh\necho '9.9.9 (Claude Code)'\n")
+    binary.chmod(0o755)
+    link = root / "node_modules" / ".bin" / "claude"
+    link.parent.mkdir()
+    link.symlink_to(Path("..") / "@anthropic-ai" / "claude-code" / "bin" / "claude.exe")
+    return link
+
+
+def doctor_node_line(cli: Path | str) -> tuple[int, str]:
+    done = claudebox_pool("doctor", env={"CLAUDEBOX_CLAUDE_CLI": str(cli)})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("node ")]
+    assert len(lines) == 1, done.stdout
+    return done.returncode, " ".join(lines[0].split())
+
+
+needs_node = pytest.mark.skipif(shutil.which("node") is None, reason="no node on PATH")
+
+
+@needs_node
+def test_doctor_warns_when_node_is_older_than_the_clis_engine(tmp_path: Path) -> None:
+    code, line = doctor_node_line(cli_package(tmp_path, ">=999.0.0"))
+
+    assert code == 0  # a warning, not a failure
+    assert line.startswith("node warn v")
+    assert "but Claude Code 9.9.9 declares >=999.0.0" in line
+    assert "the CLI runs here but is unsupported" in line
+    assert "install a Node.js in that range" in line
+
+
+@needs_node
+def test_doctor_is_content_when_node_meets_the_clis_engine(tmp_path: Path) -> None:
+    code, line = doctor_node_line(cli_package(tmp_path, "^1.0.0 || >=2"))
+
+    assert code == 0
+    assert line.startswith("node ok v")
+    assert line.endswith("Claude Code 9.9.9 declares ^1.0.0 || >=2")
+
+
+@needs_node
+def test_doctor_checks_node_against_the_pinned_cli() -> None:
+    if not Path(CLAUDE_CLI).exists():
+        pytest.skip("the pinned Claude Code CLI is not installed (claudebox-pool install-cli)")
+    manifest = Path(CLAUDE_CLI).resolve().parents[1] / "package.json"
+    engine = json.loads(manifest.read_text())["engines"]["node"]
+
+    code, line = doctor_node_line(CLAUDE_CLI)
+
+    assert code == 0
+    assert f"Claude Code {CLAUDE_CLI_VERSION} declares {engine}" in line

@@ -15,6 +15,7 @@ from claudebox_pool.tasks.errors import (
     DiskFullError,
     InvalidRequestError,
     InvalidSessionIdError,
+    InvalidSettingError,
     LockLostError,
     NodeUnavailableError,
     PoolUnavailableError,
@@ -33,6 +34,10 @@ EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
     ClaudeBoxError: ClaudeBoxError("something went wrong; see the worker's log"),
     InvalidSessionIdError: InvalidSessionIdError("my project"),
     InvalidRequestError: InvalidRequestError("the prompt is empty; say what the agent should do"),
+    InvalidSettingError: InvalidSettingError(
+        "CLAUDEBOX_LOCK_TTL_S='abc' (in the environment): Input should be a valid integer; "
+        "correct or unset it"
+    ),
     SessionNotFoundError: SessionNotFoundError("my-project"),
     SessionAlreadyExistsError: SessionAlreadyExistsError("my-project"),
     SessionCorruptedError: SessionCorruptedError(

@@ -24,8 +24,9 @@ from celery.worker import WorkController
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.models import WorkerInfo
+from claudebox_pool.tasks.settings import find_cli, unknown_variables
 from claudebox_pool.workers import affinity, jobs, registry, shutdown  # noqa: F401
-from claudebox_pool.workers.agents.claude import cli_version, find_cli
+from claudebox_pool.workers.agents.claude import cli_version
 from claudebox_pool.workers.context import context
 from claudebox_pool.workers.runtimes.auto import choose
 from claudebox_pool.workers.warm import rescue
@@ -106,6 +107,8 @@ def stop_gateway(**_: Any) -> None:
 def reconcile(sender: Any = None, **_: Any) -> None:
     ctx = context()
     hostname = getattr(sender, "hostname", ctx.node)
+    for warning in unknown_variables():
+        log.warning("%s", warning)
     info = describe(hostname)
     log.info("runtime: %s", info.runtime_reason)
     log.info("claude CLI: %s (%s)", info.claude_cli or "not found", info.claude_version or "-")

@@ -33,14 +33,14 @@ PR_SET_PDEATHSIG = 1
 
 
 def claudebox_pool(
-    *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 120, cwd: Path = REPO
 ) -> subprocess.CompletedProcess[str]:
     """Run the `claudebox-pool` command as a user would, with this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", "claudebox_pool.producer.cli", *args],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         timeout=timeout_s,
         stdin=subprocess.DEVNULL,

@@ -9,12 +9,11 @@ the sandbox: the CLI reaches the model through the worker's gateway (``workers.m
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 from claudebox_pool.tasks.models import CodeRequest, SessionRecord
-from claudebox_pool.tasks.settings import Settings, default_cli_dir
+from claudebox_pool.tasks.settings import Settings, find_cli
 from claudebox_pool.workers.agents.base import (
     BASE_ENV,
     Agent,
@@ -31,19 +30,6 @@ CLI_ENV = {
     "DISABLE_AUTOUPDATER": "1",
     "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
 }
-
-
-def find_cli(settings: Settings) -> Path | None:
-    """The CLI binary: the setting, else the pinned install, else ``claude`` on PATH."""
-    if settings.claude_cli is not None:
-        candidate: Path | None = settings.claude_cli.expanduser()
-    else:
-        pinned = default_cli_dir() / "node_modules" / ".bin" / "claude"
-        on_path = shutil.which("claude")
-        candidate = pinned if pinned.exists() else (Path(on_path) if on_path else None)
-    if candidate is None or not candidate.exists():
-        return None
-    return candidate.resolve()
 
 
 def cli_version(cli: Path) -> str | None:

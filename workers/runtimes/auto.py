@@ -15,9 +15,9 @@ from claudebox_pool.workers.runtimes.base import Probe, Runtime
 log = logging.getLogger(__name__)
 
 _MODULES: dict[str, tuple[str, str]] = {
-    "boxlite": ("workers.runtimes.boxlite", "BoxliteRuntime"),
-    "bwrap": ("workers.runtimes.bwrap", "BwrapRuntime"),
-    "local": ("workers.runtimes.local", "LocalRuntime"),
+    "boxlite": ("claudebox_pool.workers.runtimes.boxlite", "BoxliteRuntime"),
+    "bwrap": ("claudebox_pool.workers.runtimes.bwrap", "BwrapRuntime"),
+    "local": ("claudebox_pool.workers.runtimes.local", "LocalRuntime"),
 }
 _AUTO_ORDER = ("boxlite", "bwrap")
 
