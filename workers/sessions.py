@@ -27,13 +27,14 @@ from claudebox_pool.tasks.models import (
     SessionRecord,
     utc_now,
 )
-from claudebox_pool.workers import archive, disk, inputs, registry
+from claudebox_pool.workers import archive, caps, disk, inputs, registry
 from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
 from claudebox_pool.workers.model_access import passage
 from claudebox_pool.workers.runtimes.base import LineSink, SandboxSpec
 from claudebox_pool.workers.store import SessionStore
+from claudebox_pool.workers.workspace_scan import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def run_code(
     timeout_s = float(
         min(request.timeout_s or ctx.settings.task_time_limit_s, ctx.settings.task_time_limit_s)
     )
-    before = store.workspace_files(request.session_id)
+    before = Snapshot.take(store.paths(request.session_id).workspace)
     started_at = utc_now()
     started = time.monotonic()
     with passage(ctx, request, record) as way_out, _stopped_on_error(ctx, record, lock):
@@ -148,7 +149,9 @@ def run_code(
         if way_out is not None:
             outcome = way_out.settle(outcome, request.session_id)
     duration_s = time.monotonic() - started
-    created = sorted(store.workspace_files(request.session_id) - before)
+    outcome = caps.outcome(outcome, ctx.settings)
+    found = before.created(ctx.settings.max_files_listed, ctx.settings.max_files_listed_bytes)
+    created = caps.files_listed(found, ctx.settings)
 
     now = utc_now()
     record = record.model_copy(
@@ -157,7 +160,7 @@ def run_code(
             "updated_at": now,
             "last_accessed": now,
             "total_commands": record.total_commands + 1,
-            "total_files_created": record.total_files_created + len(created),
+            "total_files_created": record.total_files_created + found.count,
             "total_turns": record.total_turns + outcome.num_turns,
             "total_duration_ms": record.total_duration_ms + int(duration_s * 1000),
             "total_cost_usd": record.total_cost_usd + outcome.cost_usd,
@@ -186,17 +189,17 @@ def run_code(
                 **({"env_keys": sorted(request.env)} if request.env else {}),
             },
         ),
-        *(HistoryEntry(action="file_created", context={"file": name}) for name in created),
+        *(HistoryEntry(action="file_created", context={"file": name}) for name in found.listed),
         *(HistoryEntry(action=action, context=context) for action, context in outcome.events),
     ]
     store.append_history_many(request.session_id, entries, guard)
     store.save(record, guard)
     registry.put(ctx.redis, record)
-    return CodeResult(
+    result = CodeResult(
         success=outcome.success,
         response=outcome.response,
         exit_code=outcome.exit_code,
-        raw_output=_tail(outcome.raw_output, ctx.settings.max_output_bytes),
+        raw_output=outcome.raw_output,
         error=outcome.error,
         duration_s=round(duration_s, 3),
         cost_usd=outcome.cost_usd,
@@ -205,6 +208,7 @@ def run_code(
         task_id=task_id,
         files_created=created,
     )
+    return caps.fit(result, ctx.settings)
 
 
 def cleanup_session(
@@ -299,10 +303,3 @@ def _recorded_run(store: SessionStore, session_id: str, task_id: str) -> CodeRes
 
 def agent_missing(message: str) -> AgentOutcome:
     return AgentOutcome(success=False, response="", exit_code=127, raw_output="", error=message)
-
-
-def _tail(text: str, limit: int) -> str:
-    data = text.encode()
-    if len(data) <= limit:
-        return text
-    return data[-limit:].decode("utf-8", errors="ignore")

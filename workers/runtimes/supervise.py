@@ -8,7 +8,6 @@ deadline and the cancel event exactly as :func:`workers.runtimes.process.run_pro
 from __future__ import annotations
 
 import asyncio
-import codecs
 import concurrent.futures
 import queue
 import signal
@@ -18,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
-from claudebox_pool.workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
+from claudebox_pool.workers.runtimes.output import OutputLimits, StreamReader
 
 T = TypeVar("T")
 
@@ -58,38 +57,20 @@ class LoopThread:
             self._loop.close()
 
 
-class LineSplitter:
-    """Turns the chunks a stream yields (str or bytes, cut anywhere) into whole lines."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._partial = ""
-
-    def feed(self, chunk: str | bytes) -> list[str]:
-        text = chunk if isinstance(chunk, str) else self._decoder.decode(chunk)
-        *lines, self._partial = (self._partial + text).split("\n")
-        return [line + "\n" for line in lines]
-
-    def flush(self) -> str:
-        rest, self._partial = self._partial + self._decoder.decode(b"", final=True), ""
-        return rest
-
-
 class Output:
-    """Where a running command's output goes: whole lines, queued for the supervising thread."""
+    """Where a running command's output goes: capped lines, queued for the supervising thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: OutputLimits) -> None:
         self.events: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
-        self._splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self.readers = {name: StreamReader(name, limits) for name in ("stdout", "stderr")}
 
     def put(self, stream: str, chunk: str | bytes) -> None:
-        for line in self._splitters[stream].feed(chunk):
+        for line in self.readers[stream].feed(chunk):
             self.events.put((stream, line))
 
     def end(self, stream: str) -> None:
-        rest = self._splitters[stream].flush()
-        if rest:
-            self.events.put((stream, rest))
+        for line in self.readers[stream].end():
+            self.events.put((stream, line))
 
 
 Command = Callable[[Output, asyncio.Event], Coroutine[Any, Any, int]]
@@ -103,15 +84,14 @@ def supervise(
     timeout_s: float,
     on_line: LineSink | None = None,
     cancel: threading.Event | None = None,
-    output_limit: int = OUTPUT_LIMIT_BYTES,
+    limits: OutputLimits | None = None,
 ) -> ExecResult:
     """Run ``command`` on ``loop``, deliver its lines here, stop it at the deadline or cancel."""
     started = time.monotonic()
-    output = Output()
+    output = Output(limits or OutputLimits.of())
     stop = asyncio.Event()
     future = loop.submit(command(output, stop))
     future.add_done_callback(lambda _: output.events.put(None))
-    out, err = OutputTail(output_limit), OutputTail(output_limit)
     deadline = started + timeout_s
     timed_out = cancelled = False
     give_up_at: float | None = None
@@ -137,18 +117,16 @@ def supervise(
         if item is None:
             break
         stream, line = item
-        (out if stream == "stdout" else err).add(line)
         if on_line is not None:
             on_line(stream, line.rstrip("\n"))
     try:
         exit_code = future.result(timeout=0)
     except (concurrent.futures.CancelledError, TimeoutError):
         exit_code = -signal.SIGKILL
-    stderr = err.text()
     return ExecResult(
         exit_code=exit_code,
-        stdout=out.text(),
-        stderr=stderr,
+        stdout=output.readers["stdout"].tail.text(),
+        stderr=output.readers["stderr"].tail.text(),
         duration_s=time.monotonic() - started,
         timed_out=timed_out,
         cancelled=cancelled,
