@@ -147,10 +147,11 @@ class Settings(BaseSettings):
         "beyond it (the result's `raw_output` still holds the output's tail).",
     )
     max_line_bytes: int = Field(
-        default=1_000_000,
+        default=4_000_000,
         gt=0,
         description="Longest output line a worker keeps; the rest of a longer line is dropped "
-        "as it is read, and a marker says how many bytes were cut.",
+        "as it is read, and a marker says how many bytes were cut. Claude Code's final "
+        "stream-json line holds the whole answer: keep this above `CLAUDEBOX_MAX_RESPONSE_BYTES`.",
     )
     max_response_bytes: int = Field(
         default=1_000_000,
