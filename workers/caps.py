@@ -30,7 +30,8 @@ def tail(text: str, limit: int, setting: str) -> str:
     data = text.encode(errors="surrogatepass")
     if len(data) <= limit:
         return text
-    return f"{cut_marker(len(data) - limit, setting)}\n" + data[-limit:].decode(errors="ignore")
+    kept = data[len(data) - limit :]  # not data[-limit:], which is all of it for 0
+    return f"{cut_marker(len(data) - limit, setting)}\n" + kept.decode(errors="ignore")
 
 
 def outcome(found: AgentOutcome, settings: Settings) -> AgentOutcome:
