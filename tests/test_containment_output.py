@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,8 @@ from claudebox_pool.tasks.settings import Settings, get_settings
 from claudebox_pool.workers import caps
 from claudebox_pool.workers.runtimes.output import cut_marker
 from claudebox_pool.workers.workspace_scan import Created
-from tests.conftest import WorkerFactory
+from tests.conftest import CLAUDE_CLI, WorkerFactory
+from tests.support.model_server import ModelServer, Text
 from tests.support.processes import REPO, Worker, free_port, wait_for
 
 MB = 1_000_000
@@ -58,8 +60,21 @@ def line_of(size: int, char: str = "a") -> str:
 
 
 @pytest.fixture(scope="module")
-def capped_pool(start_workers: WorkerFactory) -> Worker:
-    return start_workers(1, concurrency=2, **CAPS)[0]
+def model() -> Iterator[ModelServer]:
+    with ModelServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def capped_pool(start_workers: WorkerFactory, model: ModelServer) -> Worker:
+    (worker,) = start_workers(
+        1,
+        concurrency=2,
+        CLAUDEBOX_MODEL_API_URL=model.url,
+        CLAUDEBOX_ANTHROPIC_API_KEY="sk-ant-test-output-caps",
+        **CAPS,
+    )
+    return worker
 
 
 pytestmark = pytest.mark.usefixtures("capped_pool", "clean_state")
@@ -188,11 +203,51 @@ def test_files_created_lists_up_to_its_cap_and_counts_them_all() -> None:
     assert len(created) == 100
 
 
+needs_cli = pytest.mark.skipif(
+    not Path(CLAUDE_CLI).exists(),
+    reason="needs the Claude Code CLI from the npm registry (scripts/setup installs it)",
+)
+
+
+def claude(session_id: str, prompt: str) -> CodeResult:
+    async def scenario() -> CodeResult:
+        async with ClaudeBox(session_id=session_id, agent="claude") as box:
+            return await box.code(prompt)
+
+    return asyncio.run(scenario())
+
+
+@needs_cli
+def test_a_long_claude_answer_is_cut_to_the_response_cap(model: ModelServer) -> None:
+    model.reset()
+    model.push([Text("w" * 60_000)])
+
+    result = claude("long-answer", "say a lot")
+
+    assert result.success, result.error
+    assert result.response.startswith("www")
+    assert result.response.endswith("bytes cut by CLAUDEBOX_MAX_RESPONSE_BYTES ...]")
+    assert size(result.response) <= 50_000 + MARKER_ROOM
+
+
+@needs_cli
+def test_a_claude_answer_over_the_line_cap_fails_naming_the_setting(model: ModelServer) -> None:
+    model.reset()
+    model.push([Text("w" * 300_000)])
+
+    result = claude("huge-answer", "say far too much")
+
+    assert not result.success
+    assert "over CLAUDEBOX_MAX_LINE_BYTES" in (result.error or "")
+    assert size(result.raw_output) <= 200_000 + MARKER_ROOM
+
+
 def test_the_cold_path_reads_a_100_mb_line_in_linear_time_and_bounded_memory(
     tmp_path: Path,
 ) -> None:
     script = f"""
 import json, time
+from collections.abc import Iterator
 from pathlib import Path
 from claudebox_pool.workers.runtimes.base import SandboxSpec
 from claudebox_pool.workers.runtimes.bwrap import BwrapRuntime
