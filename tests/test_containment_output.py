@@ -29,7 +29,8 @@ from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.models import CodeResult
 from claudebox_pool.tasks.settings import Settings, get_settings
 from claudebox_pool.workers import caps
-from claudebox_pool.workers.runtimes.output import cut_marker
+from claudebox_pool.workers.runtimes.output import OutputLimits, cut_marker
+from claudebox_pool.workers.runtimes.supervise import LoopThread, Output, supervise
 from claudebox_pool.workers.workspace_scan import Created
 from tests.conftest import CLAUDE_CLI, WorkerFactory
 from tests.support.model_server import ModelServer, Text
@@ -275,6 +276,31 @@ print(json.dumps({{"s": elapsed, "hwm": int(hwm), "lines": lines, "out": len(don
     assert measured["hwm"] < 100_000  # KB: the interpreter and its imports, no 100 MB line
     assert measured["lines"] == [100_000 + len(cut_marker(99_900_000, "max_line_bytes")), 3]
     assert measured["out"] < 101_000
+
+
+def test_the_vm_path_cuts_a_long_line_as_its_chunks_arrive() -> None:
+    """boxlite hands output over in chunks on its event loop: 10 MB of one line, 64 KB a time."""
+    chunk, chunks = b"v" * 65_536, 160
+
+    async def command(output: Output, stop: asyncio.Event) -> int:
+        for _ in range(chunks):
+            output.put("stdout", chunk)
+        output.put("stdout", "\nend\n")
+        output.end("stdout")
+        output.end("stderr")
+        return 0
+
+    loop = LoopThread()
+    try:
+        started = time.monotonic()
+        result = supervise(loop, command, 30, limits=OutputLimits(line_bytes=1000, tail_bytes=5000))
+        elapsed_s = time.monotonic() - started
+    finally:
+        loop.close()
+
+    cut = len(chunk) * chunks - 1000
+    assert result.stdout == "v" * 1000 + cut_marker(cut, "max_line_bytes") + "\nend\n"
+    assert elapsed_s < 5
 
 
 # --- caps on their own ---------------------------------------------------------------------
