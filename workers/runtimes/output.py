@@ -52,25 +52,27 @@ class LineSplitter:
 
     def feed(self, chunk: bytes | str) -> list[str]:
         data = chunk.encode() if isinstance(chunk, str) else chunk
+        *whole, rest = data.split(b"\n")
         lines: list[str] = []
-        start = 0
-        while (end := data.find(b"\n", start)) != -1:
-            self._take(data, start, end)
+        for piece in whole:
+            if not self._held and not self._cut and len(piece) <= self._limit:
+                # The common case, a short line within one chunk: no buffering at all.
+                lines.append(piece.decode("utf-8", errors="replace") + "\n")
+                continue
+            self._take(piece)
             lines.append(self._line() + "\n")
-            start = end + 1
-        self._take(data, start, len(data))
+        self._take(rest)
         return lines
 
     def flush(self) -> str:
         return self._line() if self._held or self._cut else ""
 
-    def _take(self, data: bytes, start: int, end: int) -> None:
-        room = self._limit - self._held
-        kept = min(room, end - start)
-        if kept > 0:
-            self._parts.append(data[start : start + kept])
+    def _take(self, piece: bytes) -> None:
+        kept = min(self._limit - self._held, len(piece))
+        if kept:
+            self._parts.append(piece[:kept])
             self._held += kept
-        self._cut += end - start - max(kept, 0)
+        self._cut += len(piece) - kept
 
     def _line(self) -> str:
         # "ignore" for a cut line: the cut may split a character, whose remains mean nothing.
