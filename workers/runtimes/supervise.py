@@ -23,6 +23,7 @@ T = TypeVar("T")
 
 POLL_S = 0.1
 KILL_GRACE_S = 10.0
+BACKLOG_POLL_S = 0.01
 """How long a killed command may take to report its end before it is given up on."""
 
 
@@ -58,18 +59,47 @@ class LoopThread:
 
 
 class Output:
-    """Where a running command's output goes: capped lines, queued for the supervising thread."""
+    """Where a running command's output goes: capped lines, queued for the supervising thread.
+
+    The queue cannot block its writer (the private loop, which every command of the runtime
+    shares), so a reader of the command's streams awaits :meth:`room` between chunks instead:
+    the queue then holds at most about ``CLAUDEBOX_MAX_OUTPUT_BYTES`` however slowly the
+    supervising thread takes it.
+    """
 
     def __init__(self, limits: OutputLimits) -> None:
         self.events: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
         self.readers = {name: StreamReader(name, limits) for name in ("stdout", "stderr")}
+        self._backlog_limit = limits.tail_bytes
+        self._backlog = 0
+        self._counting = threading.Lock()
+        self._abandoned = False
 
     def put(self, stream: str, chunk: str | bytes) -> None:
-        for line in self.readers[stream].feed(chunk):
-            self.events.put((stream, line))
+        self._queue(stream, self.readers[stream].feed(chunk))
 
     def end(self, stream: str) -> None:
-        for line in self.readers[stream].end():
+        self._queue(stream, self.readers[stream].end())
+
+    async def room(self) -> None:
+        """Return once the supervising thread has taken enough of the queue."""
+        while self._backlog > self._backlog_limit and not self._abandoned:
+            await asyncio.sleep(BACKLOG_POLL_S)
+
+    def abandon(self) -> None:
+        """The supervising thread reads no more: drop what comes, and never make a reader wait."""
+        self._abandoned = True
+
+    def taken(self, line: str) -> None:
+        with self._counting:
+            self._backlog -= len(line)
+
+    def _queue(self, stream: str, lines: list[str]) -> None:
+        if self._abandoned:
+            return
+        with self._counting:
+            self._backlog += sum(len(line) for line in lines)
+        for line in lines:
             self.events.put((stream, line))
 
 
@@ -117,8 +147,10 @@ def supervise(
         if item is None:
             break
         stream, line = item
+        output.taken(line)
         if on_line is not None:
             on_line(stream, line.rstrip("\n"))
+    output.abandon()
     try:
         exit_code = future.result(timeout=0)
     except (concurrent.futures.CancelledError, TimeoutError):
