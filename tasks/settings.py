@@ -132,7 +132,8 @@ class Settings(BaseSettings):
     max_output_bytes: int = Field(
         default=4_000_000,
         gt=0,
-        description="Agent output kept in a result (`raw_output`); the tail is kept beyond it.",
+        description="Agent output kept of each pipe while it runs, and in a result's "
+        "`raw_output`; beyond it the tail is kept, after a marker saying how much was cut.",
     )
     stream_ttl_s: int = Field(
         default=86400,
