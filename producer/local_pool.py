@@ -215,6 +215,7 @@ def _redis_argv(settings: Settings) -> list[str]:
     argv = [server, str(config)]  # redis-server takes its config file as the first argument
     argv += ["--bind", url.hostname or "127.0.0.1", "--port", str(url.port or 6379)]
     argv += ["--dir", str(directory), "--appendonly", "yes", "--maxmemory-policy", "noeviction"]
+    argv += ["--maxmemory", str(settings.redis_maxmemory_bytes)]
     return argv
 
 

@@ -125,21 +125,36 @@ class AdoptRequest(_Message):
 
 
 class CodeResult(BaseModel):
-    """The outcome of one ``code`` call; the fields of ClaudeBox's result plus the pool's."""
+    """The outcome of one ``code`` call; the fields of ClaudeBox's result plus the pool's.
+
+    Every cap leaves a marker like ``[... 1,234 bytes cut by CLAUDEBOX_<SETTING> ...]``, and
+    the whole, as JSON, is at most CLAUDEBOX_MAX_RESULT_BYTES (raw_output gives way first).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     success: bool
-    response: str
+    response: str = Field(
+        description="The agent's answer, its start kept up to CLAUDEBOX_MAX_RESPONSE_BYTES."
+    )
     exit_code: int
-    raw_output: str
-    error: str | None = None
+    raw_output: str = Field(
+        description="The output's tail, up to CLAUDEBOX_MAX_OUTPUT_BYTES (each pipe's, then "
+        "both together); what was cut is named by a marker line at its start."
+    )
+    error: str | None = Field(
+        default=None, description="Why the run failed, up to CLAUDEBOX_MAX_ERROR_BYTES."
+    )
     duration_s: float
     cost_usd: float = 0.0
     num_turns: int = 0
     session_id: str
     task_id: str = ""
-    files_created: list[str] = Field(default_factory=list)
+    files_created: list[str] = Field(
+        default_factory=list,
+        description="New files by workspace path, up to CLAUDEBOX_MAX_FILES_LISTED names and "
+        "CLAUDEBOX_MAX_FILES_LISTED_BYTES, then one marker entry counting the rest.",
+    )
 
 
 class CleanupResult(BaseModel):

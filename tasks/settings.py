@@ -177,7 +177,8 @@ class Settings(BaseSettings):
     max_output_bytes: int = Field(
         default=4_000_000,
         gt=0,
-        description="Agent output kept in a result (`raw_output`); the tail is kept beyond it.",
+        description="Agent output kept of each pipe while it runs, and in a result's "
+        "`raw_output`; beyond it the tail is kept, after a marker saying how much was cut.",
     )
     stream_ttl_s: int = Field(
         default=86400,
@@ -190,6 +191,54 @@ class Settings(BaseSettings):
         gt=0,
         description="Events kept in one task's live output stream; the oldest are trimmed "
         "beyond it (the result's `raw_output` still holds the output's tail).",
+    )
+    max_line_bytes: int = Field(
+        default=4_000_000,
+        gt=0,
+        description="Longest output line a worker keeps; the rest of a longer line is dropped "
+        "as it is read, and a marker says how many bytes were cut. Claude Code's final "
+        "stream-json line holds the whole answer: keep this above `CLAUDEBOX_MAX_RESPONSE_BYTES`.",
+    )
+    max_response_bytes: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Longest `response` in a result; its start is kept, with a marker.",
+    )
+    max_error_bytes: int = Field(
+        default=64_000,
+        gt=0,
+        description="Longest `error` in a result and in history; its start is kept, with a marker.",
+    )
+    max_files_listed: int = Field(
+        default=1000,
+        gt=0,
+        description="Most names a result and history list in `files_created`; a marker entry "
+        "says how many more there were (`total_files_created` counts them all).",
+    )
+    max_files_listed_bytes: int = Field(
+        default=100_000,
+        gt=0,
+        description="Most bytes of names a result and history list in `files_created`.",
+    )
+    stream_max_bytes: int = Field(
+        default=8_000_000,
+        gt=0,
+        description="Bytes of text one task may put in its live output stream; past it the "
+        "stream says so once and only the end event follows (the result keeps the tail).",
+    )
+    max_result_bytes: int = Field(
+        default=6_000_000,
+        gt=1000,
+        description="Largest result (as JSON) a `code` task stores in Redis; `raw_output`, "
+        "then `response`, are cut to fit. Keep it under Redis's pub/sub output buffer soft "
+        "limit (8 MB), or a producer waiting for the result is disconnected.",
+    )
+    redis_maxmemory_bytes: int = Field(
+        default=1 << 30,
+        gt=0,
+        description="`maxmemory` of the Redis that `claudebox-pool up` starts (no eviction: "
+        "past it Redis refuses writes instead of dropping queued tasks). See the README's "
+        "Deploy section on sizing it.",
     )
     reindex_every_s: int = Field(
         default=3600,

@@ -50,7 +50,8 @@ from claudebox_pool.workers.runtimes.boxlite import (
     probe_host,
     sandbox_error,
 )
-from claudebox_pool.workers.runtimes.supervise import LineSplitter, LoopThread, Output, supervise
+from claudebox_pool.workers.runtimes.output import LineSplitter
+from claudebox_pool.workers.runtimes.supervise import LoopThread, Output, supervise
 from claudebox_pool.workers.store import SessionStore
 from claudebox_pool.workers.sweeps import orphan_sandboxes
 from claudebox_pool.workers.warm.client import KeeperClient
@@ -759,7 +760,7 @@ def test_a_command_that_fails_to_start_raises(loop: LoopThread) -> None:
 
 
 def test_a_line_splitter_keeps_a_partial_line_until_flushed() -> None:
-    splitter = LineSplitter()
+    splitter = LineSplitter(1000)
 
     assert splitter.feed("a\nb") == ["a\n"]
     assert splitter.feed(b"c\n") == ["bc\n"]

@@ -195,34 +195,6 @@ def test_history_of_a_session_without_history_file_is_empty(
 # --- workspace -----------------------------------------------------------------------------------
 
 
-def test_workspace_files_lists_nested_files_and_leaves_git_out(
-    store: SessionStore, created: SessionRecord
-) -> None:
-    ws = store.paths("proj").workspace
-    (ws / "src" / "pkg").mkdir(parents=True)
-    (ws / "src" / "pkg" / "mod.py").write_text("")
-    (ws / "README.md").write_text("")
-    (ws / ".git" / "objects").mkdir(parents=True)
-    (ws / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    (ws / ".gitignore").write_text("")
-
-    assert store.workspace_files("proj") == {"src/pkg/mod.py", "README.md", ".gitignore"}
-
-
-def test_workspace_files_lists_links_without_following_them(
-    store: SessionStore, created: SessionRecord, tmp_path: Path
-) -> None:
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    (outside / "secret.txt").write_text("host data")
-    ws = store.paths("proj").workspace
-    (ws / "to-dir").symlink_to(outside)
-    (ws / "to-file").symlink_to(outside / "secret.txt")
-    (ws / "loop").symlink_to(ws)
-
-    assert store.workspace_files("proj") == {"to-dir", "to-file", "loop"}
-
-
 def test_remove_deletes_a_link_inside_the_workspace_but_not_its_target(
     store: SessionStore, created: SessionRecord, tmp_path: Path
 ) -> None:

@@ -29,7 +29,7 @@ from claudebox_pool.tasks.models import (
     SessionRecord,
     utc_now,
 )
-from claudebox_pool.workers import archive, disk, inputs, registry
+from claudebox_pool.workers import archive, caps, disk, inputs, registry
 from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
@@ -39,6 +39,7 @@ from claudebox_pool.workers.model_access import passage
 from claudebox_pool.workers.runtimes.base import LineSink, SandboxSpec
 from claudebox_pool.workers.store import SessionStore
 from claudebox_pool.workers.streaming import OutputPublisher, announce_running
+from claudebox_pool.workers.workspace_scan import Created, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,10 @@ class _Run:
     outcome: AgentOutcome
     started_at: str
     duration_s: float
+    found: Created
+    """The files the run created: their count, and the names listed (capped)."""
     created: list[str]
+    """The names as the result shows them, with a marker where the list was cut."""
 
 
 def run_code(
@@ -191,7 +195,7 @@ def _run_agent(
     timeout_s = float(
         min(request.timeout_s or ctx.settings.task_time_limit_s, ctx.settings.task_time_limit_s)
     )
-    before = store.workspace_files(request.session_id)
+    before = Snapshot.take(store.paths(request.session_id).workspace)
     started_at = utc_now()
     started = time.monotonic()
     with passage(ctx, request, record) as way_out, _stopped_on_error(ctx, record, lock):
@@ -215,8 +219,9 @@ def _run_agent(
         if way_out is not None:
             outcome = way_out.settle(outcome, request.session_id)
     duration_s = time.monotonic() - started
-    created = sorted(store.workspace_files(request.session_id) - before)
-    return _Run(outcome, started_at, duration_s, created)
+    outcome = caps.outcome(outcome, ctx.settings)
+    found = before.created(ctx.settings.max_files_listed, ctx.settings.max_files_listed_bytes)
+    return _Run(outcome, started_at, duration_s, found, caps.files_listed(found, ctx.settings))
 
 
 def _record_run(
@@ -236,7 +241,7 @@ def _record_run(
             "updated_at": now,
             "last_accessed": now,
             "total_commands": record.total_commands + 1,
-            "total_files_created": record.total_files_created + len(created),
+            "total_files_created": record.total_files_created + run.found.count,
             "total_turns": record.total_turns + outcome.num_turns,
             "total_duration_ms": record.total_duration_ms + int(run.duration_s * 1000),
             "total_cost_usd": record.total_cost_usd + outcome.cost_usd,
@@ -265,7 +270,7 @@ def _record_run(
                 **({"env_keys": sorted(request.env)} if request.env else {}),
             },
         ),
-        *(HistoryEntry(action="file_created", context={"file": name}) for name in created),
+        *(HistoryEntry(action="file_created", context={"file": name}) for name in run.found.listed),
         *(HistoryEntry(action=action, context=context) for action, context in outcome.events),
     ]
     ctx.store.append_history_many(request.session_id, entries, lock.check)
@@ -275,11 +280,11 @@ def _record_run(
 
 def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -> CodeResult:
     outcome = run.outcome
-    return CodeResult(
+    result = CodeResult(
         success=outcome.success,
         response=outcome.response,
         exit_code=outcome.exit_code,
-        raw_output=_tail(outcome.raw_output, ctx.settings.max_output_bytes),
+        raw_output=outcome.raw_output,
         error=outcome.error,
         duration_s=round(run.duration_s, 3),
         cost_usd=outcome.cost_usd,
@@ -288,6 +293,7 @@ def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -
         task_id=task_id,
         files_created=run.created,
     )
+    return caps.fit(result, ctx.settings)
 
 
 def cleanup_session(
@@ -382,10 +388,3 @@ def _recorded_run(store: SessionStore, session_id: str, task_id: str) -> CodeRes
 
 def agent_missing(message: str) -> AgentOutcome:
     return AgentOutcome(success=False, response="", exit_code=127, raw_output="", error=message)
-
-
-def _tail(text: str, limit: int) -> str:
-    data = text.encode()
-    if len(data) <= limit:
-        return text
-    return data[-limit:].decode("utf-8", errors="ignore")

@@ -228,25 +228,6 @@ class SessionStore:
             problem = f"cannot be read by the worker's user ({exc.strerror})"
         raise SessionCorruptedError(session_id, str(workspace), problem)
 
-    def workspace_files(self, session_id: str) -> set[str]:
-        """Relative paths of the regular files and links in the workspace (.git left out)."""
-        workspace = self.paths(session_id).workspace
-        found: set[str] = set()
-        stack = [workspace]
-        while stack:
-            directory = stack.pop()
-            try:
-                entries = list(os.scandir(directory))
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    if entry.name not in IGNORED_IN_WORKSPACE:
-                        stack.append(Path(entry.path))
-                else:
-                    found.add(str(Path(entry.path).relative_to(workspace)))
-        return found
-
     def remove(self, session_id: str, guard: Guard) -> None:
         """Delete the session directory; links inside it are removed, never followed."""
         paths = self.paths(session_id)

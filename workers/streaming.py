@@ -7,8 +7,11 @@ Redis's pace (the readers block, the pipes fill, the command waits), so lines ar
 thread of the publisher sends whatever has gathered in one pipeline, then the next batch. That
 thread starts with the first line: a run that prints nothing sends its end event itself. The
 stream is trimmed to ``CLAUDEBOX_STREAM_MAX_EVENTS`` and expires ``CLAUDEBOX_STREAM_TTL_S``
-after its last event. Publishing is best effort: a Redis error loses live lines, never the
-task (its result keeps the output's tail).
+after its last event. A task puts at most ``CLAUDEBOX_STREAM_MAX_BYTES`` of text in it: past
+that, one event says the stream stops, lines are only counted, and a marker before the end
+event says how many bytes were cut, so that a flood costs Redis a bounded amount. Publishing
+is best effort: a Redis error loses live lines, never the task (its result keeps the output's
+tail).
 """
 
 from __future__ import annotations
@@ -29,10 +32,14 @@ from claudebox_pool.tasks.models import CodeRequest, CodeResult
 from claudebox_pool.tasks.settings import AgentName, Settings
 from claudebox_pool.tasks.streaming import FIELD, StreamEvent, shorten
 from claudebox_pool.workers.agents.stream import live_events
+from claudebox_pool.workers.runtimes.output import cut_marker
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 10.0
+EVENT_OVERHEAD_BYTES = 64
+"""What an event costs in the stream beyond its text (its JSON keys, the entry id)."""
+STREAM_CUT = "stream_max_bytes"
 
 
 _dispatchers: dict[tuple[int, str, str], Any] = {}
@@ -76,6 +83,15 @@ def line_events(agent: AgentName, stream: str, line: str) -> list[StreamEvent]:
     return [StreamEvent(kind="line", stream=pipe, text=shorten(line))]
 
 
+def _stopping_event() -> StreamEvent:
+    return StreamEvent(
+        kind="line",
+        stream="stdout",
+        text="[... live output stops here: over CLAUDEBOX_STREAM_MAX_BYTES; the task runs on "
+        "and its result keeps the output's tail ...]",
+    )
+
+
 class OutputPublisher:
     """A task's live output stream: ``on_line`` is the sandbox exec's line sink."""
 
@@ -87,6 +103,9 @@ class OutputPublisher:
         self._agent = agent
         self._ttl_s = settings.stream_ttl_s
         self._max_events = settings.stream_max_events
+        self._max_bytes = settings.stream_max_bytes
+        self._sent_bytes = 0
+        self._cut_bytes = 0
         # Bounded like the stream itself: what would be trimmed there need not wait here.
         self._pending: deque[StreamEvent] = deque(maxlen=self._max_events)
         self._wake = threading.Condition()
@@ -95,10 +114,24 @@ class OutputPublisher:
         self._sender: threading.Thread | None = None
 
     def on_line(self, stream: str, line: str) -> None:
-        events = line_events(self._agent, stream, line)
         with self._wake:
             if self._closing:
                 return
+            if self._cut_bytes:
+                self._cut_bytes += len(line.encode()) + 1
+                return
+        events = line_events(self._agent, stream, line)
+        size = sum(len(event.text) + EVENT_OVERHEAD_BYTES for event in events)
+        with self._wake:
+            if self._closing:
+                return
+            if self._cut_bytes or self._sent_bytes + size > self._max_bytes:
+                first_cut = not self._cut_bytes
+                self._cut_bytes += len(line.encode()) + 1
+                if not first_cut:
+                    return
+                events = [_stopping_event()]
+            self._sent_bytes += size  # past the cap after a cut: nothing more is sent
             self._pending.extend(events)
             if self._sender is None:
                 self._sender = threading.Thread(
@@ -121,11 +154,15 @@ class OutputPublisher:
                 return
             self._closing = True
             sender = self._sender
+            closing = [last]
+            if self._cut_bytes:
+                text = cut_marker(self._cut_bytes, STREAM_CUT)
+                closing.insert(0, StreamEvent(kind="line", stream="stdout", text=text))
             if sender is not None:
-                self._pending.append(last)
+                self._pending.extend(closing)
                 self._wake.notify()
         if sender is None:
-            self._send([last])
+            self._send(closing)
         else:
             sender.join(CLOSE_TIMEOUT_S)
 

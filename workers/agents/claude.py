@@ -99,6 +99,13 @@ class ClaudeAgent(Agent):
                 why = "cancelled"
             elif result.timed_out:
                 why = f"timed out after {timeout_s:.0f}s"
+            elif summary.cut_lines:
+                why = (
+                    f"the CLI exited {result.exit_code} with no readable result: "
+                    f"{summary.cut_lines} line(s) of its output were over "
+                    "CLAUDEBOX_MAX_LINE_BYTES and cut, the result may be one of them; raise "
+                    "that setting to read answers this long"
+                )
             else:
                 why = f"the CLI exited {result.exit_code} without a result"
             error = why + (f": {stderr_tail}" if stderr_tail else "")

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from claudebox_pool.tasks.streaming import StreamEvent, shorten
+from claudebox_pool.workers.runtimes.output import LINE_CUT, cut_marker
+
+LINE_CUT_END = cut_marker(0, LINE_CUT).split(" bytes", 1)[1]
+"""How a line cut as it was read ends (after its count of cut bytes)."""
 
 
 @dataclass
@@ -22,6 +26,8 @@ class StreamSummary:
     tool_uses: list[dict[str, Any]] = field(default_factory=list)
     result: dict[str, Any] | None = None
     other_lines: list[str] = field(default_factory=list)
+    cut_lines: int = 0
+    """Lines cut at ``CLAUDEBOX_MAX_LINE_BYTES`` as they were read (no longer JSON)."""
 
     @property
     def response(self) -> str:
@@ -38,6 +44,7 @@ def parse_line(summary: StreamSummary, line: str) -> None:
         event = json.loads(line)
     except ValueError:
         summary.other_lines.append(line)
+        summary.cut_lines += line.endswith(LINE_CUT_END)
         return
     if not isinstance(event, dict):
         summary.other_lines.append(line)

@@ -276,6 +276,7 @@ def box_command(box: Any, argv: Sequence[str], env: Mapping[str, str]) -> Comman
     async def pump(stream: Any, name: str, output: Output) -> None:
         async for chunk in stream:
             output.put(name, chunk)
+            await output.room()
         output.end(name)
 
     async def run(output: Output, stop: asyncio.Event) -> int:

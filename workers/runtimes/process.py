@@ -11,40 +11,25 @@ import signal
 import subprocess
 import threading
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import IO
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
-
-OUTPUT_LIMIT_BYTES = 4_000_000
-
-
-class OutputTail:
-    """Keeps the last ``limit`` bytes of a stream's lines."""
-
-    def __init__(self, limit: int) -> None:
-        self.lines: deque[str] = deque()
-        self.size = 0
-        self.limit = limit
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-        self.size += len(line)
-        while self.size > self.limit and len(self.lines) > 1:
-            self.size -= len(self.lines.popleft())
-
-    def text(self) -> str:
-        return "".join(self.lines)
+from claudebox_pool.workers.runtimes.output import READ_BYTES, OutputLimits, StreamReader
 
 
-def _pump(stream: IO[bytes], name: str, into: OutputTail, on_line: LineSink | None) -> None:
-    for raw in iter(stream.readline, b""):
-        line = raw.decode("utf-8", errors="replace")
-        into.add(line)
-        if on_line is not None:
-            on_line(name, line.rstrip("\n"))
-    stream.close()
+def _pump(pipe: IO[bytes], reader: StreamReader, on_line: LineSink | None) -> None:
+    # os.read in chunks, not readline: readline holds a whole line however long it grows.
+    while chunk := os.read(pipe.fileno(), READ_BYTES):
+        _deliver(reader, reader.feed(chunk), on_line)
+    _deliver(reader, reader.end(), on_line)
+    pipe.close()
+
+
+def _deliver(reader: StreamReader, lines: list[str], on_line: LineSink | None) -> None:
+    if on_line is not None:
+        for line in lines:
+            on_line(reader.name, line.rstrip("\n"))
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -81,7 +66,7 @@ def run_process(
     timeout_s: float,
     on_line: LineSink | None = None,
     cancel: threading.Event | None = None,
-    output_limit: int = OUTPUT_LIMIT_BYTES,
+    limits: OutputLimits | None = None,
 ) -> ExecResult:
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -94,10 +79,11 @@ def run_process(
         start_new_session=True,
     )
     assert proc.stdout is not None and proc.stderr is not None
-    out, err = OutputTail(output_limit), OutputTail(output_limit)
+    bounds = limits or OutputLimits.of()
+    out, err = StreamReader("stdout", bounds), StreamReader("stderr", bounds)
     pumps = [
-        threading.Thread(target=_pump, args=(proc.stdout, "stdout", out, on_line), daemon=True),
-        threading.Thread(target=_pump, args=(proc.stderr, "stderr", err, on_line), daemon=True),
+        threading.Thread(target=_pump, args=(pipe, reader, on_line), daemon=True)
+        for pipe, reader in ((proc.stdout, out), (proc.stderr, err))
     ]
     for pump in pumps:
         pump.start()
@@ -118,11 +104,10 @@ def run_process(
         _kill_group(proc)
     for pump in pumps:
         pump.join(timeout=5)
-    stderr = err.text()
     return ExecResult(
         exit_code=proc.returncode,
-        stdout=out.text(),
-        stderr=stderr,
+        stdout=out.tail.text(),
+        stderr=err.tail.text(),
         duration_s=time.monotonic() - started,
         timed_out="timeout" in stopped,
         cancelled="cancel" in stopped,

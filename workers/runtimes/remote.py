@@ -19,14 +19,12 @@ from collections.abc import Mapping, Sequence
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
 from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
-from claudebox_pool.workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
-from claudebox_pool.workers.runtimes.supervise import LineSplitter
+from claudebox_pool.workers.runtimes.output import READ_BYTES, OutputLimits, StreamReader
 
 CANCEL_POLL_S = 0.05
 """How often a run looks at its cancel event (a threading.Event cannot be selected on)."""
 DRAIN_S = 5.0
 """How long output may still be read after the command ended (killed stragglers closing)."""
-READ_BYTES = 1 << 16
 
 
 class SandboxGoneError(Exception):
@@ -35,21 +33,17 @@ class SandboxGoneError(Exception):
 
 
 class _Stream:
-    def __init__(self, name: str, fd: int, limit: int) -> None:
-        self.name, self.fd = name, fd
-        self.tail = OutputTail(limit)
-        self.splitter = LineSplitter()
+    def __init__(self, name: str, fd: int, limits: OutputLimits) -> None:
+        self.fd = fd
+        self.reader = StreamReader(name, limits)
 
     def read(self, on_line: LineSink | None) -> bool:
         """Take what the pipe holds; False at its end."""
         chunk = os.read(self.fd, READ_BYTES)
-        lines = self.splitter.feed(chunk) if chunk else []
-        if not chunk and (rest := self.splitter.flush()):
-            lines.append(rest)
-        for line in lines:
-            self.tail.add(line)
-            if on_line is not None:
-                on_line(self.name, line.rstrip("\n"))
+        lines = self.reader.feed(chunk) if chunk else self.reader.end()
+        if on_line is not None:
+            for line in lines:
+                on_line(self.reader.name, line.rstrip("\n"))
         return bool(chunk)
 
 
@@ -61,13 +55,13 @@ def run_remote(
     timeout_s: float,
     on_line: LineSink | None = None,
     cancel: threading.Event | None = None,
-    output_limit: int = OUTPUT_LIMIT_BYTES,
+    limits: OutputLimits | None = None,
 ) -> ExecResult:
     """Run ``argv`` in the sandbox behind ``control``; SandboxGoneError if it is not there."""
     started = time.monotonic()
     pipes = [os.pipe(), os.pipe()]
     streams = [
-        _Stream(name, read_end, output_limit)
+        _Stream(name, read_end, limits or OutputLimits.of())
         for name, (read_end, _) in zip(("stdout", "stderr"), pipes, strict=True)
     ]
     try:
@@ -118,7 +112,7 @@ def _follow(
                 drain_until = time.monotonic() + DRAIN_S
             elif not open_streams[fd].read(on_line):
                 del open_streams[fd]
-    stdout, stderr = (stream.tail.text() for stream in streams)
+    stdout, stderr = (stream.reader.tail.text() for stream in streams)
     return ExecResult(
         exit_code=-signal.SIGKILL if exit_code is None else exit_code,
         stdout=stdout,

@@ -8,7 +8,6 @@ deadline and the cancel event exactly as :func:`workers.runtimes.process.run_pro
 from __future__ import annotations
 
 import asyncio
-import codecs
 import concurrent.futures
 import queue
 import signal
@@ -18,12 +17,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
-from claudebox_pool.workers.runtimes.process import OUTPUT_LIMIT_BYTES, OutputTail
+from claudebox_pool.workers.runtimes.output import OutputLimits, StreamReader
 
 T = TypeVar("T")
 
 POLL_S = 0.1
 KILL_GRACE_S = 10.0
+BACKLOG_POLL_S = 0.01
 """How long a killed command may take to report its end before it is given up on."""
 
 
@@ -58,38 +58,49 @@ class LoopThread:
             self._loop.close()
 
 
-class LineSplitter:
-    """Turns the chunks a stream yields (str or bytes, cut anywhere) into whole lines."""
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._partial = ""
-
-    def feed(self, chunk: str | bytes) -> list[str]:
-        text = chunk if isinstance(chunk, str) else self._decoder.decode(chunk)
-        *lines, self._partial = (self._partial + text).split("\n")
-        return [line + "\n" for line in lines]
-
-    def flush(self) -> str:
-        rest, self._partial = self._partial + self._decoder.decode(b"", final=True), ""
-        return rest
-
-
 class Output:
-    """Where a running command's output goes: whole lines, queued for the supervising thread."""
+    """Where a running command's output goes: capped lines, queued for the supervising thread.
 
-    def __init__(self) -> None:
+    The queue cannot block its writer (the private loop, which every command of the runtime
+    shares), so a reader of the command's streams awaits :meth:`room` between chunks instead:
+    the queue then holds at most about ``CLAUDEBOX_MAX_OUTPUT_BYTES`` however slowly the
+    supervising thread takes it.
+    """
+
+    def __init__(self, limits: OutputLimits) -> None:
         self.events: queue.SimpleQueue[tuple[str, str] | None] = queue.SimpleQueue()
-        self._splitters = {"stdout": LineSplitter(), "stderr": LineSplitter()}
+        self.readers = {name: StreamReader(name, limits) for name in ("stdout", "stderr")}
+        self._backlog_limit = limits.tail_bytes
+        self._backlog = 0
+        self._counting = threading.Lock()
+        self._abandoned = False
 
     def put(self, stream: str, chunk: str | bytes) -> None:
-        for line in self._splitters[stream].feed(chunk):
-            self.events.put((stream, line))
+        self._queue(stream, self.readers[stream].feed(chunk))
 
     def end(self, stream: str) -> None:
-        rest = self._splitters[stream].flush()
-        if rest:
-            self.events.put((stream, rest))
+        self._queue(stream, self.readers[stream].end())
+
+    async def room(self) -> None:
+        """Return once the supervising thread has taken enough of the queue."""
+        while self._backlog > self._backlog_limit and not self._abandoned:
+            await asyncio.sleep(BACKLOG_POLL_S)
+
+    def abandon(self) -> None:
+        """The supervising thread reads no more: drop what comes, and never make a reader wait."""
+        self._abandoned = True
+
+    def taken(self, line: str) -> None:
+        with self._counting:
+            self._backlog -= len(line)
+
+    def _queue(self, stream: str, lines: list[str]) -> None:
+        if self._abandoned:
+            return
+        with self._counting:
+            self._backlog += sum(len(line) for line in lines)
+        for line in lines:
+            self.events.put((stream, line))
 
 
 Command = Callable[[Output, asyncio.Event], Coroutine[Any, Any, int]]
@@ -103,15 +114,14 @@ def supervise(
     timeout_s: float,
     on_line: LineSink | None = None,
     cancel: threading.Event | None = None,
-    output_limit: int = OUTPUT_LIMIT_BYTES,
+    limits: OutputLimits | None = None,
 ) -> ExecResult:
     """Run ``command`` on ``loop``, deliver its lines here, stop it at the deadline or cancel."""
     started = time.monotonic()
-    output = Output()
+    output = Output(limits or OutputLimits.of())
     stop = asyncio.Event()
     future = loop.submit(command(output, stop))
     future.add_done_callback(lambda _: output.events.put(None))
-    out, err = OutputTail(output_limit), OutputTail(output_limit)
     deadline = started + timeout_s
     timed_out = cancelled = False
     give_up_at: float | None = None
@@ -137,18 +147,18 @@ def supervise(
         if item is None:
             break
         stream, line = item
-        (out if stream == "stdout" else err).add(line)
+        output.taken(line)
         if on_line is not None:
             on_line(stream, line.rstrip("\n"))
+    output.abandon()
     try:
         exit_code = future.result(timeout=0)
     except (concurrent.futures.CancelledError, TimeoutError):
         exit_code = -signal.SIGKILL
-    stderr = err.text()
     return ExecResult(
         exit_code=exit_code,
-        stdout=out.text(),
-        stderr=stderr,
+        stdout=output.readers["stdout"].tail.text(),
+        stderr=output.readers["stderr"].tail.text(),
         duration_s=time.monotonic() - started,
         timed_out=timed_out,
         cancelled=cancelled,
