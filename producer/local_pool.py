@@ -234,9 +234,8 @@ def _with_generated_password(settings: Settings) -> Settings:
     password_file = settings.local_redis_password_file
     password_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_private(password_file, secrets.token_urlsafe(32))
-    return Settings(
-        home=settings.home, broker_url=settings.broker_url, result_backend=settings.result_backend
-    )
+    # Built again, every field as given, so that the validator adds the password to the URLs.
+    return Settings(**settings.model_dump())
 
 
 def _child_env(settings: Settings, drop: tuple[str, ...] = ()) -> dict[str, str]:

@@ -23,7 +23,7 @@ import redis
 import yaml
 
 from claudebox_pool import ClaudeBox
-from claudebox_pool.producer.local_pool import _redis_argv
+from claudebox_pool.producer.local_pool import _redis_argv, _with_generated_password
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.models import CodeResult
@@ -362,16 +362,18 @@ def answers(client: redis.Redis) -> bool:
 
 def test_the_redis_that_up_starts_has_maxmemory_with_noeviction(tmp_path: Path) -> None:
     port = free_port()
-    settings = Settings(
-        home=tmp_path,
-        broker_url=f"redis://127.0.0.1:{port}/0",
-        redis_maxmemory_bytes=123 * MB,
+    settings = _with_generated_password(
+        Settings(
+            home=tmp_path,
+            broker_url=f"redis://127.0.0.1:{port}/0",
+            redis_maxmemory_bytes=123 * MB,
+        )
     )
     server = subprocess.Popen(
         _redis_argv(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        client = redis.Redis(port=port)
+        client = redis.Redis.from_url(settings.broker_url)
         wait_for(lambda: answers(client), 10, "the Redis of up to answer")
         config = client.config_get("maxmemory*")
     finally:
