@@ -316,7 +316,7 @@ def _try(
     if not usable:
         return None
     shown = ", ".join(f"{controller} at {base}" for controller, base in usable.items())
-    return Backend(version, usable, f"cgroup v{version}: {shown}")
+    return Backend(version, usable, shown)
 
 
 def _delegate(base: Path) -> None:
@@ -420,6 +420,5 @@ def report(settings: Settings) -> list[str]:
         + f", measured every {settings.disk_watch_s:g}s; RLIMIT_FSIZE caps one file",
         "core dumps: RLIMIT_CORE=0",
     ]
-    if not by:
-        lines.append(f"cgroups unavailable: {found.reason}")
+    lines.append(f"cgroups: {found.name}: {found.reason}")
     return lines

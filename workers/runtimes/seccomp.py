@@ -148,8 +148,10 @@ def program_fd() -> int:
     return fd
 
 
-def report() -> str:
-    """What `claudebox-pool doctor` says of the filter."""
+def report(on: bool) -> str:
+    """What `claudebox-pool doctor` says of the filter (``on``: CLAUDEBOX_SECCOMP)."""
+    if not on:
+        return "seccomp: off (CLAUDEBOX_SECCOMP=false)"
     try:
         size = len(program())
     except (OSError, RuntimeError) as exc:
