@@ -122,7 +122,7 @@ class Group:
                 except OSError as exc:
                     if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                         break
-                    time.sleep(0.01)  # killed members leave the cgroup as they are reaped
+                    time.sleep(0.001)  # killed members leave the cgroup as they are reaped
 
 
 class Confinement:
