@@ -130,6 +130,39 @@ def test_a_disk_flood_is_stopped_during_the_run_at_the_session_quota(
     assert outcome[0].duration_s < 20
 
 
+@needs_cgroups
+@pytest.mark.usefixtures("clean_state")
+def test_what_tmp_holds_counts_toward_the_session_quota(limited_pool: list[Worker]) -> None:
+    # 30 MB in the workspace is under the quota; with 12 MiB in /tmp the session is over it.
+    prompt = "head -c 30000000 /dev/zero > a; head -c 12M /dev/zero > /tmp/t; sleep 30"
+
+    outcome = flood_then_recover(prompt)
+
+    assert_contained(outcome, "CLAUDEBOX_SESSION_DISK_BYTES", limited_pool[0])
+    assert outcome[0].duration_s < 20
+
+
+@needs_cgroups
+@pytest.mark.usefixtures("limited_pool", "clean_state")
+def test_a_warm_sandboxs_cgroup_is_removed_with_the_sandbox() -> None:
+    def groups() -> list[Path]:
+        return [
+            path
+            for base in limits.backend().base.values()
+            for path in base.glob(f"{limits.PREFIX}*-{limits.WARM}-kept")
+        ]
+
+    async def scenario() -> None:
+        async with ClaudeBox(session_id="kept") as box:
+            assert (await box.code("sleep 0")).success
+            assert len(groups()) == len(limits.backend().base)
+            await ClaudeBox.cleanup_session("kept", remove_workspace=True)
+
+    asyncio.run(scenario())
+
+    wait_for(lambda: not groups(), 10, "the warm sandbox's cgroup removed")
+
+
 @pytest.mark.usefixtures("limited_pool", "clean_state")
 def test_the_seccomp_filter_refuses_a_new_user_namespace_in_the_warm_sandbox() -> None:
     async def scenario() -> CodeResult:
