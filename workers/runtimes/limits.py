@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import Settings
 from claudebox_pool.workers.runtimes.base import SandboxSpec
 
@@ -205,7 +206,14 @@ def confine(spec: SandboxSpec, settings: Settings, kind: str) -> Confinement:
     group = None
     if found.base:
         name = group_name(spec.session_id, os.getpid(), kind)
-        group = found.create(name, limits)
+        try:
+            group = found.create(name, limits)
+        except OSError as exc:
+            # Never a sandbox without the limits the worker said it enforces.
+            raise SandboxError(
+                f"the sandbox of session '{spec.session_id}' cannot get its cgroup {name} "
+                f"({exc.strerror or exc}); see the worker's cgroups with `claudebox-pool doctor`"
+            ) from exc
     return Confinement(limits, group)
 
 

@@ -52,6 +52,7 @@ from redis.exceptions import RedisError
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import text
+from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import Settings
 from claudebox_pool.workers.runtimes import limits, seccomp
 from claudebox_pool.workers.runtimes.base import Runtime, Sandbox, SandboxSpec
@@ -330,7 +331,7 @@ class Keeper:
             return Warm(spec, keeper_end, bound, sandbox=sandbox, server=server_end)
         try:
             process, confinement = self._spawner.submit(self._spawn, spec, server_end).result()
-        except OSError as exc:
+        except (OSError, SandboxError) as exc:
             keeper_end.close()
             raise WarmError(f"cannot start a warm sandbox: {exc}") from exc
         finally:
