@@ -306,13 +306,13 @@ def _try(
     version: int,
     bases: dict[str, Path],
     tried: list[str],
-    prepare: Callable[[Path], None] | None,
+    prepare: Callable[[str, Path], None] | None,
 ) -> Backend | None:
     usable = {}
     for controller, base in bases.items():
         try:
             if prepare is not None:
-                prepare(base)
+                prepare(controller, base)
             _sweep(base)
             probe = base / f"{PREFIX}{os.getpid()}-probe"
             probe.mkdir(exist_ok=True)
@@ -327,14 +327,12 @@ def _try(
     return Backend(version, usable, shown)
 
 
-def _delegate(base: Path) -> None:
-    """Enable the controllers for the worker's children (v2); fails (EBUSY) where the worker's
+def _delegate(controller: str, base: Path) -> None:
+    """Enable ``controller`` for the worker's children (v2); fails (EBUSY) where the worker's
     own cgroup holds processes, which v2 allows no children with controllers beside."""
-    available = (base / "cgroup.controllers").read_text().split()
-    missing = [name for name in CONTROLLERS if name not in available]
-    if missing:
-        raise OSError(errno.ENOTSUP, f"controllers {', '.join(missing)} not delegated here")
-    (base / "cgroup.subtree_control").write_text(" ".join(f"+{n}" for n in CONTROLLERS))
+    if controller not in (base / "cgroup.controllers").read_text().split():
+        raise OSError(errno.ENOTSUP, "not delegated to the worker's cgroup")
+    (base / "cgroup.subtree_control").write_text(f"+{controller}")
 
 
 def _sweep(base: Path) -> None:
