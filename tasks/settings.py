@@ -258,7 +258,8 @@ class Settings(BaseSettings):
         default=1.0,
         gt=0,
         description="How often a running task's disk use (its session, the sessions root's "
-        "limit and free space) is measured; a task past a limit is stopped at the next check.",
+        "limit and free space) is measured (less often for a session whose walk takes longer "
+        "than a tenth of it); a task past a limit is stopped at the next check.",
     )
     seccomp: bool = Field(
         default=True,

@@ -13,6 +13,7 @@ RLIMIT_FSIZE (:mod:`workers.runtimes.limits`) stops a single file at the quota.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +27,8 @@ from claudebox_pool.workers.store import SessionStore
 
 CANCEL_POLL_S = 0.05
 """How soon the caller's cancel reaches the command through the watch."""
+WATCH_CPU_SHARE = 0.1
+"""Most of a core the periodic measuring may take, whatever the session's size."""
 
 
 class DiskWatch:
@@ -74,15 +77,19 @@ class DiskWatch:
             # The other sessions, measured once: the limit then costs one walk per run.
             total = disk.usage(self.settings, self.store).total_bytes
             self._others = max(total - self._start, 0)
-        elapsed, period = 0.0, self.settings.disk_watch_s
+        period = self.settings.disk_watch_s
+        due = time.monotonic() + period
         while not self._done.wait(CANCEL_POLL_S):
             if self._cancel is not None and self._cancel.is_set():
                 self.stop.set()
-            elapsed += CANCEL_POLL_S
-            if elapsed >= period:
-                elapsed = 0.0
-                if self._check():
-                    return
+            began = time.monotonic()
+            if began < due:
+                continue
+            if self._check():
+                return
+            # A session of many files is walked less often: the watch keeps to a share of a core.
+            took = time.monotonic() - began
+            due = time.monotonic() + max(period, took / WATCH_CPU_SHARE)
 
     def _used(self) -> int:
         seen: set[tuple[int, int]] = set()

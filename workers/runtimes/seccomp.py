@@ -157,6 +157,6 @@ def report(on: bool) -> str:
     except (OSError, RuntimeError) as exc:
         return f"seccomp: cannot be built here ({exc}); is libseccomp2 installed?"
     return (
-        f"seccomp: {len(DENIED) + len(UNSUPPORTED) + 3} kinds of system call denied "
-        f"(libseccomp, {size // 8} BPF instructions)"
+        f"seccomp: {len(DENIED) + len(UNSUPPORTED) + 3} system calls denied or restricted "
+        f"(libseccomp, {size // 8} BPF instructions; the list: workers/runtimes/seccomp.py)"
     )
