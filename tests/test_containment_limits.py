@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +26,7 @@ from claudebox_pool.workers.runtimes import limits
 from claudebox_pool.workers.runtimes.base import SandboxSpec
 from claudebox_pool.workers.runtimes.bwrap import BwrapSandbox
 from tests.conftest import WorkerFactory
-from tests.support.processes import Worker, claudebox_pool, wait_for
+from tests.support.processes import REPO, Worker, claudebox_pool, wait_for
 
 MEMORY_MIB = 96
 PIDS_MAX = 48
@@ -186,6 +189,30 @@ def test_doctor_says_what_enforces_each_limit() -> None:
     assert f"limit: processes {PIDS_MAX}:" in done.stdout
     assert f"limit: /tmp {TMP_MIB} MiB: tmpfs size" in done.stdout
     assert "limit: seccomp: " in done.stdout and "denied" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="no setpriv to run as another user")
+def test_a_worker_that_may_not_use_cgroups_falls_back_to_rlimits_and_says_so() -> None:
+    script = (
+        "from claudebox_pool.workers.runtimes import limits\n"
+        "from claudebox_pool.tasks.settings import Settings\n"
+        "print('\\n'.join(limits.report(Settings(memory_mib=300))))\n"
+    )
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+    done = subprocess.run(
+        [*nobody, sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "memory 300 MiB: not enforced" in done.stdout
+    assert "cgroups: none: " in done.stdout
+    assert "core dumps: RLIMIT_CORE=0" in done.stdout
 
 
 # --- the cold path, by the runtime ------------------------------------------------------------
