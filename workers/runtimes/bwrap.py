@@ -12,6 +12,9 @@ under the host's own Python, which sees the same read-only system as any command
 are then sent to it and the sandbox start is paid once per session, not per task. A warm
 sandbox's ``/tmp`` lives as long as the sandbox. Where the keeper cannot serve (warm sandboxes
 off, no Python under /usr, a run that needs the model gateway), the sandbox is cold.
+
+Every sandbox, cold or warm, runs in a cgroup of its own with rlimits (:mod:`.limits`), a sized
+/tmp, and the seccomp filter of :mod:`.seccomp`.
 """
 
 from __future__ import annotations
