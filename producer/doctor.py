@@ -78,6 +78,8 @@ def doctor_report(out: Console) -> bool:
         )
         if info.warm:
             out.print(f"  {' ' * len(name)}  warm sandboxes: {info.warm}", highlight=False)
+        for line in info.containment:
+            out.print(f"  {' ' * len(name)}  limit: {line}", highlight=False)
     return True
 
 

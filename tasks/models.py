@@ -233,6 +233,8 @@ class WorkerInfo(BaseModel):
     claude_version: str | None = None
     warm: str | None = None
     """Whether and how the worker keeps sandboxes warm between a session's tasks."""
+    containment: list[str] = []
+    """What bounds a sandbox here and what enforces each bound, one line each."""
     started_at: str = Field(default_factory=utc_now)
 
 

@@ -342,7 +342,41 @@ class Settings(BaseSettings):
         default=2048, gt=0, description="Default memory of a session's sandbox (MiB)."
     )
     disk_size_gb: int = Field(
-        default=10, gt=0, description="Default disk of a session's micro-VM (GB)."
+        default=10,
+        gt=0,
+        description="Default disk of a session's micro-VM (GB); on bwrap, the session's disk "
+        "quota unless CLAUDEBOX_SESSION_DISK_BYTES is set.",
+    )
+    pids_max: int = Field(
+        default=512,
+        gt=0,
+        description="Most processes and threads one sandbox may run at once (bwrap: cgroup pids "
+        "controller; RLIMIT_NPROC where sandboxes run as their own uid).",
+    )
+    tmp_size_mib: int = Field(
+        default=512,
+        gt=0,
+        description="Size of a bwrap sandbox's /tmp (a tmpfs: held in memory, so within its "
+        "memory limit too, and counted in its session's disk use).",
+    )
+    session_disk_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description="Most bytes one session may hold: its directory, its /tmp and its model "
+        "gateway lease, checked while a task runs; past it the task is stopped with "
+        "DiskFullError. Unset: the session's disk_size_gb.",
+    )
+    disk_watch_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often a running task's disk use (its session, the sessions root's "
+        "limit and free space) is measured (less often for a session whose walk takes longer "
+        "than a tenth of it); a task past a limit is stopped at the next check.",
+    )
+    seccomp: bool = Field(
+        default=True,
+        description="Whether bwrap sandboxes get the seccomp filter that denies the system calls "
+        "an agent never needs (mount, ptrace, bpf, kexec, new user namespaces ...).",
     )
     boxlite_image: str | None = Field(
         default=None,

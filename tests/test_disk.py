@@ -79,7 +79,10 @@ def test_a_task_in_a_full_sessions_root_fails_with_disk_full_naming_the_largest(
         async with ClaudeBox(session_id="hog") as hog, ClaudeBox(session_id="tiny") as tiny:
             assert (await hog.code("head -c 2000000 /dev/urandom > a")).success
             assert (await tiny.code("echo small > s")).success
-            assert (await hog.code("head -c 2000000 /dev/urandom > b")).success
+            # Past the limit during its run: stopped then, not left to fill the disk.
+            stopped = await hog.code("head -c 2000000 /dev/urandom > b")
+            assert not stopped.success
+            assert stopped.error is not None and "CLAUDEBOX_MAX_SESSIONS_BYTES" in stopped.error
             await tiny.code("echo more >> s")
 
     with pytest.raises(DiskFullError) as raised:

@@ -24,10 +24,11 @@ from celery.worker import WorkController
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.models import WorkerInfo
-from claudebox_pool.tasks.settings import find_cli, unknown_variables
+from claudebox_pool.tasks.settings import Settings, find_cli, unknown_variables
 from claudebox_pool.workers import affinity, jobs, registry, shutdown  # noqa: F401
 from claudebox_pool.workers.agents.claude import cli_version
 from claudebox_pool.workers.context import context
+from claudebox_pool.workers.runtimes import limits, seccomp
 from claudebox_pool.workers.runtimes.auto import choose
 from claudebox_pool.workers.warm import rescue
 from claudebox_pool.workers.warm import setup as warm_setup
@@ -92,7 +93,16 @@ def describe(hostname: str) -> WorkerInfo:
         claude_cli=str(cli) if cli else None,
         claude_version=cli_version(cli) if cli else None,
         warm=warm_setup.describe(),
+        containment=containment(choice.runtime.name, ctx.settings),
     )
+
+
+def containment(runtime: str, settings: Settings) -> list[str]:
+    if runtime == "bwrap":
+        return [*limits.report(settings), seccomp.report(settings.seccomp)]
+    if runtime == "boxlite":
+        return ["a micro-VM per session: its memory, vCPUs and disk bound it"]
+    return ["none: the local runtime runs commands as plain host processes"]
 
 
 @signals.worker_process_shutdown.connect

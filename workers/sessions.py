@@ -34,9 +34,10 @@ from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.delivery import counted_delivery, session_lock
+from claudebox_pool.workers.disk_watch import DiskWatch
 from claudebox_pool.workers.lock import SessionLock
 from claudebox_pool.workers.model_access import passage
-from claudebox_pool.workers.runtimes.base import LineSink, SandboxSpec
+from claudebox_pool.workers.runtimes.base import ExecResult, LineSink, SandboxSpec
 from claudebox_pool.workers.store import SessionStore
 from claudebox_pool.workers.streaming import OutputPublisher, announce_running
 from claudebox_pool.workers.workspace_scan import Created, Snapshot
@@ -201,19 +202,16 @@ def _run_agent(
     with passage(ctx, request, record) as way_out, _stopped_on_error(ctx, record, lock):
         extra = agent.mounts() + ((way_out.mount,) if way_out else ())
         spec = dataclasses.replace(spec, mounts=spec.mounts + extra)
+        watch = DiskWatch(ctx.settings, store, spec, cancel if cancel is not None else lock.lost)
         try:
-            with ctx.runtime.open(spec) as sandbox:
+            with ctx.runtime.open(spec) as sandbox, watch.watching(sandbox):
                 invocation = agent.invocation(request, record, sandbox)
                 if way_out is not None:
                     invocation = way_out.wrap(invocation, sandbox)
                 executed = sandbox.exec(
-                    invocation.argv,
-                    invocation.env,
-                    timeout_s,
-                    on_line=on_line,
-                    cancel=cancel if cancel is not None else lock.lost,
+                    invocation.argv, invocation.env, timeout_s, on_line=on_line, cancel=watch.stop
                 )
-            outcome = agent.outcome(executed, timeout_s)
+            outcome = _contained(agent.outcome(executed, timeout_s), executed, watch)
         except FileNotFoundError as exc:
             outcome = agent_missing(str(exc))
         if way_out is not None:
@@ -384,6 +382,17 @@ def _recorded_run(store: SessionStore, session_id: str, task_id: str) -> CodeRes
                 }
             )
     return None
+
+
+def _contained(outcome: AgentOutcome, executed: ExecResult, watch: DiskWatch) -> AgentOutcome:
+    """A run stopped at a sandbox limit failed, whatever its exit code, and says which."""
+    if watch.breach is not None:
+        error = f"{type(watch.breach).__name__}: {watch.breach}"
+    elif executed.limit is not None:
+        error = executed.limit
+    else:
+        return outcome
+    return dataclasses.replace(outcome, success=False, error=error)
 
 
 def agent_missing(message: str) -> AgentOutcome:

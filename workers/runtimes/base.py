@@ -82,6 +82,9 @@ class ExecResult:
     duration_s: float
     timed_out: bool = False
     cancelled: bool = False
+    limit: str | None = None
+    """The sandbox limit the command crossed (memory, processes, /tmp), in words naming its
+    setting; None if it crossed none, or the runtime cannot tell."""
 
     @property
     def stderr_tail(self) -> list[str]:
@@ -118,6 +121,11 @@ class Sandbox(ABC):
         Output is read from both pipes as it comes; at ``timeout_s`` or when ``cancel`` is set
         the command and everything it started are killed.
         """
+
+    def tmp_bytes(self) -> int:
+        """What the sandbox's /tmp holds now, counted in its session's disk use while a
+        command runs (0 where the runtime cannot tell, or /tmp is on the sandbox's own disk)."""
+        return 0
 
     def path_of(self, mount: Mount) -> str:
         """Where the sandbox's processes see ``mount``."""
@@ -168,9 +176,10 @@ class Runtime(ABC):
         """A sandbox for one task of ``spec.session_id``."""
 
     @classmethod
-    def warm_command(cls) -> Callable[[SandboxSpec, int], list[str]] | None:
+    def warm_command(cls) -> Callable[[SandboxSpec, int, int | None], list[str]] | None:
         """How to start a warm sandbox running the exec server on an inherited descriptor
-        (:mod:`workers.warm`), or None where this runtime keeps no warm sandboxes."""
+        (:mod:`workers.warm`), with the seccomp program on the other one if not None, or None
+        where this runtime keeps no warm sandboxes."""
         return None
 
     def remove(self, session_id: str) -> bool:

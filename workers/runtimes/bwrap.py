@@ -12,6 +12,9 @@ under the host's own Python, which sees the same read-only system as any command
 are then sent to it and the sandbox start is paid once per session, not per task. A warm
 sandbox's ``/tmp`` lives as long as the sandbox. Where the keeper cannot serve (warm sandboxes
 off, no Python under /usr, a run that needs the model gateway), the sandbox is cold.
+
+Every sandbox, cold or warm, runs in a cgroup of its own with rlimits (:mod:`.limits`), a sized
+/tmp, and the seccomp filter of :mod:`.seccomp`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
-from claudebox_pool.workers.runtimes import exec_server
+from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers.runtimes import exec_server, limits, seccomp
 from claudebox_pool.workers.runtimes.base import (
     AGENT_HOME,
     WORKSPACE,
@@ -37,6 +41,7 @@ from claudebox_pool.workers.runtimes.base import (
     Sandbox,
     SandboxSpec,
 )
+from claudebox_pool.workers.runtimes.limits import Confinement
 from claudebox_pool.workers.runtimes.process import run_process
 from claudebox_pool.workers.warm import client as warm_client
 from claudebox_pool.workers.warm.keeper import WarmError
@@ -60,7 +65,10 @@ def system_args() -> list[str]:
     return args
 
 
-def bwrap_argv(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
+def bwrap_argv(
+    spec: SandboxSpec, argv: Sequence[str], seccomp_fd: int | None = None, tmp_bytes: int = 0
+) -> list[str]:
+    """``tmp_bytes``: the size of /tmp (0: the tmpfs default, half the host's memory)."""
     args = [
         "bwrap",
         "--unshare-all",
@@ -71,6 +79,7 @@ def bwrap_argv(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
         "/proc",
         "--dev",
         "/dev",
+        *(["--size", str(tmp_bytes)] if tmp_bytes else []),
         "--tmpfs",
         "/tmp",  # noqa: S108  (the sandbox's own private tmpfs, not the host's /tmp)
         "--bind",
@@ -82,10 +91,16 @@ def bwrap_argv(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
     ]
     for mount in spec.mounts:
         args += ["--ro-bind" if mount.read_only else "--bind", str(mount.host), mount.guest]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
     return [*args, "--chdir", WORKSPACE, "--", *argv]
 
 
 class BwrapSandbox(Sandbox):
+    def __init__(self, spec: SandboxSpec) -> None:
+        super().__init__(spec)
+        self._confinement: Confinement | None = None
+
     def exec(
         self,
         argv: Sequence[str],
@@ -94,9 +109,32 @@ class BwrapSandbox(Sandbox):
         on_line: LineSink | None = None,
         cancel: threading.Event | None = None,
     ) -> ExecResult:
-        return run_process(
-            bwrap_argv(self.spec, argv), env, str(self.spec.workspace), timeout_s, on_line, cancel
-        )
+        settings = get_settings()
+        self._confinement = confinement = limits.confine(self.spec, settings, limits.COLD)
+        program = seccomp.program_fd() if settings.seccomp else None
+        try:
+            command = bwrap_argv(self.spec, argv, program, confinement.limits.tmp_bytes)
+            result = run_process(
+                command,
+                env,
+                str(self.spec.workspace),
+                timeout_s,
+                on_line,
+                cancel,
+                preexec=confinement.enter,
+                pass_fds=() if program is None else (program,),
+            )
+            result.limit = confinement.breach()
+            return result
+        finally:
+            if program is not None:
+                os.close(program)
+            self._confinement = None
+            confinement.close()
+
+    def tmp_bytes(self) -> int:
+        confinement = self._confinement
+        return confinement.tmp_bytes() if confinement is not None else 0
 
 
 class BwrapRuntime(Runtime):
@@ -110,13 +148,15 @@ class BwrapRuntime(Runtime):
         return _probe()
 
     @classmethod
-    def warm_command(cls) -> Callable[[SandboxSpec, int], list[str]] | None:
+    def warm_command(cls) -> Callable[[SandboxSpec, int, int | None], list[str]] | None:
         interpreter = _interpreter()
         if interpreter is None:
             return None
 
-        def command(spec: SandboxSpec, fd: int) -> list[str]:
-            return bwrap_argv(spec, [interpreter, "-I", "-S", "-c", _server_source(), str(fd)])
+        def command(spec: SandboxSpec, fd: int, seccomp_fd: int | None) -> list[str]:
+            server = [interpreter, "-I", "-S", "-c", _server_source(), str(fd)]
+            tmp_bytes = get_settings().tmp_size_mib * limits.MIB
+            return bwrap_argv(spec, server, seccomp_fd, tmp_bytes)
 
         return command
 

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
@@ -67,7 +67,12 @@ def run_process(
     on_line: LineSink | None = None,
     cancel: threading.Event | None = None,
     limits: OutputLimits | None = None,
+    *,
+    preexec: Callable[[], None] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> ExecResult:
+    """``preexec`` runs in the child before exec (joining a cgroup, setting rlimits);
+    ``pass_fds`` are inherited by the command (bwrap's ``--seccomp`` program)."""
     started = time.monotonic()
     proc = subprocess.Popen(
         list(argv),
@@ -77,6 +82,8 @@ def run_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=preexec,
+        pass_fds=tuple(pass_fds),
     )
     assert proc.stdout is not None and proc.stderr is not None
     bounds = limits or OutputLimits.of()

@@ -52,16 +52,20 @@ from redis.exceptions import RedisError
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import text
+from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers.runtimes import limits, seccomp
 from claudebox_pool.workers.runtimes.base import Runtime, Sandbox, SandboxSpec
 from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
+from claudebox_pool.workers.runtimes.limits import Confinement
 from claudebox_pool.workers.warm.held import serve_sandbox
 from claudebox_pool.workers.warm.protocol import Reply, Request, WarmSpec
 
 log = logging.getLogger(__name__)
 
-SandboxCommand = Callable[[SandboxSpec, int], list[str]]
-"""The command that starts a sandbox for a spec, running the exec server on the given fd."""
+SandboxCommand = Callable[[SandboxSpec, int, int | None], list[str]]
+"""The command that starts a sandbox for a spec, running the exec server on the given fd,
+with the seccomp program (:mod:`workers.runtimes.seccomp`) on the other if not None."""
 RemoteDrop = Callable[[str, str], bool]
 """Ask worker ``hostname`` to stop its warm sandbox of session ``session_id``; True if it
 answered (whether or not it had one)."""
@@ -101,6 +105,8 @@ class Warm:
     identity: tuple[tuple[int, int], ...]
     process: subprocess.Popen[bytes] | None = None
     """The sandbox's process, running the exec server (``command``)."""
+    confinement: Confinement | None = None
+    """The process's cgroup and rlimits (:mod:`workers.runtimes.limits`)."""
     sandbox: Sandbox | None = None
     """The held runtime's sandbox, served by a keeper thread on :attr:`server`."""
     server: socket.socket | None = None
@@ -192,6 +198,8 @@ class Keeper:
                 os.killpg(warm.process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 warm.process.wait(STOP_TIMEOUT_S)
+        if warm.confinement is not None:
+            warm.confinement.close()
         if warm.server is not None:
             # Shut down, not only closed: that wakes the thread serving it from its recv.
             with contextlib.suppress(OSError):
@@ -322,8 +330,8 @@ class Keeper:
             self.created += 1
             return Warm(spec, keeper_end, bound, sandbox=sandbox, server=server_end)
         try:
-            process = self._spawner.submit(self._spawn, spec, server_end).result()
-        except OSError as exc:
+            process, confinement = self._spawner.submit(self._spawn, spec, server_end).result()
+        except (OSError, SandboxError) as exc:
             keeper_end.close()
             raise WarmError(f"cannot start a warm sandbox: {exc}") from exc
         finally:
@@ -338,6 +346,7 @@ class Keeper:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+            confinement.close()
             keeper_end.close()
             raise WarmError(
                 f"the warm sandbox's exec server did not start (bwrap exit {process.returncode}; "
@@ -345,20 +354,34 @@ class Keeper:
             )
         keeper_end.settimeout(None)
         self.created += 1
-        return Warm(spec, keeper_end, bound, process=process)
+        return Warm(spec, keeper_end, bound, process=process, confinement=confinement)
 
-    def _spawn(self, spec: WarmSpec, server_end: socket.socket) -> subprocess.Popen[bytes]:
-        """Start the sandbox process (always on the spawner's one long-lived thread)."""
+    def _spawn(
+        self, spec: WarmSpec, server_end: socket.socket
+    ) -> tuple[subprocess.Popen[bytes], Confinement]:
+        """Start the sandbox process (always on the spawner's one long-lived thread) in a
+        cgroup of its own, which then holds the whole warm sandbox."""
         assert self._command is not None
-        return subprocess.Popen(
-            self._command(spec.sandbox_spec(), server_end.fileno()),
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            cwd=spec.workspace,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            pass_fds=(server_end.fileno(),),
-            start_new_session=True,
-        )
+        sandbox = spec.sandbox_spec()
+        confinement = limits.confine(sandbox, self.settings, limits.WARM)
+        program = seccomp.program_fd() if self.settings.seccomp else None
+        try:
+            return subprocess.Popen(
+                self._command(sandbox, server_end.fileno(), program),
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                cwd=spec.workspace,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(server_end.fileno(), *(() if program is None else (program,))),
+                start_new_session=True,
+                preexec_fn=confinement.enter,
+            ), confinement
+        except BaseException:
+            confinement.close()
+            raise
+        finally:
+            if program is not None:
+                os.close(program)
 
     def _make_room(self) -> None:
         with self._lock:

@@ -9,12 +9,14 @@ boxlite runtime per worker, in its main process), so that the child never opens 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from claudebox_pool.tasks.errors import SandboxError
-from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.tasks.settings import Settings, get_settings
+from claudebox_pool.workers.runtimes import limits
 from claudebox_pool.workers.runtimes.base import (
     WORKSPACE,
     ExecResult,
@@ -53,6 +55,8 @@ class WarmSandbox(Sandbox):
         self._control = control
         self._cold = cold
         self._healthy = True
+        # The keeper runs in the worker's main process, the pool children's parent.
+        self._confinement = limits.attach(spec, get_settings(), os.getppid(), limits.WARM)
 
     def exec(
         self,
@@ -63,18 +67,25 @@ class WarmSandbox(Sandbox):
         cancel: threading.Event | None = None,
     ) -> ExecResult:
         if self._healthy:
+            self._confinement.mark()
             try:
-                return run_remote(self._control, argv, env, WORKSPACE, timeout_s, on_line, cancel)
+                result = run_remote(self._control, argv, env, WORKSPACE, timeout_s, on_line, cancel)
             except SandboxGoneError as exc:
                 log.warning("warm sandbox of %s lost: %s", self.spec.session_id, exc)
                 self._healthy = False
                 self._release()
+            else:
+                result.limit = self._confinement.breach()
+                return result
         if self._cold is None:
             raise SandboxError(
                 f"the sandbox of session '{self.spec.session_id}' stopped before the command "
                 "started; run the call again"
             )
         return self._cold(self.spec).exec(argv, env, timeout_s, on_line, cancel)
+
+    def tmp_bytes(self) -> int:
+        return self._confinement.tmp_bytes()
 
     def close(self) -> None:
         self._release()
