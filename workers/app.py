@@ -24,6 +24,7 @@ from celery.worker import WorkController
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.models import WorkerInfo
 from claudebox_pool.workers import affinity, jobs, lifecycle_jobs, moves, registry, shutdown  # noqa: F401
 from claudebox_pool.workers.agents.claude import cli_version, find_cli
@@ -106,6 +107,8 @@ def stop_gateway(**_: Any) -> None:
 @signals.worker_ready.connect
 def reconcile(sender: Any = None, **_: Any) -> None:
     ctx = context()
+    private_dir(ctx.settings.home)
+    private_dir(ctx.store.root)
     hostname = getattr(sender, "hostname", ctx.node)
     info = describe(hostname)
     log.info("runtime: %s", info.runtime_reason)

@@ -27,7 +27,7 @@ from claudebox_pool.tasks.models import (
     SessionRecord,
     utc_now,
 )
-from claudebox_pool.workers import archive, disk, inputs, registry
+from claudebox_pool.workers import archive, disk, identity, inputs, registry
 from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
@@ -43,6 +43,9 @@ PROMPT_IN_HISTORY_CHARS = 10_000
 def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
     inputs.check(ctx.store, request.session_id, request.inputs)
     disk.guard(ctx.settings, ctx.store, f"session '{request.session_id}' cannot be created")
+    uid = (
+        identity.claim(ctx.settings, ctx.store, request.session_id) if identity.enabled() else None
+    )
     now = utc_now()
     record = SessionRecord(
         session_id=request.session_id,
@@ -58,8 +61,12 @@ def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) 
         inputs=dict(request.inputs),
         node=ctx.node,
         fence=lock.fence,
+        sandbox_uid=uid,
     )
     ctx.store.create(record)
+    if uid is not None:
+        # Files adopted with the directory (a template's copy) become the session's too.
+        identity.hand_over(ctx.store.paths(request.session_id), uid)
     registry.put(ctx.redis, record)
     return record
 
@@ -82,6 +89,7 @@ def sandbox_spec(
         image=override.template or record.sandbox.template,
         mounts=inputs.mounts(ctx.store, record),
         persistent=not record.ephemeral,
+        identity=identity.of(record),
     )
 
 
@@ -100,6 +108,7 @@ def run_code(
     store, guard = ctx.store, lock.check
     record = store.load(request.session_id)
     store.check_workspace(request.session_id)  # before anything is written
+    record = identity.ensure(ctx.settings, store, record, guard)
     recorded = _recorded_run(store, request.session_id, task_id)
     if recorded is not None:
         # Delivered again after it ran to its end (a resend under the same id, a redelivery

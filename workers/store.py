@@ -33,6 +33,7 @@ from claudebox_pool.tasks.errors import (
     SessionCorruptedError,
     SessionNotFoundError,
 )
+from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.models import HistoryEntry, SessionRecord, validate_session_id
 
 Guard = Callable[[], None]
@@ -87,11 +88,14 @@ class SessionStore:
         template pattern seeds a workspace before the session is first opened.
         """
         paths = self.paths(record.session_id)
-        paths.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
+        paths.root.mkdir(exist_ok=True)
         if paths.meta.exists():
             raise SessionAlreadyExistsError(record.session_id)
-        for directory in (paths.workspace, paths.meta, paths.agent_home):
-            directory.mkdir(parents=True, exist_ok=True)
+        paths.workspace.mkdir(exist_ok=True)
+        # The metadata is the worker's alone; the agent home is the session's (workers.identity).
+        paths.meta.mkdir(mode=0o700)
+        paths.agent_home.mkdir(mode=0o700)
         self.save(record, unguarded)
         self.append_history(
             record.session_id,

@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
@@ -82,7 +82,9 @@ def run_process(
     on_line: LineSink | None = None,
     cancel: threading.Event | None = None,
     output_limit: int = OUTPUT_LIMIT_BYTES,
+    preexec: Callable[[], None] | None = None,
 ) -> ExecResult:
+    """``preexec``: run in the child before exec (a sandbox's setup and privilege drop)."""
     started = time.monotonic()
     proc = subprocess.Popen(
         list(argv),
@@ -92,6 +94,7 @@ def run_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=preexec,
     )
     assert proc.stdout is not None and proc.stderr is not None
     out, err = OutputTail(output_limit), OutputTail(output_limit)

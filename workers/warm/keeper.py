@@ -55,13 +55,15 @@ from claudebox_pool.tasks.connections import text
 from claudebox_pool.tasks.settings import Settings
 from claudebox_pool.workers.runtimes.base import Runtime, Sandbox, SandboxSpec
 from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
+from claudebox_pool.workers.runtimes.launch import Launch
 from claudebox_pool.workers.warm.held import serve_sandbox
 from claudebox_pool.workers.warm.protocol import Reply, Request, WarmSpec
 
 log = logging.getLogger(__name__)
 
-SandboxCommand = Callable[[SandboxSpec, int], list[str]]
-"""The command that starts a sandbox for a spec, running the exec server on the given fd."""
+SandboxCommand = Callable[[SandboxSpec, int], Launch]
+"""How to start a sandbox for a spec, running the exec server on the given fd: its command and
+its child's setup (the drop to the session's identity last)."""
 RemoteDrop = Callable[[str, str], bool]
 """Ask worker ``hostname`` to stop its warm sandbox of session ``session_id``; True if it
 answered (whether or not it had one)."""
@@ -350,15 +352,20 @@ class Keeper:
     def _spawn(self, spec: WarmSpec, server_end: socket.socket) -> subprocess.Popen[bytes]:
         """Start the sandbox process (always on the spawner's one long-lived thread)."""
         assert self._command is not None
-        return subprocess.Popen(
-            self._command(spec.sandbox_spec(), server_end.fileno()),
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            cwd=spec.workspace,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            pass_fds=(server_end.fileno(),),
-            start_new_session=True,
-        )
+        started = self._command(spec.sandbox_spec(), server_end.fileno())
+        try:
+            return subprocess.Popen(
+                started.argv,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(server_end.fileno(),),
+                start_new_session=True,
+                preexec_fn=started.preexec,
+            )
+        except subprocess.SubprocessError as exc:
+            raise OSError(f"its setup failed before bwrap started ({exc})") from exc
 
     def _make_room(self) -> None:
         with self._lock:
