@@ -160,6 +160,11 @@ def restore(ctx: WorkerContext, contents: Contents, lock: SessionLock) -> Restor
         with tarfile.open(contents.path, "r:gz") as tar:
             tar.extractall(staging, filter="data")
         lock.check()
+        # tarfile's data filter leaves directory modes out: the private ones get theirs back.
+        for private in (paths.meta, paths.agent_home):
+            restored = staging / private.relative_to(store.root)
+            if restored.is_dir():
+                restored.chmod(0o700)
         os.rename(staging / session_id, paths.root)
     except tarfile.FilterError as exc:
         raise _not_an_archive(contents.path, f"it holds an unsafe member ({exc})") from None
