@@ -29,6 +29,7 @@ from claudebox_pool.workers.runtimes.base import Identity
 from claudebox_pool.workers.store import Guard, SessionPaths, SessionStore
 
 CLAIMS_DIR = ".sandbox-uids"
+CLAIM_ATTEMPTS = 3
 CLAIM_SETTLE_S = 60
 """A claim younger than this is never taken for stale: its session may be being created."""
 
@@ -50,22 +51,34 @@ def claim(
 ) -> int:
     """A uid of the range for ``session_id``: ``wanted`` if it is free or already the
     session's, else the next free one after the highest taken; SandboxError if none is."""
-    claims = private_dir(store.root / CLAIMS_DIR)
     base, count = settings.sandbox_uid_base, settings.sandbox_uid_count
-    if (
-        wanted is not None
-        and base <= wanted < base + count
-        and _take(store, claims, wanted, session_id)
-    ):
-        return wanted
-    for uid in _candidates(claims, base, count):
-        if _take(store, claims, uid, session_id):
-            return uid
+    for _ in range(CLAIM_ATTEMPTS):
+        claims = private_dir(store.root / CLAIMS_DIR)
+        try:
+            preferred = [wanted] if wanted is not None and base <= wanted < base + count else []
+            for uid in itertools.chain(preferred, _candidates(claims, base, count)):
+                if _take(store, claims, uid, session_id):
+                    return uid
+        except FileNotFoundError:
+            continue  # the directory was removed as it emptied (release): made again
+        break
     raise SandboxError(
         f"session '{session_id}' cannot get a sandbox uid: all {count} uids from "
         f"CLAUDEBOX_SANDBOX_UID_BASE={base} are held by sessions; remove sessions "
         "(`claudebox-pool sessions cleanup`) or raise CLAUDEBOX_SANDBOX_UID_COUNT"
     )
+
+
+def release(store: SessionStore, record: SessionRecord) -> None:
+    """Give back the uid of a session whose files are gone (the claims' directory too, once
+    empty: an emptied sessions root holds nothing)."""
+    if record.sandbox_uid is None or _holder(store, record.sandbox_uid) != record.session_id:
+        return
+    claims = store.root / CLAIMS_DIR
+    with contextlib.suppress(FileNotFoundError):
+        (claims / str(record.sandbox_uid)).unlink()
+    with contextlib.suppress(OSError):  # not empty, or gone already
+        claims.rmdir()
 
 
 def ensure(

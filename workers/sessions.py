@@ -230,6 +230,7 @@ def cleanup_session(
     archived = archive.write(ctx.settings, store, request.session_id) if request.archive else None
     if request.remove_workspace:
         store.remove(request.session_id, guard)
+        identity.release(store, record)
         registry.drop(ctx.redis, request.session_id)
         log.info("removed session %s (%s)", request.session_id, request.reason)
     else:
