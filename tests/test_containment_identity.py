@@ -11,8 +11,10 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +23,9 @@ import pytest
 from claudebox_pool import ClaudeBox
 from claudebox_pool.producer.local_pool import run_dir
 from claudebox_pool.tasks.settings import get_settings
-from claudebox_pool.workers.runtimes.base import SandboxSpec
-from claudebox_pool.workers.runtimes.bwrap import BwrapRuntime
+from claudebox_pool.workers.runtimes.base import Identity, SandboxSpec
+from claudebox_pool.workers.runtimes.bwrap import BwrapRuntime, launch_as
+from claudebox_pool.workers.runtimes.launch import become
 from tests.support.sandboxes import TEST_UID, owned
 
 pytestmark = [
@@ -195,3 +198,50 @@ def test_the_home_the_sessions_root_and_the_run_directory_are_private() -> None:
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     listing = as_user(NOBODY, ["ls", str(settings.sessions_root)])
     assert listing.returncode != 0
+
+
+# --- a worker that is not root -----------------------------------------------------------------
+
+
+@pytest.fixture
+def service_dir() -> Iterator[Path]:
+    """A directory a service user can reach (pytest's own temp dirs are root's, 0700)."""
+    made = Path(tempfile.mkdtemp(prefix="claudebox-service-"))
+    yield made
+    shutil.rmtree(made, ignore_errors=True)
+
+
+def test_a_non_root_workers_sandbox_runs_as_that_user_with_no_capability_nor_remount(
+    service_dir: Path,
+) -> None:
+    # The pool's Python lives under /root here, out of a service user's reach, so the worker's
+    # own child is played: it becomes the service user, then runs the bwrap command a worker of
+    # that user builds (the host paths bound as they are, no staging, no switch).
+    service = Identity(TEST_UID - 1, TEST_UID - 1)
+    root = service_dir
+    (root / "workspace").mkdir()
+    (root / "home").mkdir()
+    for path in (root, root / "workspace", root / "home"):
+        os.chown(path, service.uid, service.gid)
+    spec = SandboxSpec("service", root / "workspace", root / "home", 1, 256, 1)
+    attack = (
+        "cat /proc/self/status; touch made-here; "
+        "mount -o remount,bind,rw /usr && echo REMOUNTED; "
+        "unshare -Urm true && echo NESTED"
+    )
+    started = launch_as(spec, ["sh", "-c", attack], None)
+
+    done = subprocess.run(
+        started.argv,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/",
+        preexec_fn=lambda: become(service),
+    )
+
+    assert (root / "workspace" / "made-here").stat().st_uid == service.uid, done.stderr
+    assert cap_eff(done.stdout) == NO_CAPABILITY
+    assert "REMOUNTED" not in done.stdout
+    assert "NESTED" not in done.stdout

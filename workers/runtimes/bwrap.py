@@ -89,7 +89,11 @@ def sandbox_identity(spec: SandboxSpec) -> Identity | None:
 def launch(spec: SandboxSpec, argv: Sequence[str]) -> Launch:
     """The sandbox's bwrap command and the child's setup: read-only system, the workspace
     read-write at /workspace, the agent home at /root, the spec's mounts."""
-    identity = sandbox_identity(spec)
+    return launch_as(spec, argv, sandbox_identity(spec))
+
+
+def launch_as(spec: SandboxSpec, argv: Sequence[str], identity: Identity | None) -> Launch:
+    """:func:`launch` for a sandbox run as ``identity`` (None: the worker's own user)."""
     binds = [
         (str(spec.workspace), WORKSPACE, False),
         (str(spec.home), AGENT_HOME, False),
