@@ -7,6 +7,7 @@
     <root>/<session_id>/.claudebox/history.jsonl   one HistoryEntry a line, appended
     <root>/<session_id>/.claudebox/agent-home/     the agent's $HOME (Claude Code's ~/.claude)
     <root>/<session_id>/.claudebox/checkpoints/<name>/   a checkpoint (workers.checkpoints)
+    <root>/.sandbox-uids/<uid>                     link naming the session with that uid (identity)
 
 Every write takes a ``guard``: a callable that raises LockLostError when the caller no longer
 holds the session's lock. session.json also carries the fencing number of the lock holder that

@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
@@ -230,23 +231,31 @@ def _server_source() -> str:
 def _probe() -> Probe:
     if shutil.which("bwrap") is None:
         return Probe(False, "bubblewrap is not installed (apt-get install bubblewrap)")
-    trial = Launch(
-        ["bwrap", *NAMESPACES, "--die-with-parent", *system_args(), "--", "true"],
-        identity=_probe_identity(),
-    )
-    who = f"uid {trial.identity.uid}" if trial.identity else "the worker's user"
-    try:
-        done = subprocess.run(
-            trial.argv,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-            cwd="/",
-            preexec_fn=trial.preexec,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        return Probe(False, f"bubblewrap failed to start as {who}: {exc}")
+    identity = _probe_identity()
+    who = f"uid {identity.uid}" if identity else "the worker's user"
+    # A sandbox as the pool makes one: its directories in a 0700 one, staged for a root worker.
+    with tempfile.TemporaryDirectory(prefix="claudebox-probe-") as scratch:
+        inside = Path(scratch) / "workspace"
+        inside.mkdir()
+        inside.chmod(0o755)  # whatever the umask: the sandbox's uid must enter it
+        spec = SandboxSpec("probe", inside, inside, 1, 1, 1, identity=identity)
+        trial = launch_as(spec, ["true"], identity)
+        try:
+            done = subprocess.run(
+                trial.argv,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+                cwd="/",
+                preexec_fn=trial.preexec,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return Probe(
+                False,
+                f"bubblewrap's sandbox could not be set up as {who} ({exc}); a root worker "
+                "needs CAP_SYS_ADMIN to bind a session's directories in a mount namespace",
+            )
     if done.returncode != 0:
         why = done.stderr.strip().splitlines()[-1:] or ["no message"]
         return Probe(

@@ -137,10 +137,6 @@ class Launch:
     setup: list[Step] = field(default_factory=list)
     identity: Identity | None = None
 
-    def add(self, step: Step) -> None:
-        """Run ``step`` in the child after the steps already there, before the drop."""
-        self.setup.append(step)
-
     def preexec(self) -> None:
         for step in self.setup:
             step()
