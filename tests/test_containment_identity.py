@@ -245,3 +245,49 @@ def test_a_non_root_workers_sandbox_runs_as_that_user_with_no_capability_nor_rem
     assert cap_eff(done.stdout) == NO_CAPABILITY
     assert "REMOUNTED" not in done.stdout
     assert "NESTED" not in done.stdout
+
+
+# --- files the worker manages --------------------------------------------------------------------
+
+
+def test_a_fork_belongs_to_a_uid_of_its_own() -> None:
+    asyncio.run(run("origin", "echo mine > file"))
+
+    async def scenario() -> tuple[bool, str]:
+        box = await ClaudeBox.fork("origin", "branch")
+        async with box:
+            result = await box.code("echo more >> file && cat file")
+            return result.success, result.response
+
+    ok, seen = asyncio.run(scenario())
+
+    assert ok and seen == "mine\nmore\n"
+    branch = sandbox_uid("branch")
+    assert branch != sandbox_uid("origin")
+    assert (session_dir("branch") / "workspace" / "file").stat().st_uid == branch
+    assert (session_dir("origin") / "workspace" / "file").read_text() == "mine\n"
+
+
+def test_a_session_from_before_identities_gets_one_on_its_next_task() -> None:
+    asyncio.run(run("older", "echo old > file"))
+    metadata = session_dir("older") / ".claudebox" / "session.json"
+    record = json.loads(metadata.read_text())
+    # As a worker of the previous version left it: no uid in session.json, files root's.
+    del record["sandbox_uid"]
+    metadata.write_text(json.dumps(record))
+    for path in [
+        session_dir("older") / "workspace",
+        *(session_dir("older") / "workspace").iterdir(),
+    ]:
+        os.chown(path, 0, 0)
+
+    async def scenario() -> tuple[bool, str]:
+        async with ClaudeBox.reconnect("older") as box:
+            result = await box.code("echo new >> file && cat file")
+            return result.success, result.response
+
+    ok, seen = asyncio.run(scenario())
+
+    assert ok and seen == "old\nnew\n"
+    uid = sandbox_uid("older")
+    assert (session_dir("older") / "workspace" / "file").stat().st_uid == uid != 0
