@@ -178,13 +178,18 @@ def test_host_passwd_cannot_be_opened_for_writing_nor_shadow_read() -> None:
 
 def test_a_setuid_shell_left_in_the_workspace_gives_a_host_user_nothing() -> None:
     ok, out = asyncio.run(
-        run("setuid", "cp /bin/bash rootsh && chown 0:0 rootsh && chmod 4755 rootsh")
+        run(
+            "setuid",
+            "cp /bin/bash rootsh && chown 0:0 rootsh && chmod 4755 rootsh && "
+            "grep ' /workspace ' /proc/self/mountinfo",
+        )
     )
     shell = session_dir("setuid") / "workspace" / "rootsh"
 
     used = as_user(NOBODY, [str(shell), "-p", "-c", "id -u"])
 
     assert ok, out
+    assert "nosuid" in out.split(" - ")[0]
     assert used.returncode != 0
     assert used.stdout.strip() != "0"
     assert shell.stat().st_uid == sandbox_uid("setuid") != 0
