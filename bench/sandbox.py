@@ -25,6 +25,7 @@ from claudebox_pool.workers.runtimes.base import Runtime, SandboxSpec
 from claudebox_pool.workers.warm import client as warm_client
 from claudebox_pool.workers.warm.keeper import Keeper
 from tests.support.processes import RedisServer
+from tests.support.sandboxes import owned
 
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
 
@@ -110,7 +111,8 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="claudebox-bench-sandbox-"))
     (base / "ws").mkdir()
     (base / "home").mkdir()
-    spec = SandboxSpec("bench", base / "ws", base / "home", cpus=1, memory_mib=512, disk_size_gb=1)
+    # As a root worker makes it for a session: run as an identity of its own.
+    spec = owned(SandboxSpec("bench", base / "ws", base / "home", 1, 512, 1))
     print(f"machine: {machine()}; {args.runs} runs each")
     baseline = bare(args.runs)
     print(f"{'subprocess':>14}: {describe(baseline)}")

@@ -44,6 +44,7 @@ from claudebox_pool.tasks.errors import (
     PoolUnavailableError,
     SessionNotFoundError,
 )
+from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.lifecycle import megabytes
 from claudebox_pool.tasks.models import ReindexResult, validate_session_id
 from claudebox_pool.tasks.settings import (
@@ -181,8 +182,9 @@ def worker(
 @cli.command()
 def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO") -> None:
     """Start the scheduler (run exactly one per pool)."""
-    schedule = get_settings().home / "run" / "celerybeat-schedule"
-    schedule.parent.mkdir(parents=True, exist_ok=True)
+    settings = get_settings()
+    private_dir(settings.home)
+    schedule = private_dir(settings.home / "run") / "celerybeat-schedule"
     exec_celery(
         [
             "-A",

@@ -43,6 +43,7 @@ from claudebox_pool.producer.flowerconfig import basic_auth_problem
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import redacted, sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, PoolUnavailableError
+from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.settings import Settings, get_settings
 
 READY_TIMEOUT_S = 90
@@ -117,7 +118,9 @@ def _is_zombie(pid: int) -> bool:
 
 
 def run_dir(settings: Settings) -> Path:
-    return settings.home / "run"
+    """The pool's pid files, logs and Redis: 0700, like CLAUDEBOX_HOME above it."""
+    private_dir(settings.home)
+    return private_dir(settings.home / "run")
 
 
 def state_file(settings: Settings) -> Path:

@@ -210,6 +210,9 @@ class SessionRecord(BaseModel):
     sandbox: SandboxOptions = SandboxOptions()
     node: str = ""
     fence: int = 0
+    sandbox_uid: int | None = None
+    """The session's own host uid and gid (workers.identity); None until a root worker gives
+    it one (older session.json files, sessions of a non-root worker)."""
 
 
 class HistoryEntry(BaseModel):

@@ -403,6 +403,19 @@ class Settings(BaseSettings):
         description="Longest a session's micro-VM may take to start (image import and boot) "
         "before the task fails.",
     )
+    sandbox_uid_base: int = Field(
+        default=200_000,
+        ge=1000,
+        description="First host uid (and gid) of the range a root worker gives sessions: each "
+        "session's bwrap sandbox runs as its own unprivileged uid from it, recorded in "
+        "session.json. Pick a range no host user or other subordinate range uses.",
+    )
+    sandbox_uid_count: int = Field(
+        default=100_000,
+        gt=0,
+        description="Size of that range: how many sessions one sessions root can hold at once "
+        "(a removed session's uid is given again).",
+    )
     archive_dir: Path | None = Field(
         default=None,
         description="Where session archives are written (`cleanup_session(..., archive=True)`, "

@@ -27,6 +27,7 @@ from claudebox_pool.workers.runtimes.base import SandboxSpec
 from claudebox_pool.workers.runtimes.bwrap import BwrapSandbox
 from tests.conftest import WorkerFactory
 from tests.support.processes import REPO, Worker, claudebox_pool, wait_for
+from tests.support.sandboxes import owned
 
 MEMORY_MIB = 96
 PIDS_MAX = 48
@@ -223,7 +224,7 @@ def spec(tmp_path: Path) -> SandboxSpec:
     workspace, home = tmp_path / "workspace", tmp_path / "home"
     workspace.mkdir()
     home.mkdir()
-    return SandboxSpec("cold-limits", workspace, home, cpus=1, memory_mib=64, disk_size_gb=1)
+    return owned(SandboxSpec("cold-limits", workspace, home, cpus=1, memory_mib=64, disk_size_gb=1))
 
 
 def cold_groups() -> list[Path]:

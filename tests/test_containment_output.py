@@ -252,9 +252,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from claudebox_pool.workers.runtimes.base import SandboxSpec
 from claudebox_pool.workers.runtimes.bwrap import BwrapRuntime
+from tests.support.sandboxes import owned
 ws, home = Path({str(tmp_path)!r}) / "ws", Path({str(tmp_path)!r}) / "home"
 ws.mkdir(); home.mkdir()
-spec = SandboxSpec("cold", ws, home, cpus=1, memory_mib=256, disk_size_gb=1)
+spec = owned(SandboxSpec("cold", ws, home, cpus=1, memory_mib=256, disk_size_gb=1))
 lines = []
 started = time.monotonic()
 with BwrapRuntime().open(spec) as sandbox:

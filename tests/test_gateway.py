@@ -49,6 +49,7 @@ from tests.support.model_server import (
     ToolUse,
     sse_events,
 )
+from tests.support.sandboxes import owned
 
 REAL_KEY = "sk-ant-api03-real-key-held-only-by-the-gateway"
 EXEC_TIMEOUT_S = 60
@@ -97,15 +98,19 @@ def run_in_sandbox(
     workspace, home = root / "workspace", root / "home"
     workspace.mkdir(exist_ok=True)
     home.mkdir(exist_ok=True)
-    spec = SandboxSpec(
-        session_id=lease.session_id,
-        workspace=workspace,
-        home=home,
-        cpus=1,
-        memory_mib=1024,
-        disk_size_gb=1,
-        mounts=(Mount(lease.socket_dir, GUEST_SOCKET_DIR, read_only=False), *mounts),
+    spec = owned(
+        SandboxSpec(
+            session_id=lease.session_id,
+            workspace=workspace,
+            home=home,
+            cpus=1,
+            memory_mib=1024,
+            disk_size_gb=1,
+            mounts=(Mount(lease.socket_dir, GUEST_SOCKET_DIR, read_only=False), *mounts),
+        )
     )
+    if spec.identity is not None:
+        lease.give_to(spec.identity.uid, spec.identity.gid)
     env = {"PATH": "/usr/bin:/bin", "HOME": AGENT_HOME, "IS_SANDBOX": "1", **sandbox_env()}
     env.update(extra_env or {})
     with BwrapRuntime().open(spec) as sandbox:

@@ -930,7 +930,16 @@ def test_versioned_session_puts_the_workspace_under_git() -> None:
 
     assert all(r.success for r in results), [r.raw_output for r in results]
     log = subprocess.run(
-        ["/usr/bin/git", "-C", str(workspace("versioned-project")), "log", "--format=%s %an"],
+        # The workspace belongs to the session's own uid: git trusts it only when told to.
+        [
+            "/usr/bin/git",
+            "-c",
+            f"safe.directory={workspace('versioned-project')}",
+            "-C",
+            str(workspace("versioned-project")),
+            "log",
+            "--format=%s %an",
+        ],
         capture_output=True,
         text=True,
         check=True,

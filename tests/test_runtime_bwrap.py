@@ -10,6 +10,7 @@ import pytest
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink, Mount, SandboxSpec
 from claudebox_pool.workers.runtimes.bwrap import BwrapRuntime, bwrap_argv
+from tests.support.sandboxes import owned
 
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/root"}
 
@@ -19,7 +20,7 @@ def spec(tmp_path: Path) -> SandboxSpec:
     workspace, home = tmp_path / "workspace", tmp_path / "home"
     workspace.mkdir()
     home.mkdir()
-    return SandboxSpec("s1", workspace, home, cpus=1, memory_mib=256, disk_size_gb=1)
+    return owned(SandboxSpec("s1", workspace, home, cpus=1, memory_mib=256, disk_size_gb=1))
 
 
 def run(

@@ -22,7 +22,7 @@ from claudebox_pool.workers.warm.client import KeeperClient
 from claudebox_pool.workers.warm.keeper import Keeper
 from claudebox_pool.workers.warm.sandbox import KeptRuntime, WarmSandbox
 from tests.support.processes import RedisServer, wait_for
-from tests.support.sandboxes import SANDBOX_ID, processes_naming, sandboxes_of
+from tests.support.sandboxes import SANDBOX_ID, owned, processes_naming, sandboxes_of
 
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 HOSTNAME = "keeper@test"
@@ -66,7 +66,7 @@ def spec_for(tmp_path: Path, session_id: str) -> SandboxSpec:
     workspace, home = tmp_path / session_id / "workspace", tmp_path / session_id / "home"
     workspace.mkdir(parents=True)
     home.mkdir()
-    return SandboxSpec(session_id, workspace, home, cpus=1, memory_mib=512, disk_size_gb=1)
+    return owned(SandboxSpec(session_id, workspace, home, cpus=1, memory_mib=512, disk_size_gb=1))
 
 
 def run(runtime: BwrapRuntime, spec: SandboxSpec, command: str, timeout_s: float = 10) -> str:
@@ -103,7 +103,8 @@ def test_a_sandbox_leased_by_a_process_that_died_is_stopped_with_its_command(
         "from pathlib import Path\n"
         "from claudebox_pool.workers.runtimes.base import SandboxSpec\n"
         "from claudebox_pool.workers.warm.client import KeeperClient\n"
-        "spec = SandboxSpec('lessee', Path(sys.argv[2]), Path(sys.argv[3]), 1, 512, 1)\n"
+        "from tests.support.sandboxes import owned\n"
+        "spec = owned(SandboxSpec('lessee', Path(sys.argv[2]), Path(sys.argv[3]), 1, 512, 1))\n"
         "control = KeeperClient(Path(sys.argv[1])).acquire(spec)\n"
         "from claudebox_pool.workers.runtimes.exec_server import send_frame\n"
         "import os\n"

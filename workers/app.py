@@ -23,6 +23,7 @@ from celery.worker import WorkController
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.models import WorkerInfo
 from claudebox_pool.tasks.settings import Settings, find_cli, unknown_variables
 from claudebox_pool.workers import affinity, jobs, registry, shutdown  # noqa: F401
@@ -116,6 +117,8 @@ def stop_gateway(**_: Any) -> None:
 @signals.worker_ready.connect
 def reconcile(sender: Any = None, **_: Any) -> None:
     ctx = context()
+    private_dir(ctx.settings.home)
+    private_dir(ctx.store.root)
     hostname = getattr(sender, "hostname", ctx.node)
     for warning in unknown_variables():
         log.warning("%s", warning)

@@ -18,7 +18,8 @@ Nothing outside the session gets in or out:
   no devices, no setuid bits) into a staging directory that is renamed into place only whole.
 
 A restore gives back the session byte for byte: files, session.json and history.jsonl as they
-were archived (session.json is rewritten only if the sessions root has moved since).
+were archived (session.json is rewritten only if the sessions root has moved since, or the
+session's sandbox uid went to another session meanwhile); the files belong to the session's uid.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionAlreadyExistsError
+from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.lifecycle import RestoredArchive
 from claudebox_pool.tasks.models import SESSION_ID_PATTERN, SessionRecord, utc_now
 from claudebox_pool.tasks.settings import Settings
-from claudebox_pool.workers import disk, registry
+from claudebox_pool.workers import disk, identity, registry
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
 from claudebox_pool.workers.store import SessionStore
@@ -53,8 +55,7 @@ COMPRESS_LEVEL = 6
 
 def write(settings: Settings, store: SessionStore, session_id: str) -> Path:
     """Archive the session into the archive directory; return the archive's path."""
-    root = settings.archives_root
-    root.mkdir(parents=True, exist_ok=True)
+    root = private_dir(settings.archives_root)
     stamp = utc_now().translate(str.maketrans("", "", "-:."))
     final = root / f"{session_id}-{stamp}{SUFFIX}"
     partial = root / f".{final.name}.partial"
@@ -151,7 +152,7 @@ def restore(ctx: WorkerContext, contents: Contents, lock: SessionLock) -> Restor
         f"session '{session_id}' cannot be restored from {contents.path.name}",
         adding=contents.bytes,
     )
-    store.root.mkdir(parents=True, exist_ok=True)
+    private_dir(store.root)
     # A dotted name is never a session id: listings and sweeps pass it by.
     staging = store.root / f".restore-{session_id}-{uuid.uuid4().hex[:8]}"
     try:
@@ -159,16 +160,29 @@ def restore(ctx: WorkerContext, contents: Contents, lock: SessionLock) -> Restor
         with tarfile.open(contents.path, "r:gz") as tar:
             tar.extractall(staging, filter="data")
         lock.check()
+        # tarfile's data filter leaves directory modes out: the private ones get theirs back.
+        for private in (paths.meta, paths.agent_home):
+            restored = staging / private.relative_to(store.root)
+            if restored.is_dir():
+                restored.chmod(0o700)
         os.rename(staging / session_id, paths.root)
     except tarfile.FilterError as exc:
         raise _not_an_archive(contents.path, f"it holds an unsafe member ({exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     record = contents.record
+    update: dict[str, object] = {}
     if record.workspace_path != str(paths.workspace):
-        record = record.model_copy(
-            update={"workspace_path": str(paths.workspace), "fence": lock.fence}
-        )
+        update["workspace_path"] = str(paths.workspace)
+    if identity.enabled():
+        # Extracted as the worker's own files: handed back to the session's uid (its old one
+        # when no other session took it meanwhile).
+        uid = identity.claim(ctx.settings, store, session_id, record.sandbox_uid)
+        identity.hand_over(paths, uid)
+        if uid != record.sandbox_uid:
+            update["sandbox_uid"] = uid
+    if update:
+        record = record.model_copy(update={**update, "fence": lock.fence})
         store.save(record, lock.check)
     registry.put(ctx.redis, record)
     log.info("restored session %s from %s", session_id, contents.path)

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from claudebox_pool.tasks.errors import CheckpointNotFoundError, InvalidRequestError
 from claudebox_pool.tasks.lifecycle import Checkpoint, CheckpointRequest, RestoreCheckpointRequest
 from claudebox_pool.tasks.models import SESSION_ID_PATTERN, HistoryEntry, SessionRecord, utc_now
-from claudebox_pool.workers import disk, registry
+from claudebox_pool.workers import disk, identity, registry
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.copying import copy_tree, replace_dir
 from claudebox_pool.workers.lock import SessionLock
@@ -110,8 +110,10 @@ def restore(ctx: WorkerContext, request: RestoreCheckpointRequest, lock: Session
     guard()
     # Beside the workspace, on its filesystem, so that the swap is two renames.
     staging = paths.root / f".restoring-{uuid.uuid4().hex[:8]}"
+    uid = record.sandbox_uid if identity.enabled() else None
     try:
-        copy_tree(source / "workspace", staging)
+        # The copy is the session's own again (checkpoints themselves are the worker's).
+        copy_tree(source / "workspace", staging, owner=(uid, uid) if uid is not None else None)
         guard()
         replace_dir(paths.workspace, staging)
     finally:

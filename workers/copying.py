@@ -4,6 +4,9 @@
   named in the result): a copy never reads anything outside the tree it copies.
 - A regular file is cloned (copy-on-write, the ``FICLONE`` ioctl: btrfs, XFS, bcachefs, ...)
   where the filesystem can, else copied. Modes and times are kept.
+- Setuid and setgid bits are dropped: a copy made by a root worker of a file a sandbox marked
+  setuid would otherwise be a setuid-root file. With ``owner`` (a session's uid and gid, see
+  :mod:`workers.identity`) every entry made belongs to it.
 - With ``link_dest`` (rsync's ``--link-dest``), a file unchanged since that earlier tree (same
   size, mode and modification time) is hard-linked to it instead. Only ever between two trees
   that nothing writes to again, as checkpoints are: a hard link into a workspace would let the
@@ -23,6 +26,7 @@ from pathlib import Path
 
 FICLONE = 0x40049409
 """``_IOW(0x94, 9, int)`` from linux/fs.h: share the source's extents, copy-on-write."""
+_PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 _CANNOT_CLONE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL, errno.EXDEV, errno.ENOSYS}
 
 
@@ -36,9 +40,15 @@ class CopyStats:
     skipped: list[str] = field(default_factory=list)
 
 
-def copy_tree(source: Path, target: Path, link_dest: Path | None = None) -> CopyStats:
+def copy_tree(
+    source: Path,
+    target: Path,
+    link_dest: Path | None = None,
+    owner: tuple[int, int] | None = None,
+) -> CopyStats:
     """Copy the tree at ``source`` to ``target``, which must not exist yet."""
     stats = CopyStats()
+    made: list[Path] = [target]
     cloner = _Cloner()
     target.mkdir()
     directories = [(source, target)]
@@ -65,10 +75,15 @@ def copy_tree(source: Path, target: Path, link_dest: Path | None = None) -> Copy
                     stats.bytes += info.st_size
                 else:
                     stats.skipped.append(str(relative))
+                    continue
+                made.append(dst)
     # Directory modes and times last: filling a directory changes its mtime, and a read-only
     # one could not be filled.
     for source_dir, target_dir in reversed(directories):
         shutil.copystat(source_dir, target_dir, follow_symlinks=False)
+    if owner is not None:
+        for path in made:
+            os.chown(path, *owner, follow_symlinks=False)
     return stats
 
 
@@ -96,6 +111,8 @@ def _copy_file(
     if how == "copied":
         shutil.copyfile(src, dst, follow_symlinks=False)
     shutil.copystat(src, dst, follow_symlinks=False)
+    if info.st_mode & _PRIVILEGE_BITS:
+        os.chmod(dst, stat.S_IMODE(info.st_mode) & ~_PRIVILEGE_BITS)
     return how
 
 

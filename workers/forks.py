@@ -16,9 +16,10 @@ from claudebox_pool.tasks.errors import (
     SessionAlreadyExistsError,
     SessionNotFoundError,
 )
+from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.lifecycle import ForkRequest
 from claudebox_pool.tasks.models import HistoryEntry, OpenRequest, SessionRecord, utc_now
-from claudebox_pool.workers import disk, registry, sessions
+from claudebox_pool.workers import disk, identity, registry, sessions
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.copying import copy_tree, replace_dir
 from claudebox_pool.workers.lock import SessionLock
@@ -94,14 +95,17 @@ def fork(ctx: WorkerContext, request: ForkRequest, lock: SessionLock) -> Session
         adding=size,
     )
     lock.check()
-    store.root.mkdir(parents=True, exist_ok=True)
+    private_dir(store.root)
+    # The copy is the new session's, never the source's: its own uid (workers.identity).
+    uid = identity.claim(ctx.settings, store, request.session_id) if identity.enabled() else None
+    owner = (uid, uid) if uid is not None else None
     # A dotted name is never a session id: listings and sweeps pass it by.
     staging = store.root / f".fork-{request.session_id}-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
-        copy_tree(source.workspace, staging / "workspace")
-        (staging / META_DIR).mkdir()
-        copy_tree(source.agent_home, staging / META_DIR / source.agent_home.name)
+        copy_tree(source.workspace, staging / "workspace", owner=owner)
+        (staging / META_DIR).mkdir(mode=0o700)
+        copy_tree(source.agent_home, staging / META_DIR / source.agent_home.name, owner=owner)
         if source.history.exists():
             shutil.copy2(source.history, staging / META_DIR / source.history.name)
         lock.check()
@@ -122,6 +126,7 @@ def fork(ctx: WorkerContext, request: ForkRequest, lock: SessionLock) -> Session
             "checkpoints": [],
             "node": ctx.node,
             "fence": lock.fence,
+            "sandbox_uid": uid,
         }
     )
     store.save(record, lock.check)

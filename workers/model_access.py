@@ -22,6 +22,7 @@ from typing import Protocol
 
 from claudebox_pool.tasks.models import CodeRequest, SessionRecord
 from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers import identity
 from claudebox_pool.workers.agents.base import AgentOutcome, Invocation
 from claudebox_pool.workers.gateway import (
     DEFAULT_PORT,
@@ -161,6 +162,9 @@ def passage(
         tcp_host=_TCP_HOST if over_tcp else None,
     )
     try:
+        sandbox_user = identity.of(record)
+        if sandbox_user is not None:
+            lease.give_to(sandbox_user.uid, sandbox_user.gid)
         port = lease.tcp_address[1] if lease.tcp_address is not None else None
         mount = GatewayMount(lease.socket_dir, GUEST_SOCKET_DIR, read_only=False, port=port)
         yield Passage(lease, mount, owner.has_credential)

@@ -29,7 +29,7 @@ from claudebox_pool.tasks.models import (
     SessionRecord,
     utc_now,
 )
-from claudebox_pool.workers import archive, caps, disk, inputs, registry
+from claudebox_pool.workers import archive, caps, disk, identity, inputs, registry
 from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
@@ -74,6 +74,9 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
 def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
     inputs.check(ctx.store, request.session_id, request.inputs)
     disk.guard(ctx.settings, ctx.store, f"session '{request.session_id}' cannot be created")
+    uid = (
+        identity.claim(ctx.settings, ctx.store, request.session_id) if identity.enabled() else None
+    )
     now = utc_now()
     record = SessionRecord(
         session_id=request.session_id,
@@ -89,8 +92,12 @@ def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) 
         inputs=dict(request.inputs),
         node=ctx.node,
         fence=lock.fence,
+        sandbox_uid=uid,
     )
     ctx.store.create(record)
+    if uid is not None:
+        # Files adopted with the directory (a template's copy) become the session's too.
+        identity.hand_over(ctx.store.paths(request.session_id), uid)
     registry.put(ctx.redis, record)
     return record
 
@@ -113,6 +120,7 @@ def sandbox_spec(
         image=override.template or record.sandbox.template,
         mounts=inputs.mounts(ctx.store, record),
         persistent=not record.ephemeral,
+        identity=identity.of(record),
     )
 
 
@@ -143,6 +151,7 @@ def run_code(
     to the lock's ``lost`` Event; a caller passing its own must set it when the lock is lost)."""
     record = ctx.store.load(request.session_id)
     ctx.store.check_workspace(request.session_id)  # before anything is written
+    record = identity.ensure(ctx.settings, ctx.store, record, lock.check)
     recorded = _recorded_run(ctx.store, request.session_id, task_id)
     if recorded is not None:
         # Delivered again after it ran to its end (a resend under the same id, a redelivery
@@ -308,6 +317,7 @@ def cleanup_session(
     archived = archive.write(ctx.settings, store, request.session_id) if request.archive else None
     if request.remove_workspace:
         store.remove(request.session_id, guard)
+        identity.release(store, record)
         registry.drop(ctx.redis, request.session_id)
         log.info("removed session %s (%s)", request.session_id, request.reason)
     else:

@@ -7,6 +7,7 @@
     <root>/<session_id>/.claudebox/history.jsonl   one HistoryEntry a line, appended
     <root>/<session_id>/.claudebox/agent-home/     the agent's $HOME (Claude Code's ~/.claude)
     <root>/<session_id>/.claudebox/checkpoints/<name>/   a checkpoint (workers.checkpoints)
+    <root>/.sandbox-uids/<uid>                     link naming the session with that uid (identity)
 
 Every write takes a ``guard``: a callable that raises LockLostError when the caller no longer
 holds the session's lock. session.json also carries the fencing number of the lock holder that
@@ -33,6 +34,7 @@ from claudebox_pool.tasks.errors import (
     SessionCorruptedError,
     SessionNotFoundError,
 )
+from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.models import HistoryEntry, SessionRecord, validate_session_id
 
 Guard = Callable[[], None]
@@ -87,11 +89,14 @@ class SessionStore:
         template pattern seeds a workspace before the session is first opened.
         """
         paths = self.paths(record.session_id)
-        paths.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
+        paths.root.mkdir(exist_ok=True)
         if paths.meta.exists():
             raise SessionAlreadyExistsError(record.session_id)
-        for directory in (paths.workspace, paths.meta, paths.agent_home):
-            directory.mkdir(parents=True, exist_ok=True)
+        paths.workspace.mkdir(exist_ok=True)
+        # The metadata is the worker's alone; the agent home is the session's (workers.identity).
+        paths.meta.mkdir(mode=0o700)
+        paths.agent_home.mkdir(mode=0o700)
         self.save(record, unguarded)
         self.append_history(
             record.session_id,

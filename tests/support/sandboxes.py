@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
+
+from claudebox_pool.workers.runtimes.base import Identity, SandboxSpec
 
 SANDBOX_ID = "[ -e /tmp/id ] || cat /proc/sys/kernel/random/uuid > /tmp/id; cat /tmp/id"
 """A shell command printing the id of the sandbox it runs in: drawn by the sandbox's first
@@ -43,3 +47,18 @@ def sandboxes_of(workspace: Path | str) -> dict[int, int | None]:
         if Path(argv[0]).name == "bwrap"
     }
     return {pid: parent for pid, parent in bwraps.items() if parent not in bwraps}
+
+
+TEST_UID = 299_999
+"""The identity tests give sandboxes they make without a session (the top of the default
+range: sessions are given uids from its bottom)."""
+
+
+def owned(spec: SandboxSpec) -> SandboxSpec:
+    """``spec`` as a root worker makes it for a session: with an identity of its own, which
+    owns the workspace and agent home. Unchanged where the tests do not run as root."""
+    if os.geteuid() != 0:
+        return spec
+    for path in (spec.workspace, spec.home):
+        os.chown(path, TEST_UID, TEST_UID)
+    return dataclasses.replace(spec, identity=Identity(TEST_UID, TEST_UID))

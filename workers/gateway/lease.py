@@ -6,6 +6,7 @@ from another thread, hence the lock; readers get snapshots.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +102,12 @@ class Lease:
     @property
     def events(self) -> list[Event]:
         return self._ledger.events
+
+    def give_to(self, uid: int, gid: int) -> None:
+        """Let a sandbox running as ``uid`` (not the worker's user) use the socket: its
+        directory and the socket become that user's."""
+        os.chown(self.socket_dir, uid, gid)
+        os.chown(self.socket_path, uid, gid)
 
     def close(self) -> None:
         """Stop serving the socket (and TCP port), end its open connections and remove the

@@ -15,9 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from claudebox_pool.tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from claudebox_pool.workers.runtimes.launch import Launch
 
 LineSink = Callable[[str, str], None]
 """Called with ("stdout" | "stderr", line) for every line a command prints, as it prints it."""
@@ -57,8 +60,21 @@ class GatewayMount(Mount):
 
 
 @dataclass(frozen=True)
+class Identity:
+    """The unprivileged host user and group a sandbox's processes run as."""
+
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
-    """What a session's sandbox is made of."""
+    """What a session's sandbox is made of.
+
+    ``identity``: the session's own host identity (:mod:`workers.identity`); a runtime that
+    runs host processes (bwrap) needs one when the worker is root, and runs as the worker's
+    user otherwise.
+    """
 
     session_id: str
     workspace: Path
@@ -69,6 +85,7 @@ class SandboxSpec:
     image: str | None = None
     mounts: tuple[Mount, ...] = ()
     persistent: bool = True
+    identity: Identity | None = None
 
 
 STDERR_TAIL_LINES = 20
@@ -176,7 +193,7 @@ class Runtime(ABC):
         """A sandbox for one task of ``spec.session_id``."""
 
     @classmethod
-    def warm_command(cls) -> Callable[[SandboxSpec, int, int | None], list[str]] | None:
+    def warm_command(cls) -> Callable[[SandboxSpec, int, int | None], Launch] | None:
         """How to start a warm sandbox running the exec server on an inherited descriptor
         (:mod:`workers.warm`), with the seccomp program on the other one if not None, or None
         where this runtime keeps no warm sandboxes."""

@@ -2,9 +2,11 @@
 
 The system is bound read-only piece by piece (``--ro-bind / /`` would make ``/workspace``
 impossible to create), the workspace read-write at ``/workspace``, the session's agent home at
-``/root``. Every namespace is unshared, network included (loopback only), and the sandbox dies
-with the worker. Environment values travel in the process environment, never on bwrap's
-command line, where any host user could read them in /proc.
+``/root``. Every namespace is unshared, network and user included (loopback only; no nested
+user namespace), and the sandbox dies with the worker. It runs as an unprivileged host identity:
+the session's own uid where the worker is root, else the worker's user (:mod:`.launch`), mapped
+to root inside with no capability. Environment values travel in the process environment, never
+on bwrap's command line, where any host user could read them in /proc.
 
 A sandbox is cold (one bwrap per command) or warm: one bwrap per session kept by the worker's
 keeper (:mod:`workers.warm`) and running the exec server (:mod:`workers.runtimes.exec_server`)
@@ -24,23 +26,27 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
+from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import get_settings
 from claudebox_pool.workers.runtimes import exec_server, limits, seccomp
 from claudebox_pool.workers.runtimes.base import (
     AGENT_HOME,
     WORKSPACE,
     ExecResult,
+    Identity,
     LineSink,
     Probe,
     Runtime,
     Sandbox,
     SandboxSpec,
 )
+from claudebox_pool.workers.runtimes.launch import Launch, staged_sources
 from claudebox_pool.workers.runtimes.limits import Confinement
 from claudebox_pool.workers.runtimes.process import run_process
 from claudebox_pool.workers.warm import client as warm_client
@@ -65,13 +71,53 @@ def system_args() -> list[str]:
     return args
 
 
-def bwrap_argv(
+NAMESPACES = ["--unshare-all", "--unshare-user", "--uid", "0", "--gid", "0", "--disable-userns"]
+"""Every namespace, the user's included, with the sandbox's root mapped to the uid bwrap runs
+as (the session's, or the worker's own), and no nested user namespace (an escape's first step).
+"""
+
+
+def sandbox_identity(spec: SandboxSpec) -> Identity | None:
+    """Whom the sandbox runs as on the host: the session's identity when the worker is root
+    (never root itself), else the worker's own user (None: no switch, and none possible)."""
+    if os.geteuid() != 0:
+        return None
+    if spec.identity is None:
+        raise SandboxError(
+            f"session '{spec.session_id}' has no sandbox identity, and a sandbox started by a "
+            "root worker never runs as root; open the session through the pool, which gives it "
+            "one (CLAUDEBOX_SANDBOX_UID_BASE)"
+        )
+    return spec.identity
+
+
+def launch(
     spec: SandboxSpec, argv: Sequence[str], seccomp_fd: int | None = None, tmp_bytes: int = 0
-) -> list[str]:
-    """``tmp_bytes``: the size of /tmp (0: the tmpfs default, half the host's memory)."""
+) -> Launch:
+    """The sandbox's bwrap command and the child's setup: read-only system, the workspace
+    read-write at /workspace, the agent home at /root, the spec's mounts; ``seccomp_fd`` the
+    filter bwrap loads, ``tmp_bytes`` the size of /tmp (0: the tmpfs default, half the host's
+    memory)."""
+    return launch_as(spec, argv, sandbox_identity(spec), seccomp_fd, tmp_bytes)
+
+
+def launch_as(
+    spec: SandboxSpec,
+    argv: Sequence[str],
+    identity: Identity | None,
+    seccomp_fd: int | None = None,
+    tmp_bytes: int = 0,
+) -> Launch:
+    """:func:`launch` for a sandbox run as ``identity`` (None: the worker's own user)."""
+    binds = [
+        (str(spec.workspace), WORKSPACE, False),
+        (str(spec.home), AGENT_HOME, False),
+        *((str(mount.host), mount.guest, mount.read_only) for mount in spec.mounts),
+    ]
+    sources, setup = staged_sources([(host, ro) for host, _, ro in binds], identity)
     args = [
         "bwrap",
-        "--unshare-all",
+        *NAMESPACES,
         "--die-with-parent",
         "--new-session",
         *system_args(),
@@ -82,18 +128,16 @@ def bwrap_argv(
         *(["--size", str(tmp_bytes)] if tmp_bytes else []),
         "--tmpfs",
         "/tmp",  # noqa: S108  (the sandbox's own private tmpfs, not the host's /tmp)
-        "--bind",
-        str(spec.workspace),
-        WORKSPACE,
-        "--bind",
-        str(spec.home),
-        AGENT_HOME,
     ]
-    for mount in spec.mounts:
-        args += ["--ro-bind" if mount.read_only else "--bind", str(mount.host), mount.guest]
+    for (_, guest, read_only), source in zip(binds, sources, strict=True):
+        args += ["--ro-bind" if read_only else "--bind", source, guest]
     if seccomp_fd is not None:
         args += ["--seccomp", str(seccomp_fd)]
-    return [*args, "--chdir", WORKSPACE, "--", *argv]
+    return Launch([*args, "--chdir", WORKSPACE, "--", *argv], setup, identity)
+
+
+def bwrap_argv(spec: SandboxSpec, argv: Sequence[str]) -> list[str]:
+    return launch(spec, argv).argv
 
 
 class BwrapSandbox(Sandbox):
@@ -113,17 +157,25 @@ class BwrapSandbox(Sandbox):
         self._confinement = confinement = limits.confine(self.spec, settings, limits.COLD)
         program = seccomp.program_fd() if settings.seccomp else None
         try:
-            command = bwrap_argv(self.spec, argv, program, confinement.limits.tmp_bytes)
-            result = run_process(
-                command,
-                env,
-                str(self.spec.workspace),
-                timeout_s,
-                on_line,
-                cancel,
-                preexec=confinement.enter,
-                pass_fds=() if program is None else (program,),
-            )
+            started = launch(self.spec, argv, program, confinement.limits.tmp_bytes)
+            started.confine(confinement)
+            try:
+                result = run_process(
+                    started.argv,
+                    env,
+                    "/",
+                    timeout_s,
+                    on_line,
+                    cancel,
+                    preexec=started.preexec,
+                    pass_fds=() if program is None else (program,),
+                )
+            except subprocess.SubprocessError as exc:
+                raise SandboxError(
+                    f"the sandbox of session '{self.spec.session_id}' could not be set up "
+                    f"before bwrap started ({exc}); `claudebox-pool doctor` says whether bwrap "
+                    "works here"
+                ) from exc
             result.limit = confinement.breach()
             return result
         finally:
@@ -148,15 +200,15 @@ class BwrapRuntime(Runtime):
         return _probe()
 
     @classmethod
-    def warm_command(cls) -> Callable[[SandboxSpec, int, int | None], list[str]] | None:
+    def warm_command(cls) -> Callable[[SandboxSpec, int, int | None], Launch] | None:
         interpreter = _interpreter()
         if interpreter is None:
             return None
 
-        def command(spec: SandboxSpec, fd: int, seccomp_fd: int | None) -> list[str]:
+        def command(spec: SandboxSpec, fd: int, seccomp_fd: int | None) -> Launch:
             server = [interpreter, "-I", "-S", "-c", _server_source(), str(fd)]
             tmp_bytes = get_settings().tmp_size_mib * limits.MIB
-            return bwrap_argv(spec, server, seccomp_fd, tmp_bytes)
+            return launch(spec, server, seccomp_fd, tmp_bytes)
 
         return command
 
@@ -226,12 +278,53 @@ def _server_source() -> str:
 def _probe() -> Probe:
     if shutil.which("bwrap") is None:
         return Probe(False, "bubblewrap is not installed (apt-get install bubblewrap)")
-    trial = ["bwrap", "--unshare-all", "--die-with-parent", *system_args(), "--", "true"]
-    try:
-        done = subprocess.run(trial, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Probe(False, f"bubblewrap failed to start: {exc}")
+    identity = _probe_identity()
+    who = f"uid {identity.uid}" if identity else "the worker's user"
+    # A sandbox as the pool makes one: its directories in a 0700 one, staged for a root worker.
+    with tempfile.TemporaryDirectory(prefix="claudebox-probe-") as scratch:
+        inside = Path(scratch) / "workspace"
+        inside.mkdir()
+        inside.chmod(0o755)  # whatever the umask: the sandbox's uid must enter it
+        spec = SandboxSpec("probe", inside, inside, 1, 1, 1, identity=identity)
+        trial = launch_as(spec, ["true"], identity)
+        try:
+            done = subprocess.run(
+                trial.argv,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+                cwd="/",
+                preexec_fn=trial.preexec,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            return Probe(
+                False,
+                f"bubblewrap's sandbox could not be set up as {who} ({exc}); a root worker "
+                "needs CAP_SYS_ADMIN to bind a session's directories in a mount namespace",
+            )
     if done.returncode != 0:
         why = done.stderr.strip().splitlines()[-1:] or ["no message"]
-        return Probe(False, f"bubblewrap cannot create namespaces here: {why[0]}")
-    return Probe(True, "bubblewrap namespaces work (no network, read-only system)")
+        return Probe(
+            False,
+            f"bubblewrap cannot create an unprivileged user namespace as {who} here: {why[0]} "
+            "(is /proc/sys/user/max_user_namespaces 0?)",
+        )
+    if trial.identity is None:
+        return Probe(
+            True,
+            "bubblewrap namespaces work (no network, read-only system; sandboxes run as the "
+            "worker's user in a user namespace of their own)",
+        )
+    return Probe(
+        True,
+        "bubblewrap namespaces work (no network, read-only system; each session runs as its "
+        "own unprivileged uid)",
+    )
+
+
+def _probe_identity() -> Identity | None:
+    if os.geteuid() != 0:
+        return None
+    base = get_settings().sandbox_uid_base
+    return Identity(base, base)

@@ -149,7 +149,10 @@ class Confinement:
         fsize = self.limits.file_bytes
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
         if nproc:
-            resource.setrlimit(resource.RLIMIT_NPROC, (self.limits.pids_max,) * 2)
+            # Where the cgroup counts processes, the rlimit is only a backstop above it, so that
+            # the cgroup refuses first and the run's error can name CLAUDEBOX_PIDS_MAX.
+            most = self.limits.pids_max * (2 if self._procs else 1)
+            resource.setrlimit(resource.RLIMIT_NPROC, (most, most))
 
     def counters(self) -> Counters:
         return self.group.counters() if self.group is not None else Counters()

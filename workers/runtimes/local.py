@@ -44,7 +44,11 @@ class LocalRuntime(Runtime):
 
     @classmethod
     def probe(cls) -> Probe:
-        return Probe(True, "local runs the agent unsandboxed on the host (development only)")
+        return Probe(
+            True,
+            "local runs the agent unsandboxed on the host as the worker's own user, root "
+            "included (development only: no containment)",
+        )
 
     def open(self, spec: SandboxSpec) -> Sandbox:
         return LocalSandbox(spec)

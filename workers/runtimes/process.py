@@ -71,8 +71,9 @@ def run_process(
     preexec: Callable[[], None] | None = None,
     pass_fds: Sequence[int] = (),
 ) -> ExecResult:
-    """``preexec`` runs in the child before exec (joining a cgroup, setting rlimits);
-    ``pass_fds`` are inherited by the command (bwrap's ``--seccomp`` program)."""
+    """``preexec`` runs in the child before exec (a sandbox's setup: its cgroup, rlimits, binds,
+    then the privilege drop); ``pass_fds`` are inherited by the command (bwrap's ``--seccomp``
+    program)."""
     started = time.monotonic()
     proc = subprocess.Popen(
         list(argv),

@@ -57,15 +57,17 @@ from claudebox_pool.tasks.settings import Settings
 from claudebox_pool.workers.runtimes import limits, seccomp
 from claudebox_pool.workers.runtimes.base import Runtime, Sandbox, SandboxSpec
 from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
+from claudebox_pool.workers.runtimes.launch import Launch
 from claudebox_pool.workers.runtimes.limits import Confinement
 from claudebox_pool.workers.warm.held import serve_sandbox
 from claudebox_pool.workers.warm.protocol import Reply, Request, WarmSpec
 
 log = logging.getLogger(__name__)
 
-SandboxCommand = Callable[[SandboxSpec, int, int | None], list[str]]
-"""The command that starts a sandbox for a spec, running the exec server on the given fd,
-with the seccomp program (:mod:`workers.runtimes.seccomp`) on the other if not None."""
+SandboxCommand = Callable[[SandboxSpec, int, int | None], Launch]
+"""How to start a sandbox for a spec, running the exec server on the given fd, with the seccomp
+program (:mod:`workers.runtimes.seccomp`) on the other if not None: its command and its child's
+setup (the drop to the session's identity last)."""
 RemoteDrop = Callable[[str, str], bool]
 """Ask worker ``hostname`` to stop its warm sandbox of session ``session_id``; True if it
 answered (whether or not it had one)."""
@@ -366,16 +368,21 @@ class Keeper:
         confinement = limits.confine(sandbox, self.settings, limits.WARM)
         program = seccomp.program_fd() if self.settings.seccomp else None
         try:
+            started = self._command(sandbox, server_end.fileno(), program)
+            started.confine(confinement)
             return subprocess.Popen(
-                self._command(sandbox, server_end.fileno(), program),
+                started.argv,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                cwd=spec.workspace,
+                cwd="/",
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 pass_fds=(server_end.fileno(), *(() if program is None else (program,))),
                 start_new_session=True,
-                preexec_fn=confinement.enter,
+                preexec_fn=started.preexec,
             ), confinement
+        except subprocess.SubprocessError as exc:
+            confinement.close()
+            raise OSError(f"its setup failed before bwrap started ({exc})") from exc
         except BaseException:
             confinement.close()
             raise

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from claudebox_pool.workers.runtimes.base import GatewayMount, Mount, SandboxSpec
+from claudebox_pool.workers.runtimes.base import GatewayMount, Identity, Mount, SandboxSpec
 
 
 class WarmSpec(BaseModel):
@@ -27,6 +27,8 @@ class WarmSpec(BaseModel):
     """Where a TCP gateway lease is seen (it is no mount: a run has a way out to the host's
     loopback, at a port its own environment names); the port is not part of the shape."""
     persistent: bool
+    identity: tuple[int, int] | None = None
+    """(uid, gid) the sandbox runs as, where the worker is root."""
 
     @classmethod
     def of(cls, spec: SandboxSpec) -> WarmSpec:
@@ -43,6 +45,7 @@ class WarmSpec(BaseModel):
             mounts=tuple((str(m.host), m.guest, m.read_only) for m in shared),
             tcp_gateway=tcp[0].guest if tcp else None,
             persistent=spec.persistent,
+            identity=(spec.identity.uid, spec.identity.gid) if spec.identity else None,
         )
 
     def sandbox_spec(self) -> SandboxSpec:
@@ -63,6 +66,7 @@ class WarmSpec(BaseModel):
                 ),
             ),
             persistent=self.persistent,
+            identity=Identity(*self.identity) if self.identity else None,
         )
 
 
