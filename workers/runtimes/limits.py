@@ -35,6 +35,7 @@ from pathlib import Path
 from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import Settings
 from claudebox_pool.workers.runtimes.base import SandboxSpec
+from claudebox_pool.workers.runtimes.process import alive
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PREFIX = "claudebox-"
@@ -342,7 +343,7 @@ def _sweep(base: Path) -> None:
     """Remove the cgroups of worker processes that died without removing theirs."""
     for path in base.glob(f"{PREFIX}*"):
         owner = path.name.removeprefix(PREFIX).partition("-")[0]
-        if owner.isdigit() and not _alive(int(owner)) and path.is_dir():
+        if owner.isdigit() and not alive(int(owner)) and path.is_dir():
             Group(0, {"any": path}).remove()
 
 
@@ -393,16 +394,6 @@ def _field(path: Path, name: str) -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def report(settings: Settings) -> list[str]:

@@ -32,6 +32,17 @@ def _deliver(reader: StreamReader, lines: list[str], on_line: LineSink | None) -
             on_line(reader.name, line.rstrip("\n"))
 
 
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)

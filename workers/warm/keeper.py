@@ -59,6 +59,7 @@ from claudebox_pool.workers.runtimes.base import Runtime, Sandbox, SandboxSpec
 from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
 from claudebox_pool.workers.runtimes.launch import Launch
 from claudebox_pool.workers.runtimes.limits import Confinement
+from claudebox_pool.workers.runtimes.process import alive
 from claudebox_pool.workers.warm.held import serve_sandbox
 from claudebox_pool.workers.warm.protocol import Reply, Request, WarmSpec
 
@@ -411,7 +412,7 @@ class Keeper:
             elif warm.leased_by is None:
                 if now - warm.idle_since >= self.settings.warm_idle_s:
                     self._drop_soon(session_id)
-            elif not _alive(warm.leased_by):
+            elif not alive(warm.leased_by):
                 # The pool child running the task died: its command must not run on.
                 self._drop_soon(session_id)
 
@@ -469,16 +470,6 @@ def _private_dir() -> Path:
         return Path(tempfile.mkdtemp(prefix="claudebox-warm-"))
     for left in root.iterdir():
         pid = left.name.partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(left, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
