@@ -438,13 +438,18 @@ def up(
         bool, typer.Option(help="Start Flower too (needs CLAUDEBOX_FLOWER_BASIC_AUTH).")
     ] = False,
     flower_port: Annotated[int, typer.Option(help="Flower's port on 127.0.0.1.")] = 5555,
+    supervise: Annotated[
+        bool, typer.Option(hidden=True, help="Be the supervisor that `up --detach` starts.")
+    ] = False,
 ) -> None:
-    """Start a local pool: redis-server (if none answers), workers and beat. Ctrl-C stops it."""
-    guarded(
-        lambda: local_pool.up(
-            workers, concurrency, detach, out, flower_port=flower_port if flower else None
+    """Start a local pool: redis-server (if none answers), workers and beat, restarted when they
+    crash. Ctrl-C stops it."""
+    port = flower_port if flower else None
+    if detach and not supervise:
+        raise typer.Exit(
+            guarded(lambda: local_pool.start_detached(workers, concurrency, flower_port=port))
         )
-    )
+    guarded(lambda: local_pool.up(workers, concurrency, supervise, out, flower_port=port))
 
 
 @cli.command()
