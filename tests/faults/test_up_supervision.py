@@ -25,11 +25,15 @@ def recorded(pool: LocalPool) -> dict[str, object]:
         return {}
 
 
-def worker_pid(pool: LocalPool) -> int | None:
+def member_pid(pool: LocalPool, name: str) -> int | None:
     members = recorded(pool).get("members") or {}
     assert isinstance(members, dict)
-    worker = members.get("worker-1")
-    return int(worker["pid"]) if worker else None
+    member = members.get(name)
+    return int(member["pid"]) if member else None
+
+
+def worker_pid(pool: LocalPool) -> int | None:
+    return member_pid(pool, "worker-1")
 
 
 def up_log(pool: LocalPool) -> str:
@@ -64,11 +68,15 @@ def test_a_killed_worker_is_restarted_after_a_delay_that_doubles(
     assert second is not None
     os.kill(second, signal.SIGKILL)
     wait_for(lambda: worker_pid(local_pool) not in (None, second), 30, "a second restart")
+    beat = member_pid(local_pool, "beat")
+    assert beat is not None
+    os.kill(beat, signal.SIGKILL)
+    wait_for(lambda: member_pid(local_pool, "beat") not in (None, beat), 30, "beat to restart")
     stopped = local_pool.run("down")
 
-    assert "worker-1 exited by signal 9; restarting it in 2.0s (crash 2 in a row)" in up_log(
-        local_pool
-    )
+    log = up_log(local_pool)
+    assert "worker-1 exited by signal 9; restarting it in 2.0s (crash 2 in a row)" in log
+    assert "beat exited by signal 9; restarting it in 1.0s (crash 1 in a row)" in log
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert local_pool.processes() == []
 
@@ -103,6 +111,27 @@ def test_up_after_the_whole_pool_was_killed_clears_its_state_and_starts(
     assert "the last pool ended without `claudebox-pool down`" in again.stdout
     assert (ran.returncode, ran.stdout) == (0, "again\n"), ran.stderr
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert local_pool.processes() == []
+
+
+def test_processes_stopped_on_purpose_stay_stopped_and_then_up_stops_the_pool(
+    local_pool: LocalPool,  # noqa: F811
+) -> None:
+    output = local_pool.home / "up.log"
+    up = local_pool.start("up", output=output)
+    wait_for(lambda: "pool up" in output.read_text(), 60, "the pool to start")
+
+    for name in ("worker-1", "beat"):
+        pid = member_pid(local_pool, name)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)  # Celery's warm shutdown: it exits 0
+
+    assert up.wait(60) == 0, output.read_text()
+    log = output.read_text()
+    assert "worker-1 exited 0; left stopped" in log
+    assert "beat exited 0; left stopped" in log
+    assert "every Celery process of the pool has exited; stopping it" in log
+    assert "restarted" not in log
     assert local_pool.processes() == []
 
 
