@@ -25,29 +25,38 @@ and the next ``up`` stops what is left of that pool and starts afresh.
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, NoReturn
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import redis
 from pydantic import BaseModel
 from rich.console import Console
-from rich.text import Text
 
 from claudebox_pool.producer.flowerconfig import basic_auth_problem
+from claudebox_pool.producer.supervisor import (
+    COLD,
+    SOON,
+    WARM,
+    Backoff,
+    Child,
+    Launcher,
+    Member,
+    Recorded,
+    start_ticks,
+    stop,
+    supervise,
+)
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import redacted, sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, PoolUnavailableError
@@ -58,18 +67,9 @@ READY_TIMEOUT_S = 90
 DOWN_TIMEOUT_S = 120
 """How long `down` lets running tasks finish before it stops them (they are requeued)."""
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red")
 
-Step = tuple[signal.Signals, float | None]
-"""A signal, and how long to wait for the processes to go after it (None: as long as it takes)."""
-WARM: Step = (signal.SIGTERM, None)
-"""Celery's warm shutdown: running tasks finish; Redis: save and exit."""
-COLD: Step = (signal.SIGQUIT, 20)
-"""Celery's cold shutdown: running tasks are stopped, and requeued as they are acked late."""
-SOON: Step = (signal.SIGTERM, 30)
 COLD_AND_REDIS_S = 60
 """How long a supervisor's cold shutdown and its Redis's stop may take together (20 s + 30 s)."""
-SUPERVISE_POLL_S = 0.2
 
 WORKER_ONLY_ENV = (
     "CLAUDEBOX_ANTHROPIC_API_KEY",
@@ -79,15 +79,6 @@ WORKER_ONLY_ENV = (
 )
 """The model credential: only workers (their gateways) get it, never beat or Flower."""
 FLOWER_ONLY_ENV = ("CLAUDEBOX_FLOWER_BASIC_AUTH", "FLOWER_BASIC_AUTH")
-
-
-class Recorded(BaseModel):
-    """A process as ``up`` recorded it. The start time tells it from a later process that the
-    system gave the same pid once it had exited."""
-
-    pid: int
-    started: int
-    """Clock ticks after boot (``/proc/<pid>/stat``, field 22)."""
 
 
 class PoolState(BaseModel):
@@ -102,51 +93,6 @@ class PoolState(BaseModel):
     worker_names: list[str] = []
 
 
-@dataclass
-class Member:
-    """One process of the pool; ``proc`` is set in the process that started it."""
-
-    name: str
-    pid: int
-    started: int | None
-    proc: subprocess.Popen[bytes] | None = None
-
-    @classmethod
-    def of(cls, name: str, recorded: Recorded) -> Member:
-        return cls(name, recorded.pid, recorded.started)
-
-    def recorded(self) -> Recorded:
-        return Recorded(pid=self.pid, started=self.started or 0)
-
-    def alive(self) -> bool:
-        if self.proc is not None:
-            return self.proc.poll() is None
-        return self.started is not None and _start_ticks(self.pid) == self.started
-
-    def signal(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
-
-    def kill_group(self) -> None:
-        """Kill whatever is left of its process group (pool children that outlived it)."""
-        if self.proc is None and not self.alive() and Path(f"/proc/{self.pid}").exists():
-            return  # the pid is another process's now, and so may its group be
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-
-
-def _start_ticks(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks after boot); None if no such process runs, or it has
-    exited and is not reaped yet (as under an init that reaps nothing, in some containers)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # After the command name in parentheses: the state is field 3, the start time field 22.
-    fields = stat.rpartition(")")[2].split()
-    return None if fields[0] == "Z" else int(fields[19])
-
-
 def run_dir(settings: Settings) -> Path:
     """The pool's pid files, logs and Redis: 0700, like CLAUDEBOX_HOME above it."""
     private_dir(settings.home)
@@ -159,55 +105,6 @@ def state_file(settings: Settings) -> Path:
 
 def logs_dir(settings: Settings) -> Path:
     return run_dir(settings) / "logs"
-
-
-@dataclass
-class Launcher:
-    """Starts the pool's processes, each in its own session, with its output where it belongs."""
-
-    settings: Settings
-    detach: bool
-    out: Console
-    pumps: list[threading.Thread] = field(default_factory=list)
-    colours: Iterator[str] = field(default_factory=lambda: itertools.cycle(COLOURS))
-
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None, umask: int = -1
-    ) -> Member:
-        output: IO[bytes] | int = subprocess.PIPE
-        if self.detach:
-            logs_dir(self.settings).mkdir(parents=True, exist_ok=True)
-            output = (logs_dir(self.settings) / f"{name}.log").open("ab")
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-                umask=umask,
-            )
-        finally:
-            if not isinstance(output, int):
-                output.close()
-        if proc.stdout is not None:
-            pump = threading.Thread(
-                target=self._pump, args=(name, proc.stdout, next(self.colours)), daemon=True
-            )
-            pump.start()
-            self.pumps.append(pump)
-        return Member(name, proc.pid, _start_ticks(proc.pid), proc)
-
-    def _pump(self, name: str, stream: IO[bytes], colour: str) -> None:
-        prefix = f"{name:<9}| "
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip()
-            self.out.print(Text.assemble((prefix, colour), line), soft_wrap=True)
-
-    def drain(self) -> None:
-        for pump in self.pumps:
-            pump.join(5)
 
 
 def _cli(*arguments: str) -> list[str]:
@@ -307,46 +204,6 @@ def _workers_ready(settings: Settings, names: list[str], launched: float) -> Cal
     return ready
 
 
-def stop(members: list[Member], steps: list[Step]) -> None:
-    """Signal what still runs, step by step, then kill what is left of each process group."""
-    try:
-        for sig, wait_s in steps:
-            running = [member for member in members if member.alive()]
-            for member in running:
-                member.signal(sig)
-            deadline = None if wait_s is None else time.monotonic() + wait_s
-            while any(member.alive() for member in running):
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-    finally:
-        for member in members:
-            member.kill_group()
-
-
-@dataclass
-class Child:
-    """A process ``up`` keeps running: how to start it, and where its restarts stand."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str] | None = None
-    umask: int = -1
-    member: Member | None = None
-    crashes: int = 0
-    """Crashes in a row: the next restart waits ``delay * 2 ** (crashes - 1)``."""
-    started_at: float = 0.0
-    restart_at: float | None = None
-    finished: bool = False
-    """Exited 0: stopped on purpose (Celery's remote shutdown, a `kill`), so left stopped."""
-
-    def start(self, launcher: Launcher) -> Member:
-        self.member = launcher.start(self.name, self.argv, self.env, self.umask)
-        self.started_at = time.monotonic()
-        self.restart_at = None
-        return self.member
-
-
 @dataclass
 class Pool:
     """The processes of one ``up``, and their record in ``pool.json``."""
@@ -372,40 +229,9 @@ class Pool:
 
     def supervise(self, out: Console) -> None:
         """Restart what crashes, until every Celery process has exited 0 (or a signal comes)."""
-        children = [*self.celery, *([self.redis] if self.redis else [])]
-        while not all(child.finished for child in self.celery):
-            now = time.monotonic()
-            for child in children:
-                if child.restart_at is not None:
-                    if now >= child.restart_at:
-                        pid = child.start(self.launcher).pid
-                        self.record()
-                        out.print(f"restarted {child.name} (pid {pid})", highlight=False)
-                    continue
-                if child.finished or child.member is None or child.member.proc is None:
-                    continue
-                code = child.member.proc.poll()
-                if code is None:
-                    if now - child.started_at >= self.settings.up_restart_max_delay_s:
-                        child.crashes = 0  # it ran long enough to count as stable again
-                    continue
-                if code == 0:
-                    child.finished = True
-                    out.print(f"{child.name} exited 0; left stopped", highlight=False)
-                    continue
-                child.crashes += 1
-                delay = min(
-                    self.settings.up_restart_delay_s * 2 ** (child.crashes - 1),
-                    self.settings.up_restart_max_delay_s,
-                )
-                child.restart_at = now + delay
-                how = f"by signal {-code}" if code < 0 else f"with code {code}"
-                out.print(
-                    f"[red]{child.name} exited {how}; restarting it in {delay:.1f}s "
-                    f"(crash {child.crashes} in a row)[/]",
-                    highlight=False,
-                )
-            time.sleep(SUPERVISE_POLL_S)
+        backoff = Backoff(self.settings.up_restart_delay_s, self.settings.up_restart_max_delay_s)
+        others = [self.redis] if self.redis else []
+        supervise(self.celery, others, self.launcher, backoff, out, self.record)
         out.print("[red]every Celery process of the pool has exited; stopping it[/]")
 
     def stop(self, out: Console) -> None:
@@ -447,7 +273,13 @@ def up(
     handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {sig: signal.signal(sig, _interrupt) for sig in handled}
     try:
-        pool = _start(settings, Launcher(settings, detach, out), workers, concurrency, flower_port)
+        pool = _start(
+            settings,
+            Launcher(out, logs_dir(settings) if detach else None),
+            workers,
+            concurrency,
+            flower_port,
+        )
         out.print(
             f"pool up: {workers} worker(s) x {concurrency} slots, beat"
             + (f", Flower at http://127.0.0.1:{flower_port} (basic auth)" if flower_port else "")
@@ -476,7 +308,7 @@ def _start(
     settings: Settings, launcher: Launcher, workers: int, concurrency: int, flower_port: int | None
 ) -> Pool:
     """Start Redis (unless one answers), the workers, beat and Flower; wait for the workers."""
-    me = Recorded(pid=os.getpid(), started=_start_ticks(os.getpid()) or 0)
+    me = Recorded(pid=os.getpid(), started=start_ticks(os.getpid()) or 0)
     pool = Pool(settings, launcher, PoolState(supervisor=me))
     out = launcher.out
     try:
