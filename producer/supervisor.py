@@ -219,6 +219,9 @@ def supervise(
                 child.finished = True
                 out.print(f"{child.name} exited 0; left stopped", highlight=False)
                 continue
+            # What it started may still run (a worker's pool processes): like systemd's
+            # KillMode=control-group, none of it outlives the crash to meet its replacement.
+            child.member.kill_group()
             child.crashes += 1
             delay = backoff.delay(child.crashes)
             child.restart_at = now + delay

@@ -48,15 +48,18 @@ def test_a_killed_worker_is_restarted_after_a_delay_that_doubles(
     first = worker_pid(local_pool)
     assert first is not None
 
+    pool_children = children_of(first)
     killed_at = time.monotonic()
     os.kill(first, signal.SIGKILL)
     wait_for(lambda: worker_pid(local_pool) not in (None, first), 30, "worker-1 to restart")
     restarted_after = time.monotonic() - killed_at
+    left_over = [pid for pid in pool_children if alive(pid)]
     second = worker_pid(local_pool)
     ran = local_pool.run("code", "after-crash", "echo back")
     again = local_pool.run("up", "--detach")
 
     assert 1.0 <= restarted_after < 6, restarted_after  # the first delay is 1 s
+    assert pool_children and left_over == []  # the crashed worker's pool went with it
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert ran.stdout == "back\n"
     assert again.returncode == 2
@@ -133,6 +136,23 @@ def test_processes_stopped_on_purpose_stay_stopped_and_then_up_stops_the_pool(
     assert "every Celery process of the pool has exited; stopping it" in log
     assert "restarted" not in log
     assert local_pool.processes() == []
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            found += [int(child) for child in children.read().split()]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (the restarted pool's own processes are reaped by init)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def pids_tagged(tag: str) -> list[int]:
