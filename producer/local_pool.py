@@ -364,6 +364,7 @@ def start_detached(workers: int, concurrency: int, *, flower_port: int | None = 
     """``up --detach``: start the supervising ``up`` in a session of its own (a closed terminal
     does not stop it), show what it prints until the pool is ready, and return its outcome as
     an exit code: 0 once the pool is up, else the supervisor's own."""
+    settings = get_settings()  # a refused value is reported here, once, not by both processes
     argv = _cli("up", "--workers", str(workers), "--concurrency", str(concurrency), "--supervise")
     if flower_port is not None:
         argv += ["--flower", "--flower-port", str(flower_port)]
@@ -380,7 +381,7 @@ def start_detached(workers: int, concurrency: int, *, flower_port: int | None = 
         supervisor.terminate()
         supervisor.wait()
         raise
-    state = _read_state(get_settings())
+    state = _read_state(settings)
     ours = state is not None and state.supervisor is not None and state.supervisor.pid
     if state is not None and state.ready and ours == supervisor.pid:
         return 0

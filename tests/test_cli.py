@@ -275,7 +275,15 @@ def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize(
     "verb",
-    [["doctor"], ["code", "x", "true"], ["sessions", "list"], ["worker"], ["beat"], ["up"]],
+    [
+        ["doctor"],
+        ["code", "x", "true"],
+        ["sessions", "list"],
+        ["worker"],
+        ["beat"],
+        ["up"],
+        ["up", "--detach"],
+    ],
     ids=" ".join,
 )
 def test_a_bad_value_in_the_environment_is_one_line_naming_it(verb: list[str]) -> None:
