@@ -13,14 +13,10 @@ nothing needs it. A second Ctrl-C turns that into a cold shutdown: running tasks
 and go back to the queue. In the foreground the processes' output is one stream, each line
 prefixed with its process's name; with ``--detach`` it goes to ``<home>/run/logs/<name>.log``.
 
-``up`` supervises what it started, like systemd's ``Restart=on-failure``: a process that exits
-non-zero or by a signal is started again after a delay that doubles with each crash in a row
-(``CLAUDEBOX_UP_RESTART_DELAY_S`` up to ``CLAUDEBOX_UP_RESTART_MAX_DELAY_S``); one that exits 0
-was stopped on purpose and stays stopped. ``up --detach`` starts that supervisor in a session of
-its own and returns once the pool is ready. The supervisor and every process, each with its
-start time, are recorded in ``<home>/run/pool.json`` for ``claudebox-pool down``; a record whose
-supervisor is gone (or whose pid now belongs to another process) is what a crash left behind,
-and the next ``up`` stops what is left of that pool and starts afresh.
+``up`` supervises what it started, restarting what crashes (``supervisor``); ``up --detach``
+starts that supervisor in a session of its own and returns once the pool is ready. The
+supervisor and each process, with its start time, are recorded in ``<home>/run/pool.json`` for
+``down``; a record whose supervisor is gone is what a crash left behind, which ``up`` clears.
 """
 
 from __future__ import annotations
