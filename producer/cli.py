@@ -1,8 +1,10 @@
 """The ``claudebox-pool`` command.
 
-Exit codes scripts can rely on: 0 done; 1 the work ran and failed (an agent's non-zero exit, a
-failed job); 2 a usage mistake (bad id, unknown session, refused input); 3 the pool cannot be
-reached (no Redis, no worker); 130 interrupted (the tasks it waited for are cancelled). A user
+Every command exits with the same codes, one per case a script handles differently (the README
+lists them): 0 done; 1 the work ran and failed (an agent's non-zero exit, a failed job); 2 a
+usage mistake; 3 the pool cannot be reached; 4 the session's state forbids it now (busy,
+corrupted, disk full); 5 the pool failed the task; 130 interrupted. ``EXIT_CODES`` maps the error
+tree onto them by base class, so an error added under a base gets its base's code. A user
 mistake is one line on stderr, never a traceback.
 """
 
@@ -39,10 +41,22 @@ from claudebox_pool.producer.terminal import show_event
 from claudebox_pool.tasks import names
 from claudebox_pool.tasks.app import app as celery_app
 from claudebox_pool.tasks.errors import (
+    CheckpointNotFoundError,
     ClaudeBoxError,
+    DiskFullError,
+    InvalidRequestError,
+    InvalidSessionIdError,
     InvalidSettingError,
+    LockLostError,
     PoolUnavailableError,
+    RuntimeUnavailableError,
+    SandboxError,
+    SessionAlreadyExistsError,
+    SessionBusyError,
+    SessionCorruptedError,
     SessionNotFoundError,
+    TaskFailedError,
+    WrongNodeError,
 )
 from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.lifecycle import megabytes
@@ -58,7 +72,36 @@ from claudebox_pool.tasks.settings import (
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_SESSION_STATE = 4
+EXIT_TASK_FAILED = 5
 EXIT_INTERRUPTED = 130
+
+EXIT_CODES: dict[type[ClaudeBoxError], int] = {
+    # An error no entry below names (a new one straight under the root) is the pool's failure.
+    ClaudeBoxError: EXIT_TASK_FAILED,
+    InvalidSessionIdError: EXIT_USAGE,
+    InvalidRequestError: EXIT_USAGE,
+    InvalidSettingError: EXIT_USAGE,
+    SessionNotFoundError: EXIT_USAGE,
+    SessionAlreadyExistsError: EXIT_USAGE,
+    CheckpointNotFoundError: EXIT_USAGE,
+    PoolUnavailableError: EXIT_UNAVAILABLE,
+    # A worker that cannot run its configured sandbox cannot serve anything.
+    RuntimeUnavailableError: EXIT_UNAVAILABLE,
+    SessionBusyError: EXIT_SESSION_STATE,
+    SessionCorruptedError: EXIT_SESSION_STATE,
+    DiskFullError: EXIT_SESSION_STATE,
+    WrongNodeError: EXIT_SESSION_STATE,
+    TaskFailedError: EXIT_TASK_FAILED,
+    LockLostError: EXIT_TASK_FAILED,
+    SandboxError: EXIT_TASK_FAILED,
+}
+"""The exit code of each error: its own class's entry, else its nearest base's."""
+
+
+def exit_code_for(kind: type[ClaudeBoxError]) -> int:
+    return next(EXIT_CODES[base] for base in kind.__mro__ if base in EXIT_CODES)
+
 
 cli = typer.Typer(
     name="claudebox-pool",
@@ -114,19 +157,17 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     except KeyboardInterrupt:
         # The calls waiting in the coroutine cancelled their tasks on the way out.
         fail("interrupted", EXIT_INTERRUPTED)
-    except PoolUnavailableError as exc:
-        fail(str(exc), EXIT_UNAVAILABLE)
     except ClaudeBoxError as exc:
-        fail(str(exc), EXIT_USAGE)
+        fail(str(exc), exit_code_for(type(exc)))
 
 
 def guarded(call: Callable[[], T]) -> T:
     try:
         return call()
-    except PoolUnavailableError as exc:
-        fail(str(exc), EXIT_UNAVAILABLE)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
     except ClaudeBoxError as exc:
-        fail(str(exc), EXIT_USAGE)
+        fail(str(exc), exit_code_for(type(exc)))
 
 
 def exec_celery(
@@ -397,13 +438,18 @@ def up(
         bool, typer.Option(help="Start Flower too (needs CLAUDEBOX_FLOWER_BASIC_AUTH).")
     ] = False,
     flower_port: Annotated[int, typer.Option(help="Flower's port on 127.0.0.1.")] = 5555,
+    supervise: Annotated[
+        bool, typer.Option(hidden=True, help="Be the supervisor that `up --detach` starts.")
+    ] = False,
 ) -> None:
-    """Start a local pool: redis-server (if none answers), workers and beat. Ctrl-C stops it."""
-    guarded(
-        lambda: local_pool.up(
-            workers, concurrency, detach, out, flower_port=flower_port if flower else None
+    """Start a local pool: redis-server (if none answers), workers and beat, restarted when they
+    crash. Ctrl-C stops it."""
+    port = flower_port if flower else None
+    if detach and not supervise:
+        raise typer.Exit(
+            guarded(lambda: local_pool.start_detached(workers, concurrency, flower_port=port))
         )
-    )
+    guarded(lambda: local_pool.up(workers, concurrency, supervise, out, flower_port=port))
 
 
 @cli.command()
@@ -450,7 +496,7 @@ def sessions_show(session_id: Annotated[str, typer.Argument(help="Session id.")]
     guarded(lambda: validate_session_id(session_id))
     record = next((r for r in guarded(ClaudeBox.list_sessions) if r.session_id == session_id), None)
     if record is None:
-        fail(str(SessionNotFoundError(session_id)), EXIT_USAGE)
+        fail(str(SessionNotFoundError(session_id)), exit_code_for(SessionNotFoundError))
     out.print_json(record.model_dump_json())
     history = Path(record.workspace_path).parent / ".claudebox" / "history.jsonl"
     if history.exists():
@@ -582,7 +628,7 @@ def main() -> None:
         # Settings are read on first use, wherever that is; commands that catch ClaudeBoxError
         # report it themselves with the same line and code.
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        sys.exit(EXIT_USAGE)
+        sys.exit(exit_code_for(type(exc)))
 
 
 if __name__ == "__main__":

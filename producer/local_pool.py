@@ -12,34 +12,47 @@ shutdown (running tasks finish, queued ones stay in Redis), and the Redis it sta
 nothing needs it. A second Ctrl-C turns that into a cold shutdown: running tasks are stopped
 and go back to the queue. In the foreground the processes' output is one stream, each line
 prefixed with its process's name; with ``--detach`` it goes to ``<home>/run/logs/<name>.log``.
-Either way the processes are recorded in ``<home>/run/pool.json`` for ``claudebox-pool down``.
+
+``up`` supervises what it started, restarting what crashes (``supervisor``); ``up --detach``
+starts that supervisor in a session of its own and returns once the pool is ready. The
+supervisor and each process, with its start time, are recorded in ``<home>/run/pool.json`` for
+``down``; a record whose supervisor is gone is what a crash left behind, which ``up`` clears.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import secrets
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO, NoReturn
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import redis
 from pydantic import BaseModel
 from rich.console import Console
-from rich.text import Text
 
 from claudebox_pool.producer.flowerconfig import basic_auth_problem
+from claudebox_pool.producer.supervisor import (
+    COLD,
+    SOON,
+    WARM,
+    Backoff,
+    Child,
+    Launcher,
+    Member,
+    Recorded,
+    start_ticks,
+    stop,
+    supervise,
+)
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import redacted, sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, PoolUnavailableError
@@ -50,15 +63,9 @@ READY_TIMEOUT_S = 90
 DOWN_TIMEOUT_S = 120
 """How long `down` lets running tasks finish before it stops them (they are requeued)."""
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red")
 
-Step = tuple[signal.Signals, float | None]
-"""A signal, and how long to wait for the processes to go after it (None: as long as it takes)."""
-WARM: Step = (signal.SIGTERM, None)
-"""Celery's warm shutdown: running tasks finish; Redis: save and exit."""
-COLD: Step = (signal.SIGQUIT, 20)
-"""Celery's cold shutdown: running tasks are stopped, and requeued as they are acked late."""
-SOON: Step = (signal.SIGTERM, 30)
+COLD_AND_REDIS_S = 60
+"""How long a supervisor's cold shutdown and its Redis's stop may take together (20 s + 30 s)."""
 
 WORKER_ONLY_ENV = (
     "CLAUDEBOX_ANTHROPIC_API_KEY",
@@ -73,48 +80,13 @@ FLOWER_ONLY_ENV = ("CLAUDEBOX_FLOWER_BASIC_AUTH", "FLOWER_BASIC_AUTH")
 class PoolState(BaseModel):
     """What ``up`` started, for ``down`` (and for ``up`` to refuse starting a second pool)."""
 
-    members: dict[str, int] = {}
-    """Process name (``worker-1``, ``beat``, ``flower``) -> pid of each Celery process."""
-    redis_pid: int | None = None
+    supervisor: Recorded | None = None
+    """The ``up`` process that started the pool and restarts what crashes in it."""
+    ready: bool = False
+    members: dict[str, Recorded] = {}
+    """Process name (``worker-1``, ``beat``, ``flower``) -> each Celery process."""
+    redis: Recorded | None = None
     worker_names: list[str] = []
-
-
-@dataclass
-class Member:
-    """One process of the pool; ``proc`` is set in the process that started it."""
-
-    name: str
-    pid: int
-    proc: subprocess.Popen[bytes] | None = None
-
-    def alive(self) -> bool:
-        if self.proc is not None:
-            return self.proc.poll() is None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not _is_zombie(self.pid)
-
-    def signal(self, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
-
-    def kill_group(self) -> None:
-        """Kill whatever is left of its process group (pool children that outlived it)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-
-
-def _is_zombie(pid: int) -> bool:
-    """Exited but not reaped, as under an init that reaps nothing (some containers)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def run_dir(settings: Settings) -> Path:
@@ -129,58 +101,6 @@ def state_file(settings: Settings) -> Path:
 
 def logs_dir(settings: Settings) -> Path:
     return run_dir(settings) / "logs"
-
-
-@dataclass
-class Launcher:
-    """Starts the pool's processes, each in its own session, with its output where it belongs."""
-
-    settings: Settings
-    detach: bool
-    out: Console
-    exited: threading.Event = field(default_factory=threading.Event)
-    pumps: list[threading.Thread] = field(default_factory=list)
-    colours: Iterator[str] = field(default_factory=lambda: itertools.cycle(COLOURS))
-
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None, umask: int = -1
-    ) -> Member:
-        output: IO[bytes] | int = subprocess.PIPE
-        if self.detach:
-            logs_dir(self.settings).mkdir(parents=True, exist_ok=True)
-            output = (logs_dir(self.settings) / f"{name}.log").open("ab")
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-                umask=umask,
-            )
-        finally:
-            if not isinstance(output, int):
-                output.close()
-        if proc.stdout is not None:
-            pump = threading.Thread(
-                target=self._pump, args=(name, proc.stdout, next(self.colours)), daemon=True
-            )
-            pump.start()
-            self.pumps.append(pump)
-        return Member(name, proc.pid, proc)
-
-    def _pump(self, name: str, stream: IO[bytes], colour: str) -> None:
-        prefix = f"{name:<9}| "
-        for raw in stream:
-            line = raw.decode(errors="replace").rstrip()
-            self.out.print(Text.assemble((prefix, colour), line), soft_wrap=True)
-        # End of output: the process (and every child sharing its stdout) has gone.
-        self.exited.set()
-
-    def drain(self) -> None:
-        for pump in self.pumps:
-            pump.join(5)
 
 
 def _cli(*arguments: str) -> list[str]:
@@ -265,12 +185,13 @@ def _wait_for(condition: Callable[[], bool], members: list[Member], timeout_s: f
         time.sleep(0.1)
 
 
-def _workers_ready(settings: Settings, names: list[str]) -> Callable[[], bool]:
+def _workers_ready(settings: Settings, names: list[str], launched: float) -> Callable[[], bool]:
     def ready() -> bool:
         client = sync_redis(settings)
         try:
-            # Fresh heartbeats only: a worker of the same name stopped earlier is known too.
-            since = time.time() - settings.worker_alive_s
+            # Heartbeats of these processes only: workers of the same names that ran earlier
+            # (a pool that crashed a moment ago) are known too.
+            since = max(launched, time.time() - settings.worker_alive_s)
             seen = [client.zscore(keys.workers(), name) for name in names]
             return all(score is not None and score >= since for score in seen)
         finally:
@@ -279,21 +200,45 @@ def _workers_ready(settings: Settings, names: list[str]) -> Callable[[], bool]:
     return ready
 
 
-def stop(members: list[Member], steps: list[Step]) -> None:
-    """Signal what still runs, step by step, then kill what is left of each process group."""
-    try:
-        for sig, wait_s in steps:
-            running = [member for member in members if member.alive()]
-            for member in running:
-                member.signal(sig)
-            deadline = None if wait_s is None else time.monotonic() + wait_s
-            while any(member.alive() for member in running):
-                if deadline is not None and time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-    finally:
-        for member in members:
-            member.kill_group()
+@dataclass
+class Pool:
+    """The processes of one ``up``, and their record in ``pool.json``."""
+
+    settings: Settings
+    launcher: Launcher
+    state: PoolState
+    celery: list[Child] = field(default_factory=list)
+    redis: Child | None = None
+
+    def members(self, children: list[Child]) -> list[Member]:
+        return [child.member for child in children if child.member is not None]
+
+    def record(self) -> None:
+        """Write pool.json whole (temporary file, then rename): ``down`` may read it any time."""
+        self.state.members = {m.name: m.recorded() for m in self.members(self.celery)}
+        redis_member = self.members([self.redis] if self.redis else [])
+        self.state.redis = redis_member[0].recorded() if redis_member else None
+        path = state_file(self.settings)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}")
+        _write_private(temporary, self.state.model_dump_json())
+        temporary.replace(path)
+
+    def supervise(self, out: Console) -> None:
+        """Restart what crashes, until every Celery process has exited 0 (or a signal comes)."""
+        backoff = Backoff(self.settings.up_restart_delay_s, self.settings.up_restart_max_delay_s)
+        others = [self.redis] if self.redis else []
+        supervise(self.celery, others, self.launcher, backoff, out, self.record)
+        out.print("[red]every Celery process of the pool has exited; stopping it[/]")
+
+    def stop(self, out: Console) -> None:
+        """Celery's warm shutdown, cold on a second signal; the Redis it started last."""
+        celery = self.members(self.celery)
+        try:
+            stop(celery, [WARM, COLD])
+        except KeyboardInterrupt:
+            out.print("stopping now: running tasks go back to the queue")
+            stop(celery, [COLD])
+        stop(self.members([self.redis] if self.redis else []), [SOON])
 
 
 def up(
@@ -304,6 +249,9 @@ def up(
     *,
     flower_port: int | None = None,
 ) -> None:
+    """Start the pool, then supervise it until a signal (Ctrl-C, ``down``) and stop it. With
+    ``detach`` (the supervisor that ``start_detached`` starts), output goes to the run directory,
+    and this process's own there too once the pool is ready."""
     settings = get_settings()
     if workers < 1 or concurrency < 1:
         raise InvalidRequestError("--workers and --concurrency must be at least 1")
@@ -316,86 +264,125 @@ def up(
         problem = basic_auth_problem(settings.flower_basic_auth.get_secret_value())
         if problem is not None:
             raise InvalidRequestError(problem)
-    if any(member.alive() for member in _recorded(settings)):
-        raise InvalidRequestError(
-            "a local pool is already running; stop it with `claudebox-pool down`"
+    _clear_stale(settings, out)
+    # SIGINT too: a shell starts background jobs with it ignored, and Python then leaves it so.
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in handled}
+    try:
+        pool = _start(
+            settings,
+            Launcher(out, logs_dir(settings) if detach else None),
+            workers,
+            concurrency,
+            flower_port,
         )
-    launcher = Launcher(settings, detach, out)
-    state = PoolState()
-    started: list[Member] = []
-    celery: list[Member] = []
+        out.print(
+            f"pool up: {workers} worker(s) x {concurrency} slots, beat"
+            + (f", Flower at http://127.0.0.1:{flower_port} (basic auth)" if flower_port else "")
+            + f"; sessions in {settings.sessions_root}",
+            highlight=False,
+        )
+        if detach:
+            out.print(f"logs in {logs_dir(settings)}; stop with `claudebox-pool down`")
+            _detach_output(settings)
+        try:
+            try:
+                pool.supervise(out)
+            except KeyboardInterrupt:
+                out.print("stopping: running tasks finish first (Ctrl-C again to requeue them now)")
+            pool.stop(out)
+        finally:
+            state_file(settings).unlink(missing_ok=True)
+            pool.launcher.drain()
+        out.print("pool stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _start(
+    settings: Settings, launcher: Launcher, workers: int, concurrency: int, flower_port: int | None
+) -> Pool:
+    """Start Redis (unless one answers), the workers, beat and Flower; wait for the workers."""
+    me = Recorded(pid=os.getpid(), started=start_ticks(os.getpid()) or 0)
+    pool = Pool(settings, launcher, PoolState(supervisor=me))
+    out = launcher.out
     try:
         if _redis_answers(settings):
             out.print(f"using the Redis at {redacted(settings.broker_url)}", highlight=False)
         else:
             settings = _with_generated_password(settings)
             # umask 077: the append-only file and snapshots hold every queued task.
-            started.append(launcher.start("redis", _redis_argv(settings), umask=0o077))
-            state.redis_pid = started[0].pid
-            _wait_for(lambda: _redis_answers(settings), started, 10)
+            pool.redis = Child("redis", _redis_argv(settings), umask=0o077)
+            redis_member = pool.redis.start(launcher)
+            _wait_for(lambda: _redis_answers(settings), [redis_member], 10)
             out.print(f"started redis-server at {redacted(settings.broker_url)}", highlight=False)
+        launched = time.time()
         host = os.uname().nodename
         for index in range(1, workers + 1):
             name = f"w{index}@{host}"
             argv = _cli("worker", "--concurrency", str(concurrency), "--hostname", name)
-            celery.append(launcher.start(f"worker-{index}", argv, _child_env(settings)))
-            state.worker_names.append(name)
+            pool.celery.append(Child(f"worker-{index}", argv, _child_env(settings)))
+            pool.state.worker_names.append(name)
         beat_env = _child_env(settings, WORKER_ONLY_ENV + FLOWER_ONLY_ENV)
-        celery.append(launcher.start("beat", _cli("beat"), beat_env))
+        pool.celery.append(Child("beat", _cli("beat"), beat_env))
         if flower_port is not None:
             flower_argv = _cli("flower", "--port", str(flower_port))
-            celery.append(
-                launcher.start("flower", flower_argv, _child_env(settings, WORKER_ONLY_ENV))
-            )
-        state.members = {member.name: member.pid for member in celery}
-        state_file(settings).parent.mkdir(parents=True, exist_ok=True)
-        state_file(settings).write_text(state.model_dump_json())
+            pool.celery.append(Child("flower", flower_argv, _child_env(settings, WORKER_ONLY_ENV)))
+        for child in pool.celery:
+            child.start(launcher)
+        pool.record()
         with out.status(f"waiting for {workers} worker(s)"):
-            _wait_for(_workers_ready(settings, state.worker_names), celery, READY_TIMEOUT_S)
+            ready = _workers_ready(settings, pool.state.worker_names, launched)
+            _wait_for(ready, pool.members(pool.celery), READY_TIMEOUT_S)
+        pool.state.ready = True
+        pool.record()
     except BaseException:
-        stop(celery, [SOON])
-        stop(started, [SOON])
+        stop(pool.members(pool.celery), [SOON])
+        stop(pool.members([pool.redis] if pool.redis else []), [SOON])
         state_file(settings).unlink(missing_ok=True)
         raise
-    out.print(
-        f"pool up: {workers} worker(s) x {concurrency} slots, beat"
-        + (f", Flower at http://127.0.0.1:{flower_port} (basic auth)" if flower_port else "")
-        + f"; sessions in {settings.sessions_root}",
-        highlight=False,
+    return pool
+
+
+def _detach_output(settings: Settings) -> None:
+    """Send this process's stdout and stderr to its log from now on. The ``up`` that started it
+    reads them until they close, so that closing them tells it the pool is up."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(logs_dir(settings) / "up.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, sys.stdout.fileno())
+    os.dup2(fd, sys.stderr.fileno())
+    os.close(fd)
+
+
+def start_detached(workers: int, concurrency: int, *, flower_port: int | None = None) -> int:
+    """``up --detach``: start the supervising ``up`` in a session of its own (a closed terminal
+    does not stop it), show what it prints until the pool is ready, and return its outcome as
+    an exit code: 0 once the pool is up, else the supervisor's own."""
+    settings = get_settings()  # a refused value is reported here, once, not by both processes
+    argv = _cli("up", "--workers", str(workers), "--concurrency", str(concurrency), "--supervise")
+    if flower_port is not None:
+        argv += ["--flower", "--flower-port", str(flower_port)]
+    # Its stderr is this process's: its error line, if it fails to start, reaches the user as is.
+    supervisor = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
     )
-    if detach:
-        out.print(f"logs in {logs_dir(settings)}; stop with `claudebox-pool down`")
-        return
-    _run_in_foreground(launcher, celery, started, out)
-    state_file(settings).unlink(missing_ok=True)
-
-
-def _run_in_foreground(
-    launcher: Launcher, celery: list[Member], started_redis: list[Member], out: Console
-) -> None:
-    """Until Ctrl-C (or SIGTERM, or a process of the pool exits), then stop the pool."""
-    # SIGINT too: a shell starts background jobs with it ignored, and Python then leaves it so.
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in handled}
+    assert supervisor.stdout is not None
     try:
-        try:
-            launcher.exited.wait()
-            gone = [member.name for member in [*celery, *started_redis] if not member.alive()]
-            shown = ", ".join(gone) or "a process"
-            out.print(f"[red]{shown} exited; stopping the pool[/]", highlight=False)
-        except KeyboardInterrupt:
-            out.print("stopping: running tasks finish first (Ctrl-C again to requeue them now)")
-        try:
-            stop(celery, [WARM, COLD])
-        except KeyboardInterrupt:
-            out.print("stopping now: running tasks go back to the queue")
-            stop(celery, [COLD])
-        stop(started_redis, [SOON])
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        launcher.drain()
-    out.print("pool stopped")
+        for line in supervisor.stdout:
+            sys.stdout.buffer.write(line)
+            sys.stdout.buffer.flush()
+    except KeyboardInterrupt:
+        supervisor.terminate()
+        supervisor.wait()
+        raise
+    state = _read_state(settings)
+    ours = state is not None and state.supervisor is not None and state.supervisor.pid
+    if state is not None and state.ready and ours == supervisor.pid:
+        return 0
+    code = supervisor.wait()
+    return code if code >= 0 else 128 - code
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
@@ -408,19 +395,63 @@ def down(out: Console, timeout_s: float = DOWN_TIMEOUT_S) -> None:
     if not path.exists():
         out.print(f"no local pool is recorded in {path}; nothing to stop")
         return
-    state = PoolState.model_validate_json(path.read_text())
-    celery = [Member(name, pid) for name, pid in state.members.items()]
-    stop(celery, [(signal.SIGTERM, timeout_s), COLD])
-    if state.redis_pid:
-        stop([Member("redis", state.redis_pid)], [SOON])
-    # A foreground `up` whose processes this stopped may have removed it already.
+    state = _read_state(settings)
+    if state is not None and state.supervisor is not None:
+        _stop_supervisor(Member.of("up", state.supervisor), timeout_s)
+        state = _read_state(settings)
+    if state is not None:
+        # What a supervisor killed outright, or one that did not stop in time, left running.
+        celery = [Member.of(name, recorded) for name, recorded in state.members.items()]
+        stop(celery, [(signal.SIGTERM, timeout_s), COLD])
+        if state.redis is not None:
+            stop([Member.of("redis", state.redis)], [SOON])
     path.unlink(missing_ok=True)
     out.print("pool stopped")
 
 
-def _recorded(settings: Settings) -> list[Member]:
+def _stop_supervisor(supervisor: Member, timeout_s: float) -> None:
+    """Its warm shutdown; after ``timeout_s``, a second signal (as a second Ctrl-C) for its cold
+    one; SIGKILL if that did not end it either. Its process alone: a foreground ``up`` shares
+    its process group with the terminal's job."""
+    for wait_s in (timeout_s, COLD_AND_REDIS_S):
+        if not supervisor.alive():
+            return
+        supervisor.signal(signal.SIGTERM)
+        deadline = time.monotonic() + wait_s
+        while supervisor.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if supervisor.alive():
+        supervisor.signal(signal.SIGKILL)
+
+
+def _read_state(settings: Settings) -> PoolState | None:
     try:
-        state = PoolState.model_validate_json(state_file(settings).read_text())
+        return PoolState.model_validate_json(state_file(settings).read_text())
     except (OSError, ValueError):
-        return []
-    return [Member(name, pid) for name, pid in state.members.items()]
+        return None
+
+
+def _clear_stale(settings: Settings, out: Console) -> None:
+    """Refuse if the recorded pool's supervisor runs; else stop what is left of that pool (a
+    crash of ``up``, a SIGKILL, a reboot) and forget it."""
+    path = state_file(settings)
+    if not path.exists():
+        return
+    state = _read_state(settings) or PoolState()
+    if state.supervisor is not None and Member.of("up", state.supervisor).alive():
+        raise InvalidRequestError(
+            f"a local pool is already running (pid {state.supervisor.pid}); stop it with "
+            "`claudebox-pool down`"
+        )
+    recorded = [Member.of(name, each) for name, each in state.members.items()]
+    if state.redis is not None:
+        recorded.append(Member.of("redis", state.redis))
+    left = [member for member in recorded if member.alive()]
+    stop(left, [SOON])
+    path.unlink(missing_ok=True)
+    names = ", ".join(member.name for member in left)
+    out.print(
+        "the last pool ended without `claudebox-pool down`; "
+        + (f"stopped what was left of it ({names})" if left else "cleared its record"),
+        highlight=False,
+    )

@@ -240,6 +240,19 @@ class Settings(BaseSettings):
         "past it Redis refuses writes instead of dropping queued tasks). See the README's "
         "Deploy section on sizing it.",
     )
+    up_restart_delay_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How long `claudebox-pool up` waits before restarting a process of the "
+        "pool that crashed (exited non-zero or by a signal); it doubles with each crash in a "
+        "row, up to `CLAUDEBOX_UP_RESTART_MAX_DELAY_S`.",
+    )
+    up_restart_max_delay_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="The longest `claudebox-pool up` waits before restarting a crashed process; "
+        "one that then runs this long is counted stable again (its next delay starts over).",
+    )
     reindex_every_s: int = Field(
         default=3600,
         gt=0,

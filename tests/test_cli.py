@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 import claudebox_pool as package
+from claudebox_pool.producer.cli import EXIT_CODES, exit_code_for
+from claudebox_pool.tasks import errors, keys
 from claudebox_pool.tasks.settings import CLAUDE_CLI_VERSION, get_settings
 from tests.conftest import CLAUDE_CLI, WorkerFactory
-from tests.support.processes import claudebox_pool, free_port
+from tests.support.processes import REPO, claudebox_pool, free_port, wait_for
 
 pytestmark = pytest.mark.usefixtures("pool")
 
@@ -59,6 +64,78 @@ def test_no_redis_exits_3_and_says_where_it_looked() -> None:
     assert done.returncode == 3
     assert "cannot reach Redis" in done.stderr
     assert "hunter2" not in done.stderr
+
+
+def readme_exit_codes() -> dict[str, int]:
+    """Error class name -> exit code, as the README's exit code table lists them."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("<!-- exit-codes:start -->")[1].split("<!-- exit-codes:end -->")[0]
+    listed = {}
+    for row in table.splitlines()[2:]:
+        code, _, names = row.strip("|").split("|")
+        for name in re.findall(r"`(\w+Error)`", names):
+            listed[name] = int(code)
+    return listed
+
+
+def test_every_error_exits_with_the_code_the_readme_lists() -> None:
+    tree = [
+        kind
+        for _, kind in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(kind, errors.ClaudeBoxError) and kind is not errors.ClaudeBoxError
+    ]
+    listed = readme_exit_codes()
+
+    assert {kind.__name__: exit_code_for(kind) for kind in tree} == {
+        kind.__name__: listed.get(kind.__name__) for kind in tree
+    }
+    assert set(EXIT_CODES.values()) == {2, 3, 4, 5}
+
+
+def test_a_missing_argument_exits_2() -> None:
+    done = claudebox_pool("code", "only-a-session")
+
+    assert done.returncode == 2
+    assert "Missing argument" in done.stderr
+
+
+def test_a_worker_whose_runtime_cannot_run_exits_3() -> None:
+    done = claudebox_pool("worker", env={"CLAUDEBOX_RUNTIME": "boxlite"})
+
+    assert done.returncode == 3, done.stderr
+    assert "runtime 'boxlite' cannot run here" in done.stderr
+
+
+def test_a_corrupted_session_exits_4_and_says_how_to_remove_it(clean_state: object) -> None:
+    assert claudebox_pool("code", "torn", "true").returncode == 0
+    session_json = get_settings().sessions_root / "torn" / ".claudebox" / "session.json"
+    session_json.write_text(session_json.read_text()[:20])
+
+    done = claudebox_pool("code", "torn", "true")
+
+    assert done.returncode == 4, done.stderr
+    assert "Session 'torn' is corrupted" in done.stderr
+    assert "claudebox-pool sessions cleanup torn --yes" in done.stderr
+
+
+def test_a_task_whose_lock_was_taken_from_it_exits_5(clean_state: redis.Redis) -> None:
+    """The pool failed the task (its lock was lost mid-run): not the user's mistake, not the
+    agent's failure, not the session's state."""
+    running = subprocess.Popen(
+        [sys.executable, "-m", "claudebox_pool.producer.cli", "code", "stolen", "sleep 2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = keys.session_lock("stolen")
+    wait_for(lambda: clean_state.exists(lock), 30, "the task to hold its lock")
+    clean_state.set(lock, "another-holder", px=30_000)
+
+    _, stderr = running.communicate(timeout=60)
+
+    assert running.returncode == 5, stderr
+    assert "The lock on session 'stolen' was lost mid-task" in stderr
 
 
 def test_json_output_is_the_whole_result(clean_state: object) -> None:
@@ -198,7 +275,15 @@ def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize(
     "verb",
-    [["doctor"], ["code", "x", "true"], ["sessions", "list"], ["worker"], ["beat"], ["up"]],
+    [
+        ["doctor"],
+        ["code", "x", "true"],
+        ["sessions", "list"],
+        ["worker"],
+        ["beat"],
+        ["up"],
+        ["up", "--detach"],
+    ],
     ids=" ".join,
 )
 def test_a_bad_value_in_the_environment_is_one_line_naming_it(verb: list[str]) -> None:
