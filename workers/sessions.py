@@ -29,7 +29,7 @@ from claudebox_pool.tasks.models import (
     SessionRecord,
     utc_now,
 )
-from claudebox_pool.workers import archive, caps, disk, identity, inputs, registry
+from claudebox_pool.workers import archive, caps, disk, identity, inputs, outage, registry
 from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
@@ -283,7 +283,7 @@ def _record_run(
     ]
     ctx.store.append_history_many(request.session_id, entries, lock.check)
     ctx.store.save(record, lock.check)
-    registry.put(ctx.redis, record)
+    outage.retried(ctx.settings, "registry update", lambda: registry.put(ctx.redis, record))
 
 
 def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -> CodeResult:
