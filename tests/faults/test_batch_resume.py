@@ -23,6 +23,7 @@ import pytest
 from claudebox_pool.producer.batch import latest_results
 from claudebox_pool.producer.journal import read as read_journal
 from claudebox_pool.tasks.settings import get_settings
+from tests.faults.conftest import history
 from tests.faults.test_redis_restart import reconfigure
 from tests.support.processes import REPO, RedisServer, Worker, claudebox_pool, wait_for
 
@@ -94,10 +95,20 @@ def runs(prefix: str) -> Counter[str]:
     return counted
 
 
+def recorded(prefix: str) -> list[int]:
+    """How many runs each session's history records."""
+    return [
+        sum(entry.action == "code_execution" for entry in history(f"{prefix}-s{n}"))
+        for n in range(SESSIONS)
+    ]
+
+
 def start_submit(jobs: Path, results: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "claudebox_pool.producer.cli", "submit", str(jobs)]
-        + ["--results", str(results), "--concurrency", str(SESSIONS)],
+        [
+            *(sys.executable, "-m", "claudebox_pool.producer.cli", "submit", str(jobs)),
+            *("--results", str(results), "--concurrency", str(SESSIONS)),
+        ],
         cwd=REPO,
         env=dict(os.environ),
         stdout=subprocess.PIPE,
@@ -130,6 +141,7 @@ def test_a_producer_killed_mid_batch_then_resumed_runs_every_command_once(
 
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert runs("pk") == Counter(ids), runs("pk")
+    assert recorded("pk") == [JOBS_PER_SESSION] * SESSIONS
     final = latest_results(results)
     assert all(final[job_id].success for job_id in ids)
     # Sent but never answered when the producer died: asked again by key, and said so.
@@ -162,6 +174,8 @@ def test_a_redis_crash_mid_batch_then_resume_runs_every_command_once(
         assert resumed.returncode == 0, first + resumed.stdout + resumed.stderr
 
     assert runs("rk") == Counter(ids), (runs("rk"), first)
+    # Runs that ended while Redis was away were recorded once it was back.
+    assert recorded("rk") == [JOBS_PER_SESSION] * SESSIONS
     final = latest_results(results)
     assert all(final[job_id].success for job_id in ids), first
     # The producer rode the restart out: no job failed for want of Redis.
