@@ -187,7 +187,37 @@ def _mark_running(
             HistoryEntry(action="attempt_interrupted", context={"task_id": task_id}),
             guard,
         )
+    if request.idempotency_key:
+        store.append_history_many(
+            request.session_id, _keyed_start(store, request.session_id, request, task_id), guard
+        )
     return record, spec
+
+
+def _keyed_start(
+    store: SessionStore, session_id: str, request: CodeRequest, task_id: str
+) -> list[HistoryEntry]:
+    """A keyed run's ``code_started`` entry, after a ``rerun`` entry when another task started
+    this key before and recorded no outcome: its command may have run, and runs again now."""
+    key = request.idempotency_key
+    started = {"task_id": task_id, "idempotency_key": key}
+    earlier = [
+        entry.context.get("task_id")
+        for entry in store.recent_history(session_id, RECENT_HISTORY_BYTES, key)
+        if entry.action == "code_started" and entry.context.get("idempotency_key") == key
+    ]
+    if not earlier or earlier[-1] == task_id:  # the same task again: attempt_interrupted says so
+        return [HistoryEntry(action="code_started", context=started)]
+    rerun = {
+        **started,
+        "earlier_task_id": earlier[-1],
+        "reason": "an earlier run of this key recorded no outcome (its lock was lost, e.g. "
+        "Redis was away longer than CLAUDEBOX_LOCK_TTL_S); its command may have run",
+    }
+    return [
+        HistoryEntry(action="rerun", context=rerun),
+        HistoryEntry(action="code_started", context=started),
+    ]
 
 
 def _run_agent(

@@ -31,6 +31,8 @@ SESSIONS = 8
 JOBS_PER_SESSION = 5
 RUNS_FILE = "runs.txt"
 OUTAGE_S = 4
+LONG_OUTAGE_S = 14
+"""Past the lock's TTL (CLAUDEBOX_LOCK_TTL_S=10 in the tests' pool)."""
 
 pytestmark = pytest.mark.slow
 
@@ -150,33 +152,61 @@ def test_a_producer_killed_mid_batch_then_resumed_runs_every_command_once(
     assert "without a known outcome" in resumed.stdout
 
 
+def crash_redis_under_a_batch(
+    server: RedisServer, jobs: Path, results: Path, prefix: str, outage_s: float
+) -> subprocess.CompletedProcess[str]:
+    """Run the batch, kill Redis a third of the way through, restart it ``outage_s`` later
+    from its AOF; the producer's exit."""
+    producer = start_submit(jobs, results)
+    try:
+        wait_for(lambda: sum(runs(prefix).values()) >= 12, 120, "a third of the batch to run")
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait(10)
+        time.sleep(outage_s)  # the fault's length, not a wait for anything
+        server.start()  # same port, same directory: the AOF is replayed
+        output, _ = producer.communicate(timeout=240)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+    return subprocess.CompletedProcess(producer.args, producer.returncode, output, "")
+
+
 def test_a_redis_crash_mid_batch_then_resume_runs_every_command_once(
     batch_redis: RedisServer, tmp_path: Path
 ) -> None:
     jobs, results = tmp_path / "jobs.jsonl", tmp_path / "results.jsonl"
     ids = write_jobs(jobs, "rk")
-    producer = start_submit(jobs, results)
-    try:
-        wait_for(lambda: sum(runs("rk").values()) >= 12, 120, "a third of the batch to run")
-        assert batch_redis.proc is not None
-        batch_redis.proc.kill()
-        batch_redis.proc.wait(10)
-        time.sleep(OUTAGE_S)  # the fault's length, not a wait for anything
-        batch_redis.start()  # same port, same directory: the AOF is replayed
-        first, _ = producer.communicate(timeout=240)
-    finally:
-        if producer.poll() is None:
-            producer.kill()
-    after_crash = latest_results(results)
 
-    if not all(after_crash.get(job_id) and after_crash[job_id].success for job_id in ids):
-        resumed = resume(jobs, results)
-        assert resumed.returncode == 0, first + resumed.stdout + resumed.stderr
+    first = crash_redis_under_a_batch(batch_redis, jobs, results, "rk", OUTAGE_S)
 
-    assert runs("rk") == Counter(ids), (runs("rk"), first)
+    # The producer rode the restart out: no job failed for want of Redis, none needs a resume.
+    assert first.returncode == 0, first.stdout
+    assert runs("rk") == Counter(ids), (runs("rk"), first.stdout)
     # Runs that ended while Redis was away were recorded once it was back.
     assert recorded("rk") == [JOBS_PER_SESSION] * SESSIONS
-    final = latest_results(results)
-    assert all(final[job_id].success for job_id in ids), first
-    # The producer rode the restart out: no job failed for want of Redis.
-    assert producer.returncode == 0, first
+    assert all(result.success for result in latest_results(results).values())
+
+
+def test_a_redis_outage_past_the_lock_ttl_reruns_only_what_history_says_it_reruns(
+    batch_redis: RedisServer, tmp_path: Path
+) -> None:
+    jobs, results = tmp_path / "jobs.jsonl", tmp_path / "results.jsonl"
+    ids = write_jobs(jobs, "lk")
+    crash_redis_under_a_batch(batch_redis, jobs, results, "lk", LONG_OUTAGE_S)
+
+    resumed = resume(jobs, results)
+
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert all(latest_results(results)[job_id].success for job_id in ids)
+    reruns: Counter[str] = Counter(
+        str(entry.context["idempotency_key"]).split("/")[1]
+        for n in range(SESSIONS)
+        for entry in history(f"lk-s{n}")
+        if entry.action == "rerun"
+    )
+    # A run whose lock expired while Redis was away could not record its outcome: it ran
+    # again, and history says so for each extra run; every other command ran once.
+    assert reruns, "no run lost its lock: the outage was not past the lock's TTL"
+    assert runs("lk") == Counter(ids) + reruns, (runs("lk"), reruns)
+    assert recorded("lk") == [JOBS_PER_SESSION] * SESSIONS
