@@ -92,24 +92,33 @@ def map_redis_errors() -> Iterator[None]:
         raise unreachable(exc) from None
 
 
+_reached: set[str] = set()
+"""The Redis URLs this process has reached: only an outage of one of those is ridden out."""
+
+
 async def riding_out(attempt: Callable[[], Awaitable[T]]) -> T:
     """``attempt()``, tried again with backoff while Redis cannot be reached, for up to
-    ``CLAUDEBOX_REDIS_OUTAGE_S`` since the first failure; then PoolUnavailableError.
+    ``CLAUDEBOX_REDIS_OUTAGE_S`` since the first failure; then PoolUnavailableError. A Redis
+    this process never reached fails at once: a wrong URL is not a blip.
 
     Only for attempts that are safe to repeat: a wait, or a send under a fixed task id (a
     second message of one task id is answered by the worker's duplicate check)."""
     give_up_at: float | None = None
     pause = OUTAGE_FIRST_PAUSE_S
     while True:
+        url = settings().result_backend
         try:
-            return await attempt()
+            done = await attempt()
+            _reached.add(url)
+            return done
         except UNREACHABLE as exc:
             now = time.monotonic()
             if give_up_at is None:
-                give_up_at = now + settings().redis_outage_s
-            if now + pause > give_up_at:
+                give_up_at = now + (settings().redis_outage_s if url in _reached else 0)
+            if now >= give_up_at:
                 raise unreachable(exc) from None
-        await asyncio.sleep(pause)
+            wait_s = min(pause, give_up_at - now)
+        await asyncio.sleep(wait_s)
         pause = min(pause * 2, OUTAGE_MAX_PAUSE_S)
 
 
@@ -210,6 +219,7 @@ async def ensure_workers() -> None:
         client = await redis_client()
         since = time.time() - current.worker_alive_s
         alive = await client.zcount(keys.workers(), since, "+inf")
+    _reached.add(current.result_backend)
     if not alive:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
 
@@ -259,6 +269,7 @@ async def _wait(task_id: str, timeout_s: float, deadline: float, route: Route) -
     client = link.client
     async with _subscribed(link, key) as channel:
         raw = await client.get(key)
+        _reached.add(current.result_backend)
         while True:
             if raw is not None:
                 meta = backend.decode_result(raw)

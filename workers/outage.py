@@ -33,8 +33,10 @@ def retried(settings: Settings, what: str, call: Callable[[], T]) -> T:
         try:
             return call()
         except RedisError as exc:
-            if time.monotonic() + pause > give_up_at:
+            now = time.monotonic()
+            if now >= give_up_at:
                 raise
-            log.warning("%s: Redis unreachable, retrying in %.1fs: %s", what, pause, exc)
-        time.sleep(pause)
+            wait_s = min(pause, give_up_at - now)
+            log.warning("%s: Redis unreachable, retrying in %.1fs: %s", what, wait_s, exc)
+        time.sleep(wait_s)
         pause = min(pause * 2, MAX_PAUSE_S)
