@@ -30,6 +30,11 @@ jobs in that same event loop does what chains and groups cannot:
 - Ctrl-C cancels the running tasks and sends nothing more, and ``--resume`` picks up from the
   results file; a canvas would run on with nobody collecting its results.
 
+Every code task carries an idempotency key (batch id, job id, round), written to the
+sent-journal before it is sent (:mod:`producer.journal`): ``--resume`` after a crash sends the
+jobs with an unknown outcome again under their key, and a session that already ran one gives
+back its recorded outcome (``replayed``) instead of running it twice.
+
 ``--no-wait`` has nobody to order anything, so there the order is handed to Celery as chains
 (:mod:`producer.canvas`), with the differences its docstring lists.
 """
@@ -38,7 +43,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,8 +53,9 @@ import yaml
 from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
 from rich.console import Console
 
-from claudebox_pool.producer import pool
+from claudebox_pool.producer import journal, pool
 from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.producer.journal import Sent, Start
 from claudebox_pool.producer.options import OptionFields
 from claudebox_pool.producer.progress import BatchProgress, summary
 from claudebox_pool.tasks.errors import (
@@ -98,6 +105,14 @@ class JobResult(BaseModel):
     error: str | None = None
     attempts: int = 1
     task_id: str = ""
+    key: str = ""
+    """The idempotency key of the send this outcome answers; empty when the outcome is not
+    the worker's (the producer never heard back), so that ``--resume`` asks again by key."""
+    replayed: bool = False
+    """The session had already run this key: its recorded outcome, nothing ran again."""
+    resent: bool = False
+    """An interrupted run had sent this job without learning its outcome; this run asked the
+    session again under the same key."""
 
 
 class BatchObserver(Protocol):
@@ -176,6 +191,11 @@ def _why(exc: Exception) -> str:
 
 def read_results(path: Path) -> dict[str, JobResult]:
     """The jobs a results file says succeeded (the last line of a job wins), for ``--resume``."""
+    return {job_id: result for job_id, result in latest_results(path).items() if result.success}
+
+
+def latest_results(path: Path) -> dict[str, JobResult]:
+    """The last result line of each job of a results file."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -189,7 +209,7 @@ def read_results(path: Path) -> dict[str, JobResult]:
         except ValidationError:
             raise InvalidRequestError(f"{path}:{number}: not a result line") from None
         latest[result.id] = result
-    return {job_id: result for job_id, result in latest.items() if result.success}
+    return latest
 
 
 def plan(jobs: Sequence[Job | Mapping[str, Any]]) -> list[Job]:
@@ -265,17 +285,33 @@ async def submit(
     retry: int = 0,
     done: Mapping[str, JobResult] | None = None,
     observer: BatchObserver | None = None,
+    starts: Mapping[str, Start] | None = None,
+    record_send: Callable[[Sent], None] | None = None,
 ) -> list[JobResult]:
     """Run a batch and return one result per job, in the jobs' order.
 
     ``jobs`` are :class:`Job` or dicts of the same fields. ``done`` holds results of an earlier
-    run (``read_results``); those jobs are not run again and keep their result.
+    run (``read_results``); those jobs are not run again and keep their result. ``starts``
+    (``journal.starts``) gives the key each job is first sent under (else a new batch id's),
+    and ``record_send`` is called with each send before it goes out (``journal.Journal``).
     """
     checked = plan(jobs)
     if retry < 0 or concurrency < 1:
         raise InvalidRequestError("retry must be 0 or more and concurrency 1 or more")
     await pool.ensure_workers()
-    return await _Batch(checked, concurrency, retry, done or {}, observer or _Unobserved()).run()
+    batch_id = journal.new_batch_id()
+    first = {
+        job.id: Start(Sent(batch_id=batch_id, job_id=job.id), unknown=False) for job in checked
+    }
+    return await _Batch(
+        checked,
+        concurrency,
+        retry,
+        done or {},
+        observer or _Unobserved(),
+        {**first, **(starts or {})},
+        record_send or (lambda sent: None),
+    ).run()
 
 
 class _Batch:
@@ -286,10 +322,14 @@ class _Batch:
         retry: int,
         done: Mapping[str, JobResult],
         observer: BatchObserver,
+        starts: Mapping[str, Start],
+        record_send: Callable[[Sent], None],
     ) -> None:
         self.jobs = jobs
         self.retry = retry
         self.observer = observer
+        self.starts = starts
+        self.record_send = record_send
         self.gate = asyncio.Semaphore(concurrency)
         loop = asyncio.get_running_loop()
         self.results: dict[str, asyncio.Future[JobResult]] = {
@@ -344,13 +384,19 @@ class _Batch:
         return None
 
     async def _run(self, key: str, box: ClaudeBox, job: Job) -> JobResult:
+        start = self.starts[job.id]
+        sent, resent = start.sent, start.unknown
         attempt = 1
         while True:
             self.observer.session_state(key, "running" if attempt == 1 else "retrying", job.id)
-            result = await _attempt(box, job, attempt)
+            self.record_send(sent)
+            result = await _attempt(box, job, attempt, sent.key, resent)
             if result.success or attempt > self.retry:
                 return result
             attempt += 1
+            if result.key:
+                # The failure is the worker's own outcome: the retry is a new run, a new key.
+                sent = sent.model_copy(update={"round": sent.round + 1})
 
 
 async def _open(session_id: str | None, stack: AsyncExitStack) -> ClaudeBox:
@@ -366,11 +412,11 @@ async def _open(session_id: str | None, stack: AsyncExitStack) -> ClaudeBox:
         return await stack.enter_async_context(ClaudeBox.reconnect(session_id))
 
 
-async def _attempt(box: ClaudeBox, job: Job, attempt: int) -> JobResult:
+async def _attempt(box: ClaudeBox, job: Job, attempt: int, key: str, resent: bool) -> JobResult:
     try:
-        result = await box.code(job.prompt, **job.code_options())
+        result = await box.code(job.prompt, **_keyed(job, key).code_options())
     except ClaudeBoxError as exc:
-        return _failed(job, box.session_id, str(exc), attempt)
+        return _failed(job, box.session_id, str(exc), attempt, resent)
     return JobResult(
         id=job.id,
         session_id=box.session_id,
@@ -381,10 +427,20 @@ async def _attempt(box: ClaudeBox, job: Job, attempt: int) -> JobResult:
         error=result.error,
         attempts=attempt,
         task_id=result.task_id,
+        key=key,
+        replayed=result.replayed,
+        resent=resent,
     )
 
 
-def _failed(job: Job, session_id: str, error: str, attempts: int = 1) -> JobResult:
+def _keyed(job: Job, key: str) -> Job:
+    """The batch names each send itself: a key in the jobs file would repeat across rounds."""
+    return job.model_copy(update={"idempotency_key": key})
+
+
+def _failed(
+    job: Job, session_id: str, error: str, attempts: int = 1, resent: bool = False
+) -> JobResult:
     return JobResult(
         id=job.id,
         session_id=session_id,
@@ -393,6 +449,7 @@ def _failed(job: Job, session_id: str, error: str, attempts: int = 1) -> JobResu
         duration_s=0,
         error=error,
         attempts=attempts,
+        resent=resent,
     )
 
 
@@ -409,6 +466,9 @@ class ResultsFile:
     def write(self, result: JobResult) -> None:
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(result.model_dump_json() + "\n")
+            handle.flush()
+            # Before the journal's next line: a resume must not think an answered job unknown.
+            os.fsync(handle.fileno())
 
 
 async def run_batch(
@@ -422,14 +482,29 @@ async def run_batch(
 ) -> list[JobResult]:
     """``claudebox-pool submit --wait``: run the file's jobs with a live display."""
     jobs = plan(read_jobs(jobs_file))
-    done = read_results(resume) if resume is not None else {}
+    earlier = latest_results(resume) if resume is not None else {}
+    done = {job_id: result for job_id, result in earlier.items() if result.success}
+    sent = journal.read(resume) if resume is not None else []
+    batch_id = sent[-1].batch_id if sent else journal.new_batch_id()
+    known = {job_id: result.key for job_id, result in earlier.items() if result.key}
+    starts = journal.starts(batch_id, [job.id for job in jobs], sent, known)
     await pool.ensure_workers()
     # Read before written: --resume may name the results file itself.
     output = ResultsFile(results_file, [done[job.id] for job in jobs if job.id in done])
-    with BatchProgress(console, jobs, done, record=output.write) as progress:
-        results = await submit(
-            jobs, concurrency=concurrency, retry=retry, done=done, observer=progress
-        )
+    sends = journal.Journal(journal.path_of(results_file), sent)
+    try:
+        with BatchProgress(console, jobs, done, record=output.write) as progress:
+            results = await submit(
+                jobs,
+                concurrency=concurrency,
+                retry=retry,
+                done=done,
+                observer=progress,
+                starts=starts,
+                record_send=sends.record,
+            )
+    finally:
+        sends.close()
     console.print(summary(results))
     console.print(f"results written to {results_file}")
     return results

@@ -32,9 +32,10 @@ from celery import chain
 from celery.canvas import Signature
 from pydantic import BaseModel
 
-from claudebox_pool.producer import pool, routing
+from claudebox_pool.producer import journal, pool, routing
 from claudebox_pool.producer.batch import Job, JobResult, by_session, plan
 from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.producer.journal import Sent
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import SessionAlreadyExistsError, SessionNotFoundError
@@ -49,6 +50,8 @@ class QueuedJob(BaseModel):
     id: str
     session_id: str
     task_id: str
+    key: str
+    """The idempotency key its task carries (``producer.journal``'s form, round 1)."""
 
 
 async def enqueue(
@@ -67,9 +70,13 @@ async def enqueue(
     opened = await asyncio.gather(*(_open(session_jobs[0]) for session_jobs in groups.values()))
     session_ids = dict(zip(groups, opened, strict=True))
     queues = await _queues(session_ids.values())
+    batch_id = journal.new_batch_id()
     queued = {
         job.id: QueuedJob(
-            id=job.id, session_id=session_ids[job.session_key], task_id=str(uuid.uuid4())
+            id=job.id,
+            session_id=session_ids[job.session_key],
+            task_id=str(uuid.uuid4()),
+            key=Sent(batch_id=batch_id, job_id=job.id).key,
         )
         for job in todo
     }
@@ -78,7 +85,8 @@ async def enqueue(
         for job in strand:
             session_id = session_ids[job.session_key]
             task_id = queued[job.id].task_id
-            steps.append(await _code_step(job, session_id, task_id, queues[session_id]))
+            keyed = job.model_copy(update={"idempotency_key": queued[job.id].key})
+            steps.append(await _code_step(keyed, session_id, task_id, queues[session_id]))
             if job.session_id is None:
                 steps.append(_cleanup_step(session_id, queues[session_id]))
         chain(*steps).apply_async()

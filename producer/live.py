@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -56,15 +57,16 @@ async def events(task_id: str) -> AsyncGenerator[StreamEvent, None]:
         client = await pool.redis_client()
         while True:
             # One stream asked, so a reply is [[key, [(entry id, {field: value}), ...]]].
-            reply: Any = await client.xread(
-                {key: last}, count=BATCH, block=None if over else BLOCK_MS
+            read = functools.partial(
+                client.xread, {key: last}, count=BATCH, block=None if over else BLOCK_MS
             )
+            reply: Any = await pool.riding_out(read)
             if not reply:
                 if over:
                     return
                 # Checked after an empty read: the end event is written before the result,
                 # so one more read finds it if the task ended in between.
-                over = await finished(client, task_id)
+                over = await pool.riding_out(functools.partial(finished, client, task_id))
                 continue
             for entry_id, fields in reply[0][1]:
                 last = entry_id.decode()
@@ -83,10 +85,9 @@ async def follow(task_id: str, on_output: OutputCallback) -> None:
 
 
 async def send(name: str, payload: dict[str, Any]) -> tuple[str, Route]:
-    """Queue a task where its session lives (``producer.routing``); its id and route."""
-    with pool.map_redis_errors():
-        route = await routing.route(payload, await pool.redis_client())
-    return pool.send(name, payload, route.queue), route
+    """Queue a task where its session lives (``producer.routing``), riding out a Redis blip
+    (``pool.riding_out``); its id and route."""
+    return await pool.send_routed(name, payload)
 
 
 async def wait(

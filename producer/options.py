@@ -30,6 +30,9 @@ class CallOptions(TypedDict, total=False):
     """``claude`` or ``shell``; unset: the box's agent, else ``CLAUDEBOX_AGENT``."""
     env: dict[str, str] | None
     """Added to the box's environment for this call."""
+    idempotency_key: str | None
+    """Names this run: when the session already completed a run under this key (a resend
+    after a lost answer), that run's outcome comes back (``replayed``) and nothing runs."""
 
 
 class CodeOptions(CallOptions, total=False):
@@ -52,6 +55,7 @@ class OptionFields(BaseModel):
     timeout_s: int | None = Field(default=None, gt=0)
     agent: AgentName | None = None
     env: dict[str, str] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(default=None, min_length=1)
     max_turns: int | None = Field(default=None, gt=0)
     allowed_tools: list[str] = Field(default_factory=list)
     disallowed_tools: list[str] = Field(default_factory=list)

@@ -9,17 +9,20 @@ one costs over ten times the round trip it carries, and a call needs three (rout
 the result, the subscription). A pub/sub connection whose wait ended cleanly is kept too,
 unsubscribed, for the next wait.
 
-A failure to reach Redis becomes PoolUnavailableError in one place, :func:`map_redis_errors`.
+A failure to reach Redis becomes PoolUnavailableError in one place, :func:`map_redis_errors`;
+sending and waiting first ride out a blip (:func:`riding_out`): a Redis restart should cost a
+batch a pause, not every job it was waiting for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio
 from celery import states
@@ -63,6 +66,21 @@ UNREACHABLE = (RedisError, OSError, OperationalError)
 when it sends a task."""
 
 
+OUTAGE_FIRST_PAUSE_S = 0.2
+OUTAGE_MAX_PAUSE_S = 5.0
+"""Backoff between tries while Redis is away: doubling from the first pause up to this."""
+
+T = TypeVar("T")
+
+
+def unreachable(exc: Exception) -> PoolUnavailableError:
+    url = redacted(settings().broker_url)
+    return PoolUnavailableError(
+        f"cannot reach Redis at {url} ({exc}); is redis-server running? "
+        "Set CLAUDEBOX_BROKER_URL and CLAUDEBOX_RESULT_BACKEND to your Redis"
+    )
+
+
 @contextmanager
 def map_redis_errors() -> Iterator[None]:
     """Raise a failure to reach Redis inside the block as PoolUnavailableError, which says
@@ -70,12 +88,38 @@ def map_redis_errors() -> Iterator[None]:
     try:
         yield
     except UNREACHABLE as exc:
-        url = redacted(settings().broker_url)
         # from None: the redis-py traceback says nothing the message does not.
-        raise PoolUnavailableError(
-            f"cannot reach Redis at {url} ({exc}); is redis-server running? "
-            "Set CLAUDEBOX_BROKER_URL and CLAUDEBOX_RESULT_BACKEND to your Redis"
-        ) from None
+        raise unreachable(exc) from None
+
+
+_reached: set[str] = set()
+"""The Redis URLs this process has reached: only an outage of one of those is ridden out."""
+
+
+async def riding_out(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()``, tried again with backoff while Redis cannot be reached, for up to
+    ``CLAUDEBOX_REDIS_OUTAGE_S`` since the first failure; then PoolUnavailableError. A Redis
+    this process never reached fails at once: a wrong URL is not a blip.
+
+    Only for attempts that are safe to repeat: a wait, or a send under a fixed task id (a
+    second message of one task id is answered by the worker's duplicate check)."""
+    give_up_at: float | None = None
+    pause = OUTAGE_FIRST_PAUSE_S
+    while True:
+        url = settings().result_backend
+        try:
+            done = await attempt()
+            _reached.add(url)
+            return done
+        except UNREACHABLE as exc:
+            now = time.monotonic()
+            if give_up_at is None:
+                give_up_at = now + (settings().redis_outage_s if url in _reached else 0)
+            if now >= give_up_at:
+                raise unreachable(exc) from None
+            wait_s = min(pause, give_up_at - now)
+        await asyncio.sleep(wait_s)
+        pause = min(pause * 2, OUTAGE_MAX_PAUSE_S)
 
 
 @dataclass
@@ -175,6 +219,7 @@ async def ensure_workers() -> None:
         client = await redis_client()
         since = time.time() - current.worker_alive_s
         alive = await client.zcount(keys.workers(), since, "+inf")
+    _reached.add(current.result_backend)
     if not alive:
         raise PoolUnavailableError(f"no claudebox worker is running; {START_HINT}")
 
@@ -183,50 +228,72 @@ def send(name: str, payload: dict[str, Any], queue: str | None = None) -> str:
     """Queue task ``name`` (on ``queue``, else the common one). What monitors (Flower) show of
     its payload is written by the app's message factory (``tasks.monitoring``)."""
     with map_redis_errors():
-        result: AsyncResult[Any] = app.send_task(name, args=[payload], queue=queue)
+        return publish(name, payload, queue, str(uuid.uuid4()))
+
+
+def publish(name: str, payload: dict[str, Any], queue: str | None, task_id: str) -> str:
+    """:func:`send` under a task id of the caller's, Redis errors left as they are."""
+    result: AsyncResult[Any] = app.send_task(name, args=[payload], queue=queue, task_id=task_id)
     return str(result.id)
+
+
+async def send_routed(name: str, payload: dict[str, Any]) -> tuple[str, Route]:
+    """Queue a task where its session lives (``producer.routing``), riding out a Redis blip
+    under one task id; its id and route."""
+    task_id = str(uuid.uuid4())
+
+    async def attempt() -> tuple[str, Route]:
+        route = await routing.route(payload, await redis_client())
+        return publish(name, payload, route.queue, task_id), route
+
+    return await riding_out(attempt)
 
 
 async def wait(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) -> Any:
     """The task's return value, or its error re-raised as the same ClaudeBoxError class.
 
     A task bound to a node fails with NodeUnavailableError once that node is silent past the
-    grace period: it stays in the node's queue, and would run only there.
+    grace period: it stays in the node's queue, and would run only there. While Redis is away
+    the wait pauses (:func:`riding_out`), within its own deadline.
     """
+    deadline = time.monotonic() + timeout_s
+    return await riding_out(lambda: _wait(task_id, timeout_s, deadline, route))
+
+
+async def _wait(task_id: str, timeout_s: float, deadline: float, route: Route) -> Any:
     backend = app.backend
     key = backend.get_key_for_task(task_id)
     current = settings()
-    deadline = time.monotonic() + timeout_s
     next_node_check = time.monotonic() + current.worker_heartbeat_s
-    with map_redis_errors():
-        link = await _link()
-        client = link.client
-        async with _subscribed(link, key) as channel:
-            raw = await client.get(key)
-            while True:
-                if raw is not None:
-                    meta = backend.decode_result(raw)
-                    if meta["status"] in states.READY_STATES:
-                        return _outcome(task_id, meta)
-                if route.node is not None and time.monotonic() >= next_node_check:
-                    next_node_check = time.monotonic() + current.worker_heartbeat_s
-                    silent_s = await routing.silent_for(client, route.node)
-                    if silent_s is None or silent_s > current.node_grace_s:
-                        if route.session_id is None:
-                            raise PoolUnavailableError(
-                                f"node '{route.node}' stopped sending heartbeats while task "
-                                f"{task_id} waited for it; start a worker there again"
-                            )
-                        raise NodeUnavailableError(route.session_id, route.node, silent_s)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TaskFailedError(
-                        f"no result for task {task_id} after {timeout_s:.0f}s; it may still be "
-                        f"queued behind other work or no worker consumes the queue ({START_HINT})"
-                    )
-                # A message carries the state it announces; without one, read it anyway.
-                message = await channel.next(min(remaining, POLL_S))
-                raw = message["data"] if message else await client.get(key)
+    link = await _link()
+    client = link.client
+    async with _subscribed(link, key) as channel:
+        raw = await client.get(key)
+        _reached.add(current.result_backend)
+        while True:
+            if raw is not None:
+                meta = backend.decode_result(raw)
+                if meta["status"] in states.READY_STATES:
+                    return _outcome(task_id, meta)
+            if route.node is not None and time.monotonic() >= next_node_check:
+                next_node_check = time.monotonic() + current.worker_heartbeat_s
+                silent_s = await routing.silent_for(client, route.node)
+                if silent_s is None or silent_s > current.node_grace_s:
+                    if route.session_id is None:
+                        raise PoolUnavailableError(
+                            f"node '{route.node}' stopped sending heartbeats while task "
+                            f"{task_id} waited for it; start a worker there again"
+                        )
+                    raise NodeUnavailableError(route.session_id, route.node, silent_s)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TaskFailedError(
+                    f"no result for task {task_id} after {timeout_s:.0f}s; it may still be "
+                    f"queued behind other work or no worker consumes the queue ({START_HINT})"
+                )
+            # A message carries the state it announces; without one, read it anyway.
+            message = await channel.next(min(remaining, POLL_S))
+            raw = message["data"] if message else await client.get(key)
 
 
 def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
@@ -244,9 +311,7 @@ def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
 
 async def call(name: str, payload: dict[str, Any], timeout_s: float) -> Any:
     """Send a task where its session lives (``producer.routing``) and wait for its result."""
-    with map_redis_errors():
-        route = await routing.route(payload, await redis_client())
-    task_id = send(name, payload, route.queue)
+    task_id, route = await send_routed(name, payload)
     return await wait(task_id, timeout_s, route)
 
 

@@ -152,6 +152,16 @@ def summary(results: Sequence[JobResult]) -> RenderableType:
     ]
     if len(failures) > MAX_FAILURES_LISTED:
         lines.append(Text(f"... and {len(failures) - MAX_FAILURES_LISTED} more failed jobs"))
+    resent = [result for result in results if result.resent]
+    if resent:
+        replayed = sum(result.replayed for result in resent)
+        lines.append(
+            Text(
+                f"{len(resent)} jobs were sent by the interrupted run without a known outcome; "
+                f"asked again by idempotency key: {replayed} had already run (their recorded "
+                f"outcome is kept), {len(resent) - replayed} were run now or failed to send"
+            )
+        )
     return Group(table, *lines)
 
 

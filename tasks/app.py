@@ -44,7 +44,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_send_task_events": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Cancelling kills commands mid-run when Redis restarts, to be run again later: a
+        # redelivered message is instead answered from history (task id, idempotency key).
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # A run that ended while Redis was away stores its result once Redis is back
+        # (jittered backoff under 1 s a try: about CLAUDEBOX_REDIS_OUTAGE_S in all).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": max(1, 2 * settings.redis_outage_s),
+        "result_backend_base_sleep_between_retries_ms": 100,
+        "result_backend_max_sleep_between_retries_ms": 1000,
         "worker_hijack_root_logger": False,
         "task_soft_time_limit": settings.task_time_limit_s + 30,
         "task_time_limit": settings.task_time_limit_s + 60,

@@ -18,6 +18,9 @@ from claudebox_pool.tasks.settings import AgentName
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
 
+IDEMPOTENCY_KEY_MAX_CHARS = 512
+"""A key is only ever compared and written into history, never a path or a Redis key."""
+
 SessionStatus = Literal["created", "running", "stopped"]
 """The guide's states: created (never run), running (a task holds it), stopped (between tasks)."""
 
@@ -104,6 +107,13 @@ class CodeRequest(_Message):
     )
     timeout_s: int | None = Field(default=None, gt=0)
     sandbox: SandboxOptions = SandboxOptions()
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=IDEMPOTENCY_KEY_MAX_CHARS,
+        description="Names this run: a session that completed a run under the same key gives "
+        "back that run's recorded outcome instead of running the prompt again.",
+    )
     enqueued_at: float = Field(default_factory=time.time)
 
 
@@ -154,6 +164,11 @@ class CodeResult(BaseModel):
         default_factory=list,
         description="New files by workspace path, up to CLAUDEBOX_MAX_FILES_LISTED names and "
         "CLAUDEBOX_MAX_FILES_LISTED_BYTES, then one marker entry counting the rest.",
+    )
+    replayed: bool = Field(
+        default=False,
+        description="Nothing ran now: this is the outcome history recorded for an earlier run "
+        "of the same task id or idempotency key (its response cut, no raw output).",
     )
 
 

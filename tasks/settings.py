@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         description="How long a task for a busy session keeps retrying before it fails with "
         "SessionBusyError.",
     )
+    redis_outage_s: int = Field(
+        default=60,
+        ge=0,
+        description="How long producers waiting for results, and tasks recording an outcome, "
+        "retry a lost Redis (with backoff) before they fail with PoolUnavailableError.",
+    )
     visibility_margin_s: int = Field(
         default=600,
         gt=0,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from claudebox_pool import CodeResult, JobResult, enqueue, submit
+from claudebox_pool import ClaudeBox, CodeResult, JobResult, enqueue, submit
 from claudebox_pool.producer import live
 from claudebox_pool.producer.batch import read_jobs
 from claudebox_pool.tasks.errors import InvalidRequestError
@@ -138,6 +138,22 @@ def test_resume_runs_only_the_jobs_that_did_not_succeed(tmp_path: Path) -> None:
         ("once", True),
         ("later", True),
     ]
+
+
+def test_a_key_the_session_completed_gives_back_its_outcome_and_runs_nothing() -> None:
+    async def scenario() -> list[CodeResult]:
+        async with ClaudeBox(session_id="keyed") as box:
+            once = await box.code("echo ran >> runs.txt; echo first", idempotency_key="k-1")
+            again = await box.code("echo ran >> runs.txt; echo other", idempotency_key="k-1")
+            fresh = await box.code("echo ran >> runs.txt; echo fresh", idempotency_key="k-2")
+            return [once, again, fresh]
+
+    once, again, fresh = asyncio.run(scenario())
+
+    assert (once.replayed, once.response) == (False, "first\n")
+    assert (again.replayed, again.response, again.task_id) == (True, "first\n", once.task_id)
+    assert (fresh.replayed, fresh.response) == (False, "fresh\n")
+    assert (workspace("keyed") / "runs.txt").read_text() == "ran\nran\n"
 
 
 def test_no_wait_queues_chains_that_keep_order_and_cross_session_dependencies(

@@ -7,17 +7,22 @@ sync code, from async code and through kombu, against a port nothing listens on.
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from celery import states
 
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.client import ClaudeBox
+from claudebox_pool.producer.pool import OUTAGE_MAX_PAUSE_S
 from claudebox_pool.tasks import names
-from claudebox_pool.tasks.app import configure
+from claudebox_pool.tasks.app import app, configure
 from claudebox_pool.tasks.errors import PoolUnavailableError
 from claudebox_pool.tasks.settings import get_settings
-from tests.support.processes import free_port
+from tests.support.processes import RedisServer, free_port
 
 PASSWORD = "hunter2"
 
@@ -89,3 +94,59 @@ def _assert_names(error: PoolUnavailableError, where: str) -> None:
     assert PASSWORD not in message
     # The redis-py traceback is left out: the message says all a user can act on.
     assert error.__suppress_context__
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may kill; outages ridden out for 3 s."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    monkeypatch.setenv("CLAUDEBOX_BROKER_URL", server.url)
+    monkeypatch.setenv("CLAUDEBOX_RESULT_BACKEND", server.url)
+    monkeypatch.setenv("CLAUDEBOX_REDIS_OUTAGE_S", "3")
+    get_settings.cache_clear()
+    configure()
+    try:
+        yield server
+    finally:
+        server.stop()
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        configure()
+
+
+def test_a_wait_rides_out_a_redis_restart_and_takes_the_result_stored_after_it(
+    own_redis: RedisServer,
+) -> None:
+    task_id = str(uuid.uuid4())
+
+    async def scenario() -> object:
+        waiting = asyncio.ensure_future(pool.wait(task_id, 30))
+        await asyncio.sleep(0.3)  # the wait's first read goes to the live Redis
+        assert own_redis.proc is not None
+        own_redis.proc.kill()
+        own_redis.proc.wait(10)
+        await asyncio.sleep(1)  # the outage, shorter than CLAUDEBOX_REDIS_OUTAGE_S
+        own_redis.start()
+        app.backend.store_result(task_id, {"answer": 42}, states.SUCCESS)
+        return await waiting
+
+    assert asyncio.run(scenario()) == {"answer": 42}
+
+
+def test_a_wait_gives_up_once_redis_is_away_past_the_outage_limit(
+    own_redis: RedisServer,
+) -> None:
+    async def scenario() -> float:
+        waiting = asyncio.ensure_future(pool.wait(str(uuid.uuid4()), 60))
+        await asyncio.sleep(0.3)
+        own_redis.stop()
+        lost_at = time.monotonic()
+        with pytest.raises(PoolUnavailableError):
+            await waiting
+        return time.monotonic() - lost_at
+
+    waited_s = asyncio.run(scenario())
+
+    # The last try is at the limit; the one before it at most a pause earlier.
+    assert 3 <= waited_s <= 3 + OUTAGE_MAX_PAUSE_S

@@ -18,6 +18,7 @@ from celery.exceptions import Retry
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.errors import SessionBusyError, TaskAttemptsExceededError
+from claudebox_pool.workers import outage
 from claudebox_pool.workers.affinity import refuse_if_elsewhere
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
@@ -48,7 +49,8 @@ def counted_delivery(ctx: WorkerContext, task_id: str) -> Iterator[int]:
         ctx.redis.delete(key)
         raise
     else:
-        ctx.redis.delete(key)
+        # The task ended, perhaps while Redis restarted: its count must not outlive it.
+        outage.retried(ctx.settings, "delivery count", lambda: ctx.redis.delete(key))
 
 
 @contextmanager

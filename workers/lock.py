@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 RETRY_S = 0.1
 """How often a waiting ``acquire`` tries again (redis-py's own lock polls as often)."""
 
+CHECK_FIRST_PAUSE_S = 0.1
+CHECK_MAX_PAUSE_S = 2.0
+"""Backoff of a write guard's check while Redis cannot be reached."""
+
 _ACQUIRE = """
 -- KEYS[1] the session's lock (keys.session_lock), KEYS[2] its fencing counter (session_fence)
 -- ARGV[1] the new holder's token, ARGV[2] the lock's TTL in milliseconds
@@ -80,14 +84,22 @@ class SessionLock:
         return True
 
     def check(self) -> None:
-        """Raise LockLostError unless this holder still owns the lock (the store's write guard)."""
-        if self.lost.is_set():
-            raise LockLostError(self.session_id)
-        try:
-            owned = self._lock.owned()
-        except RedisError as exc:
-            log.warning("cannot confirm lock on %s: %s", self.session_id, exc)
-            owned = False
+        """Raise LockLostError unless this holder still owns the lock (the store's write guard).
+
+        While Redis cannot be asked, the check waits rather than refuse: a run that ended during
+        a Redis restart still records its outcome. The renewal keeps the lock through a blip
+        and sets ``lost`` once a whole TTL passed without it, which ends the wait."""
+        pause = CHECK_FIRST_PAUSE_S
+        while True:
+            if self.lost.is_set():
+                raise LockLostError(self.session_id)
+            try:
+                owned = self._lock.owned()
+                break
+            except RedisError as exc:
+                log.warning("cannot confirm lock on %s, retrying: %s", self.session_id, exc)
+            time.sleep(pause)
+            pause = min(pause * 2, CHECK_MAX_PAUSE_S)
         if not owned:
             self.lost.set()
             raise LockLostError(self.session_id)

@@ -29,7 +29,7 @@ from claudebox_pool.tasks.models import (
     SessionRecord,
     utc_now,
 )
-from claudebox_pool.workers import archive, caps, disk, identity, inputs, registry
+from claudebox_pool.workers import archive, caps, disk, identity, inputs, outage, registry
 from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
@@ -152,10 +152,10 @@ def run_code(
     record = ctx.store.load(request.session_id)
     ctx.store.check_workspace(request.session_id)  # before anything is written
     record = identity.ensure(ctx.settings, ctx.store, record, lock.check)
-    recorded = _recorded_run(ctx.store, request.session_id, task_id)
+    recorded = _recorded_run(ctx.store, request.session_id, task_id, request.idempotency_key)
     if recorded is not None:
-        # Delivered again after it ran to its end (a resend under the same id, a redelivery
-        # of a task whose worker died before the ack): give back its result, run nothing.
+        # Delivered again after it ran to its end (a resend under the same id or key, a
+        # redelivery of a task whose worker died before the ack): give back its result.
         return recorded
     record, spec = _mark_running(ctx, request, record, lock, task_id, attempt)
     run = _run_agent(ctx, request, record, spec, lock, on_line, cancel)
@@ -187,7 +187,37 @@ def _mark_running(
             HistoryEntry(action="attempt_interrupted", context={"task_id": task_id}),
             guard,
         )
+    if request.idempotency_key:
+        store.append_history_many(
+            request.session_id, _keyed_start(store, request.session_id, request, task_id), guard
+        )
     return record, spec
+
+
+def _keyed_start(
+    store: SessionStore, session_id: str, request: CodeRequest, task_id: str
+) -> list[HistoryEntry]:
+    """A keyed run's ``code_started`` entry, after a ``rerun`` entry when another task started
+    this key before and recorded no outcome: its command may have run, and runs again now."""
+    key = request.idempotency_key
+    started = {"task_id": task_id, "idempotency_key": key}
+    earlier = [
+        entry.context.get("task_id")
+        for entry in store.recent_history(session_id, RECENT_HISTORY_BYTES, key)
+        if entry.action == "code_started" and entry.context.get("idempotency_key") == key
+    ]
+    if not earlier or earlier[-1] == task_id:  # the same task again: attempt_interrupted says so
+        return [HistoryEntry(action="code_started", context=started)]
+    rerun = {
+        **started,
+        "earlier_task_id": earlier[-1],
+        "reason": "an earlier run of this key recorded no outcome (its lock was lost, e.g. "
+        "Redis was away longer than CLAUDEBOX_LOCK_TTL_S); its command may have run",
+    }
+    return [
+        HistoryEntry(action="rerun", context=rerun),
+        HistoryEntry(action="code_started", context=started),
+    ]
 
 
 def _run_agent(
@@ -269,6 +299,7 @@ def _record_run(
                 "started_at": run.started_at,
                 "agent": request.agent,
                 "task_id": task_id,
+                **({"idempotency_key": request.idempotency_key} if request.idempotency_key else {}),
                 "response": outcome.response[:PROMPT_IN_HISTORY_CHARS],
                 "cost_usd": outcome.cost_usd,
                 "num_turns": outcome.num_turns,
@@ -282,7 +313,7 @@ def _record_run(
     ]
     ctx.store.append_history_many(request.session_id, entries, lock.check)
     ctx.store.save(record, lock.check)
-    registry.put(ctx.redis, record)
+    outage.retried(ctx.settings, "registry update", lambda: registry.put(ctx.redis, record))
 
 
 def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -> CodeResult:
@@ -368,30 +399,40 @@ RECENT_HISTORY_BYTES = 1 << 20
 visibility timeout, long before a session's history grows a megabyte past it."""
 
 
-def _recorded_run(store: SessionStore, session_id: str, task_id: str) -> CodeResult | None:
-    """The result that a completed run of ``task_id`` recorded in history (its response cut
-    at PROMPT_IN_HISTORY_CHARS, no raw output), or None if it has none."""
-    if not task_id:
-        return None
-    for entry in reversed(store.recent_history(session_id, RECENT_HISTORY_BYTES, task_id)):
-        if entry.action == "code_execution" and entry.context.get("task_id") == task_id:
-            context = entry.context
-            return CodeResult.model_validate(
-                {
-                    "success": context.get("success"),
-                    "response": context.get("response", ""),
-                    "exit_code": context.get("exit_code"),
-                    "raw_output": "",
-                    "error": context.get("error"),
-                    "duration_s": context.get("duration_s"),
-                    "cost_usd": context.get("cost_usd", 0.0),
-                    "num_turns": context.get("num_turns", 0),
-                    "session_id": session_id,
-                    "task_id": task_id,
-                    "files_created": context.get("files_created", []),
-                }
-            )
+def _recorded_run(
+    store: SessionStore, session_id: str, task_id: str, key: str | None
+) -> CodeResult | None:
+    """The result that a completed run of ``task_id``, or of idempotency ``key``, recorded in
+    history (its response cut at PROMPT_IN_HISTORY_CHARS, no raw output), or None if none did.
+
+    Called under the session's lock, so that no run of the same key can be recording meanwhile.
+    """
+    for field, wanted in (("task_id", task_id), ("idempotency_key", key)):
+        if not wanted:
+            continue
+        for entry in reversed(store.recent_history(session_id, RECENT_HISTORY_BYTES, wanted)):
+            if entry.action == "code_execution" and entry.context.get(field) == wanted:
+                return _replayed(session_id, entry.context)
     return None
+
+
+def _replayed(session_id: str, context: dict[str, Any]) -> CodeResult:
+    return CodeResult.model_validate(
+        {
+            "success": context.get("success"),
+            "response": context.get("response", ""),
+            "exit_code": context.get("exit_code"),
+            "raw_output": "",
+            "error": context.get("error"),
+            "duration_s": context.get("duration_s"),
+            "cost_usd": context.get("cost_usd", 0.0),
+            "num_turns": context.get("num_turns", 0),
+            "session_id": session_id,
+            "task_id": context.get("task_id", ""),
+            "files_created": context.get("files_created", []),
+            "replayed": True,
+        }
+    )
 
 
 def _contained(outcome: AgentOutcome, executed: ExecResult, watch: DiskWatch) -> AgentOutcome:

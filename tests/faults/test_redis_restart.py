@@ -131,6 +131,7 @@ def test_a_lost_registry_is_rebuilt_from_disk_by_a_reindex(
 ) -> None:
     server = aof_redis
     root = get_settings().sessions_root
+    # Dot-directories are the store's own (.sandbox-uids), not sessions.
     sessions = sorted(path.name for path in root.iterdir() if not path.name.startswith("."))
     assert sessions
     server.client().delete(keys.registry())
