@@ -7,9 +7,12 @@ one ``statvfs``; the size limit walks the sessions root, so it is only checked w
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +25,7 @@ if TYPE_CHECKING:  # the store names the largest sessions through this module wh
 
 LARGEST_NAMED = 5
 """Sessions a DiskFullError names, largest first."""
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def tree_size(root: Path, seen: set[tuple[int, int]]) -> tuple[int, int]:
@@ -110,3 +114,18 @@ def largest(current: DiskUsage) -> dict[str, int]:
 def largest_in(store: SessionStore) -> dict[str, int]:
     """The sessions a DiskFullError names, for a disk found full while writing."""
     return {each.session_id: each.bytes for each in sessions_by_size(store)[:LARGEST_NAMED]}
+
+
+@contextmanager
+def full_as_error(store: SessionStore, doing: str) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) met in the body, as a DiskFullError saying what failed
+    (``doing``: "session 'x' could not write session.json") and naming the largest sessions."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS:
+            raise
+        where = exc.filename or store.root
+        raise DiskFullError(
+            f"{doing}: the disk holding {where} is full ({exc.strerror})", largest_in(store)
+        ) from None

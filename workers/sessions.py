@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task
 from redis.exceptions import RedisError
 
-from claudebox_pool.tasks.errors import ClaudeBoxError, SessionCorruptedError
+from claudebox_pool.tasks.errors import ClaudeBoxError, DiskFullError, SessionCorruptedError
 from claudebox_pool.tasks.models import (
     CleanupRequest,
     CleanupResult,
@@ -280,7 +280,14 @@ def _record_run(
         *(HistoryEntry(action="file_created", context={"file": name}) for name in run.found.listed),
         *(HistoryEntry(action=action, context=context) for action, context in outcome.events),
     ]
-    ctx.store.commit(record, entries, lock.check)
+    try:
+        ctx.store.commit(record, entries, lock.check)
+    except DiskFullError as exc:
+        raise DiskFullError(
+            f"{exc.problem}. The command of task {task_id} did run (exit code "
+            f"{outcome.exit_code}); its outcome is missing from the session's history",
+            exc.largest,
+        ) from None
     registry.put(ctx.redis, record)
 
 

@@ -23,7 +23,6 @@ record even if it slipped past the guard.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
@@ -31,14 +30,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from claudebox_pool.tasks.errors import (
-    DiskFullError,
     LockLostError,
     SessionAlreadyExistsError,
     SessionCorruptedError,
@@ -60,7 +58,6 @@ Guard = Callable[[], None]
 
 META_DIR = ".claudebox"
 IGNORED_IN_WORKSPACE = frozenset({".git"})
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 TAIL_CHUNK = 64 * 1024
 
 
@@ -194,19 +191,10 @@ class SessionStore:
             finally:
                 os.close(fd)
 
-    @contextmanager
-    def _disk_full(self, session_id: str, what: str) -> Iterator[None]:
-        """A full disk met while writing ``what`` of the session, as a DiskFullError."""
-        try:
-            yield
-        except OSError as exc:
-            if exc.errno not in DISK_FULL:
-                raise
-            raise DiskFullError(
-                f"session '{session_id}' could not write {what}: the disk holding {self.root} "
-                f"is full ({exc.strerror}); nothing of that write was kept",
-                disk.largest_in(self),
-            ) from None
+    def _disk_full(self, session_id: str, what: str) -> AbstractContextManager[None]:
+        return disk.full_as_error(
+            self, f"session '{session_id}' could not write {what} (nothing of it was kept)"
+        )
 
     def history(self, session_id: str) -> list[HistoryEntry]:
         paths = self.paths(session_id)

@@ -195,6 +195,7 @@ def test_a_task_that_fills_the_disk_fails_with_disk_full_and_runs_once(
 
     workspace = store.paths("fills").workspace
     assert "is full" in str(raised.value)
+    assert "did run (exit code 0)" in str(raised.value)
     assert "fills" in raised.value.largest
     assert (workspace / "count.txt").read_text() == "ran\n"
     ran = [each for each in store.history("fills") if each.action == "code_execution"]
