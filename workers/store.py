@@ -147,7 +147,7 @@ class SessionStore:
         if on_disk > record.fence:
             raise LockLostError(record.session_id)
         data = record.model_dump_json(indent=2).encode()
-        with self._disk_full(record.session_id, "session.json"):
+        with self._disk_full(record.session_id, "session.json (the one before it stays)"):
             fd, tmp = tempfile.mkstemp(dir=paths.meta, prefix=".session.", suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as handle:
@@ -177,7 +177,7 @@ class SessionStore:
         paths = self.paths(session_id)
         guard()
         data = "".join(entry.model_dump_json() + "\n" for entry in entries).encode()
-        with self._disk_full(session_id, "history.jsonl"):
+        with self._disk_full(session_id, "history.jsonl (no part of the lines was kept)"):
             fd = os.open(paths.history, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 _repair_tail(fd, paths.history)
@@ -192,9 +192,7 @@ class SessionStore:
                 os.close(fd)
 
     def _disk_full(self, session_id: str, what: str) -> AbstractContextManager[None]:
-        return disk.full_as_error(
-            self, f"session '{session_id}' could not write {what} (nothing of it was kept)"
-        )
+        return disk.full_as_error(self, f"session '{session_id}' could not write {what}")
 
     def history(self, session_id: str) -> list[HistoryEntry]:
         paths = self.paths(session_id)
@@ -238,15 +236,16 @@ class SessionStore:
         lines = tail.splitlines()
         if size > max_bytes:
             lines = lines[1:]  # the first line of a cut tail is partial
-        if not tail.endswith(b"\n"):
-            lines = lines[:-1]  # torn by a crash mid-write: the next append repairs it
+        torn_at = len(lines) - 1 if not tail.endswith(b"\n") else None
         entries = []
-        for line in lines:
+        for index, line in enumerate(lines):
             if not line.strip() or needle not in line:
                 continue
             try:
                 entries.append(HistoryEntry.model_validate_json(line))
             except ValidationError:
+                if index == torn_at:
+                    break  # torn by a crash mid-write: the next append repairs it
                 raise SessionCorruptedError(
                     session_id, str(path), "has an unreadable line near its end"
                 ) from None
