@@ -69,6 +69,11 @@ def test_a_truncated_session_json_is_corrupted_everywhere_and_cleanup_removes_it
     assert shown.returncode == 1
     assert "is corrupted" in shown.stderr and FIX in " ".join(shown.stderr.split())
     assert listed("broken") == "corrupted"
+    in_cli = [
+        json.loads(line)
+        for line in claudebox_pool("sessions", "list", "--json").stdout.splitlines()
+    ]
+    assert [(each["session_id"], each["status"]) for each in in_cli] == [("broken", "corrupted")]
     assert (workspace / "count.txt").read_text() == "ran\n"
     assert [e.action for e in history("broken")].count("code_execution") == 1
 
