@@ -213,3 +213,30 @@ def test_a_task_that_fills_the_disk_fails_with_disk_full_and_runs_once(
     ran = [each for each in store.history("fills") if each.action == "code_execution"]
     assert (workspace / "count.txt").read_text() == "ran\nran\n"
     assert total >= len(ran) >= 1
+
+
+def test_a_checkpoint_on_a_full_disk_fails_with_disk_full(
+    full_home: Path, pool_on_small_disk: list[Worker]
+) -> None:
+    store = SessionStore(full_home / "sessions")
+
+    async def make() -> None:
+        async with ClaudeBox(session_id="snap") as box:
+            assert (await box.code("head -c 200000 /dev/urandom > data")).success
+
+    asyncio.run(make())
+    filler = full_home / "filler"
+    fill(filler)
+
+    async def snapshot() -> None:
+        async with ClaudeBox.reconnect("snap") as box:
+            await box.checkpoint("before")
+
+    try:
+        with pytest.raises(DiskFullError, match="is full") as raised:
+            asyncio.run(snapshot())
+    finally:
+        filler.unlink()
+
+    assert "snap" in raised.value.largest
+    assert "before" not in store.load("snap").checkpoints
