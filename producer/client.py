@@ -338,17 +338,20 @@ class _Reconnect:
 
 
 def _as_seen_here(record: SessionRecord) -> SessionRecord | None:
-    """The registry's record as this machine's view of the disk corrects it; None if the
-    session's directory was removed by hand."""
+    """The registry's record as this machine's view of the disk corrects it: None if the
+    session's directory was removed by hand, corrupted if its session.json cannot be read (or
+    the disk's record, where one listed as corrupted was restored)."""
     session_dir = Path(record.workspace_path).parent
-    if not session_dir.parent.is_dir() or record.status == "corrupted":
+    if not session_dir.parent.is_dir():
         return record
     if not session_dir.exists():
         return None
     try:
-        read_session_json(record.session_id, session_dir / META_DIR / "session.json")
+        on_disk = read_session_json(record.session_id, session_dir / META_DIR / "session.json")
     except SessionCorruptedError as exc:
         return SessionRecord.of_corrupted(exc, record.workspace_path, record.updated_at, record)
     except PermissionError:
-        pass  # the workers' files, not this user's to check
-    return record
+        return record  # the workers' files, not this user's to check
+    if record.status != "corrupted":
+        return record
+    return on_disk.model_copy(update={"node": record.node, "workspace_path": record.workspace_path})

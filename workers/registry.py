@@ -46,6 +46,13 @@ def put_corrupted(client: redis.Redis, store: SessionStore, error: SessionCorrup
     put(client, record.model_copy(update={"node": store.node or record.node}))
 
 
+def put_if_corrupted(client: redis.Redis, record: SessionRecord) -> None:
+    """Register ``record`` where it is listed as corrupted: its session.json was restored."""
+    listed = read_one(client, record.session_id)
+    if listed is not None and listed.status == "corrupted":
+        put(client, record)
+
+
 @contextmanager
 def noting_corruption(client: redis.Redis, store: SessionStore) -> Iterator[None]:
     """A session found corrupted in the body is listed as corrupted before the error goes on."""

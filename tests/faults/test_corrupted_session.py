@@ -128,3 +128,26 @@ def test_a_worker_starts_and_heartbeats_with_a_bad_record_on_its_disk(
     assert f"{bad_json} has an invalid updated_at" in worker.log()
     statuses = {r.session_id: r.status for r in ClaudeBox.list_sessions()}
     assert statuses == {"good": "created", "bad-time": "corrupted"}
+
+
+def test_a_session_json_restored_from_a_backup_is_listed_healthy_again(
+    pool: list[Worker], clean_state: redis.Redis
+) -> None:
+    workspace = open_session("broken")
+    session_json = workspace.parent / ".claudebox" / "session.json"
+    backup = session_json.read_bytes()
+    truncate(workspace)
+    assert claudebox_pool("sessions", "reindex").returncode == 0
+    assert listed("broken") == "corrupted"
+
+    session_json.write_bytes(backup)
+
+    assert listed("broken") == "created"
+
+    async def reconnect() -> None:
+        async with ClaudeBox.reconnect("broken"):
+            pass
+
+    asyncio.run(reconnect())
+    entry = read_one(clean_state, "broken")
+    assert entry is not None and entry.status == "created" and entry.corruption is None
