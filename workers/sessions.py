@@ -72,6 +72,7 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
 
 
 def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
+    ctx.store.refuse_taken(request.session_id)  # before a uid is claimed for it
     inputs.check(ctx.store, request.session_id, request.inputs)
     disk.guard(ctx.settings, ctx.store, f"session '{request.session_id}' cannot be created")
     uid = (

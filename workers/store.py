@@ -107,9 +107,7 @@ class SessionStore:
         """
         paths = self.paths(record.session_id)
         private_dir(self.root)
-        if paths.meta.exists():
-            self.load(record.session_id)  # a corrupted one says so, not "already exists"
-            raise SessionAlreadyExistsError(record.session_id)
+        self.refuse_taken(record.session_id)
         with self._disk_full(record.session_id, "its directories"):
             paths.root.mkdir(exist_ok=True)
             paths.workspace.mkdir(exist_ok=True)
@@ -122,6 +120,13 @@ class SessionStore:
             unguarded,
         )
         return record
+
+    def refuse_taken(self, session_id: str) -> None:
+        """SessionAlreadyExistsError if the session has metadata; SessionCorruptedError if it
+        cannot be read (a create then says what a reconnect would)."""
+        if self.paths(session_id).meta.exists():
+            self.load(session_id)
+            raise SessionAlreadyExistsError(session_id)
 
     def load(self, session_id: str) -> SessionRecord:
         paths = self.paths(session_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def test_a_truncated_session_json_is_corrupted_everywhere_and_cleanup_removes_it
 
     with pytest.raises(SessionCorruptedError, match=problem):
         asyncio.run(create())
+    # Refused before a sandbox uid was claimed for it: it still holds its one.
+    claims = get_settings().sessions_root / ".sandbox-uids"
+    assert [os.readlink(link) for link in claims.iterdir()] == ["broken"]
     reindexed = claudebox_pool("sessions", "reindex")
     assert "corrupted: broken" in reindexed.stderr
     # The registry itself now says so, for producers that cannot see the workers' disk.
