@@ -17,10 +17,7 @@ from celery import Task
 from celery.exceptions import Retry
 
 from claudebox_pool.tasks import keys
-from claudebox_pool.tasks.errors import (
-    SessionBusyError,
-    TaskAttemptsExceededError,
-)
+from claudebox_pool.tasks.errors import SessionBusyError, TaskAttemptsExceededError
 from claudebox_pool.workers import disk, registry
 from claudebox_pool.workers.affinity import refuse_if_elsewhere
 from claudebox_pool.workers.context import WorkerContext

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.errors import SessionCorruptedError
@@ -59,7 +60,8 @@ def noting_corruption(client: redis.Redis, store: SessionStore) -> Iterator[None
     try:
         yield
     except SessionCorruptedError as exc:
-        put_corrupted(client, store, exc)
+        with suppress(RedisError):  # the error itself must reach the caller
+            put_corrupted(client, store, exc)
         raise
 
 
