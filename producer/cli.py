@@ -498,6 +498,8 @@ def sessions_show(session_id: Annotated[str, typer.Argument(help="Session id.")]
     if record is None:
         fail(str(SessionNotFoundError(session_id)), exit_code_for(SessionNotFoundError))
     out.print_json(record.model_dump_json())
+    if record.corruption is not None:
+        fail(str(record.corruption.error(session_id)), EXIT_FAILED)
     history = Path(record.workspace_path).parent / ".claudebox" / "history.jsonl"
     if history.exists():
         out.print(f"[bold]history[/] ({history})")

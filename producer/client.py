@@ -22,7 +22,7 @@ from claudebox_pool.producer.live import CodeStream, OutputCallback
 from claudebox_pool.producer.options import CallOptions
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.connections import sync_redis
-from claudebox_pool.tasks.errors import InvalidRequestError
+from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
 from claudebox_pool.tasks.lifecycle import Checkpoint
 from claudebox_pool.tasks.models import (
     CleanupRequest,
@@ -32,12 +32,15 @@ from claudebox_pool.tasks.models import (
     OpenRequest,
     SandboxOptions,
     SessionRecord,
+    read_session_json,
     validate_session_id,
 )
 from claudebox_pool.tasks.registry import read_all
 from claudebox_pool.tasks.settings import AgentName
 
 EPHEMERAL_PREFIX = "ephemeral-"
+META_DIR = ".claudebox"
+"""Where a session's directory keeps session.json (the workers' store lays it out)."""
 WAIT_MARGIN_S = 120
 
 
@@ -251,12 +254,14 @@ class ClaudeBox:
     def list_sessions() -> list[SessionRecord]:
         """Every session of the pool (ephemeral ones included), oldest first.
 
-        Read from the registry; where this machine sees a session's sessions root and the
-        session's directory is gone from it (removed by hand), the session is left out.
+        Read from the registry, and checked where this machine sees a session's sessions root:
+        a session whose directory is gone from it (removed by hand) is left out, and one whose
+        session.json cannot be read is listed with status ``corrupted`` (its ``corruption``
+        says why; ``cleanup_session(id, remove_workspace=True)`` removes it).
         """
         with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
             records = read_all(client)
-        return [record for record in records if not _removed_by_hand(record)]
+        return [seen for record in records if (seen := _as_seen_here(record)) is not None]
 
     @staticmethod
     async def cleanup_session(
@@ -332,6 +337,21 @@ class _Reconnect:
         await self._box.__aexit__(exc_type, exc, tb)
 
 
-def _removed_by_hand(record: SessionRecord) -> bool:
+def _as_seen_here(record: SessionRecord) -> SessionRecord | None:
+    """The registry's record as this machine's view of the disk corrects it: None if the
+    session's directory was removed by hand, corrupted if its session.json cannot be read (or
+    the disk's record, where one listed as corrupted was restored)."""
     session_dir = Path(record.workspace_path).parent
-    return session_dir.parent.is_dir() and not session_dir.exists()
+    if not session_dir.parent.is_dir():
+        return record
+    if not session_dir.exists():
+        return None
+    try:
+        on_disk = read_session_json(record.session_id, session_dir / META_DIR / "session.json")
+    except SessionCorruptedError as exc:
+        return SessionRecord.of_corrupted(exc, record.workspace_path, record.updated_at, record)
+    except PermissionError:
+        return record  # the workers' files, not this user's to check
+    if record.status != "corrupted":
+        return record
+    return on_disk.model_copy(update={"node": record.node, "workspace_path": record.workspace_path})

@@ -9,11 +9,17 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError, InvalidSessionIdError
+from claudebox_pool.tasks.errors import (
+    ClaudeBoxError,
+    InvalidRequestError,
+    InvalidSessionIdError,
+    SessionCorruptedError,
+)
 from claudebox_pool.tasks.settings import AgentName
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -21,8 +27,9 @@ SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
 IDEMPOTENCY_KEY_MAX_CHARS = 512
 """A key is only ever compared and written into history, never a path or a Redis key."""
 
-SessionStatus = Literal["created", "running", "stopped"]
-"""The guide's states: created (never run), running (a task holds it), stopped (between tasks)."""
+SessionStatus = Literal["created", "running", "stopped", "corrupted"]
+"""The guide's states: created (never run), running (a task holds it), stopped (between tasks);
+and the pool's corrupted: its session.json cannot be read (the record's ``corruption`` says why)."""
 
 
 def validate_session_id(session_id: object) -> str:
@@ -63,6 +70,16 @@ def utc_now() -> str:
 
 def iso_to_epoch(stamp: str) -> float:
     return datetime.fromisoformat(stamp).replace(tzinfo=UTC).timestamp()
+
+
+def _valid_time(stamp: str) -> str:
+    # Refused here, not where the registry scores it: a bad stamp in one session.json once
+    # stopped a worker's startup reindex.
+    datetime.fromisoformat(stamp)
+    return stamp
+
+
+IsoTime = Annotated[str, AfterValidator(_valid_time)]
 
 
 class _Message(BaseModel):
@@ -192,6 +209,18 @@ class ReindexResult(BaseModel):
     )
 
 
+class Corruption(BaseModel):
+    """What makes a session unreadable: the file at ``path`` and its ``problem``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    problem: str
+
+    def error(self, session_id: str) -> SessionCorruptedError:
+        return SessionCorruptedError(session_id, self.path, self.problem)
+
+
 class SessionRecord(BaseModel):
     """A session's metadata: the content of session.json, and of its registry entry.
 
@@ -202,15 +231,15 @@ class SessionRecord(BaseModel):
 
     session_id: SessionId
     box_id: str | None = None
-    created_at: str
-    updated_at: str
+    created_at: IsoTime
+    updated_at: IsoTime
     total_commands: int = 0
     total_files_created: int = 0
     workspace_path: str
     status: SessionStatus = "created"
     ephemeral: bool = False
     runtime: str = ""
-    last_accessed: str
+    last_accessed: IsoTime
     total_turns: int = 0
     total_duration_ms: int = 0
     total_cost_usd: float = 0.0
@@ -228,6 +257,64 @@ class SessionRecord(BaseModel):
     sandbox_uid: int | None = None
     """The session's own host uid and gid (workers.identity); None until a root worker gives
     it one (older session.json files, sessions of a non-root worker)."""
+    corruption: Corruption | None = None
+    """Set only on a registry entry of status ``corrupted``, never in a session.json."""
+
+    @classmethod
+    def of_corrupted(
+        cls,
+        error: SessionCorruptedError,
+        workspace_path: str,
+        seen_at: str,
+        known: SessionRecord | None,
+    ) -> SessionRecord:
+        """The registry's entry for a session whose session.json cannot be read: what was
+        known of it (``known``, its last good entry) or else ``seen_at`` as its times."""
+        base = known or cls(
+            session_id=error.session_id,
+            created_at=seen_at,
+            updated_at=seen_at,
+            last_accessed=seen_at,
+            workspace_path=workspace_path,
+        )
+        return base.model_copy(
+            update={
+                "status": "corrupted",
+                "workspace_path": workspace_path,
+                "corruption": Corruption(path=error.path, problem=error.problem),
+            }
+        )
+
+
+def read_session_json(session_id: str, path: Path) -> SessionRecord:
+    """The record in a session.json; SessionCorruptedError saying what is wrong with the file.
+    A PermissionError is left to the caller: the file may be fine, only not for this user."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SessionCorruptedError(session_id, str(path), "is missing") from None
+    except PermissionError:
+        raise
+    except OSError as exc:
+        raise SessionCorruptedError(
+            session_id, str(path), f"cannot be read ({exc.strerror})"
+        ) from None
+    try:
+        return SessionRecord.model_validate_json(raw)
+    except ValidationError as exc:
+        raise SessionCorruptedError(session_id, str(path), _problem_of(exc)) from None
+
+
+def _problem_of(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    if first["type"] == "json_invalid":
+        return "is not valid JSON"
+    if not first["loc"]:
+        return "lacks required fields (it holds no JSON object)"
+    field = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        return f"lacks required fields ({field} missing)"
+    return f"has an invalid {field} ({first['msg']})"
 
 
 class HistoryEntry(BaseModel):

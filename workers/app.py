@@ -126,14 +126,20 @@ def reconcile(sender: Any = None, **_: Any) -> None:
     log.info("runtime: %s", info.runtime_reason)
     log.info("claude CLI: %s (%s)", info.claude_cli or "not found", info.claude_version or "-")
     ctx.redis.hset(keys.worker_info(), hostname, info.model_dump_json())
-    result = registry.reindex(ctx.redis, ctx.store)
-    log.info(
-        "registry reconciled with %s: %d sessions, %d stale entries dropped, %d corrupted",
-        ctx.store.root,
-        result.indexed,
-        result.dropped,
-        len(result.corrupted),
-    )
+    try:
+        result = registry.reindex(ctx.redis, ctx.store)
+    except Exception:
+        # The registry is only an index (`claudebox-pool sessions reindex` rebuilds it): a
+        # worker that cannot rebuild it still serves, rather than never announcing itself.
+        log.exception("registry not reconciled with %s; the worker serves anyway", ctx.store.root)
+    else:
+        log.info(
+            "registry reconciled with %s: %d sessions, %d stale entries dropped, %d corrupted",
+            ctx.store.root,
+            result.indexed,
+            result.dropped,
+            len(result.corrupted),
+        )
     _ready.set()
     if sender is not None:
         Heartbeat.beat(sender)

@@ -136,10 +136,7 @@ def _record(
         }
     )
     context = made.model_dump(include={"name", "files", "bytes", "linked", "cloned", "copied"})
-    ctx.store.append_history(
-        record.session_id, HistoryEntry(action=action, context=context), lock.check
-    )
-    ctx.store.save(record, lock.check)
+    ctx.store.commit(record, [HistoryEntry(action=action, context=context)], lock.check)
     registry.put(ctx.redis, record)
 
 

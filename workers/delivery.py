@@ -18,7 +18,7 @@ from celery.exceptions import Retry
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.errors import SessionBusyError, TaskAttemptsExceededError
-from claudebox_pool.workers import outage
+from claudebox_pool.workers import disk, outage, registry
 from claudebox_pool.workers.affinity import refuse_if_elsewhere
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
@@ -62,7 +62,8 @@ def session_lock(
     *,
     check_node: bool = True,
 ) -> Iterator[SessionLock]:
-    """Hold the session's lock; with ``check_node``, refuse a session bound to another node."""
+    """Hold the session's lock; with ``check_node``, refuse a session bound to another node.
+    A session found corrupted meanwhile is listed as such; a disk found full is a DiskFullError."""
     lock = SessionLock(ctx.redis, session_id, ctx.settings.lock_ttl_s)
     if not lock.acquire(LOCK_POLL_S):
         waited = time.time() - enqueued_at
@@ -71,7 +72,11 @@ def session_lock(
             raise SessionBusyError(session_id, waited)
         backoff = min(0.5 * 2**task.request.retries, MAX_BACKOFF_S, remaining)
         raise task.retry(countdown=backoff)
-    with lock:
+    with (
+        lock,
+        registry.noting_corruption(ctx.redis, ctx.store),
+        disk.full_as_error(ctx.store, f"a task on session '{session_id}' failed"),
+    ):
         if check_node:
             refuse_if_elsewhere(ctx, session_id)
         yield lock

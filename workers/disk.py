@@ -7,18 +7,25 @@ one ``statvfs``; the size limit walks the sessions root, so it is only checked w
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from claudebox_pool.tasks.errors import DiskFullError
 from claudebox_pool.tasks.lifecycle import DiskUsage, SessionUsage, megabytes
 from claudebox_pool.tasks.settings import Settings
-from claudebox_pool.workers.store import SessionStore
+
+if TYPE_CHECKING:  # the store names the largest sessions through this module when it fills
+    from claudebox_pool.workers.store import SessionStore
 
 LARGEST_NAMED = 5
 """Sessions a DiskFullError names, largest first."""
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def tree_size(root: Path, seen: set[tuple[int, int]]) -> tuple[int, int]:
@@ -53,7 +60,8 @@ def free_bytes(root: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
-def usage(settings: Settings, store: SessionStore) -> DiskUsage:
+def sessions_by_size(store: SessionStore) -> list[SessionUsage]:
+    """Every session's size, largest first."""
     seen: set[tuple[int, int]] = set()
     sessions = [
         SessionUsage(session_id=session_id, bytes=size, files=files)
@@ -61,6 +69,11 @@ def usage(settings: Settings, store: SessionStore) -> DiskUsage:
         for size, files in [tree_size(store.paths(session_id).root, seen)]
     ]
     sessions.sort(key=lambda each: (-each.bytes, each.session_id))
+    return sessions
+
+
+def usage(settings: Settings, store: SessionStore) -> DiskUsage:
+    sessions = sessions_by_size(store)
     return DiskUsage(
         root=str(store.root),
         total_bytes=sum(each.bytes for each in sessions),
@@ -96,3 +109,23 @@ def guard(settings: Settings, store: SessionStore, doing: str, adding: int = 0) 
 
 def largest(current: DiskUsage) -> dict[str, int]:
     return {each.session_id: each.bytes for each in current.sessions[:LARGEST_NAMED]}
+
+
+def largest_in(store: SessionStore) -> dict[str, int]:
+    """The sessions a DiskFullError names, for a disk found full while writing."""
+    return {each.session_id: each.bytes for each in sessions_by_size(store)[:LARGEST_NAMED]}
+
+
+@contextmanager
+def full_as_error(store: SessionStore, doing: str) -> Iterator[None]:
+    """A full disk (ENOSPC, EDQUOT) met in the body, as a DiskFullError saying what failed
+    (``doing``: "session 'x' could not write session.json") and naming the largest sessions."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS:
+            raise
+        where = exc.filename or store.root
+        raise DiskFullError(
+            f"{doing}: the disk holding {where} is full ({exc.strerror})", largest_in(store)
+        ) from None

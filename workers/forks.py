@@ -129,11 +129,7 @@ def fork(ctx: WorkerContext, request: ForkRequest, lock: SessionLock) -> Session
             "sandbox_uid": uid,
         }
     )
-    store.save(record, lock.check)
-    store.append_history(
-        request.session_id,
-        HistoryEntry(action="session_forked", context={"source": request.source_session_id}),
-        lock.check,
-    )
+    forked = HistoryEntry(action="session_forked", context={"source": request.source_session_id})
+    store.commit(record, [forked], lock.check)
     registry.put(ctx.redis, record)
     return record

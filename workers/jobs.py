@@ -62,7 +62,10 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
     if request.mode == "reconnect":
         refuse_if_elsewhere(ctx, request.session_id)
         # Reading session.json needs no lock: it is only ever replaced whole.
-        return ctx.store.load(request.session_id).model_dump(mode="json")
+        with registry.noting_corruption(ctx.redis, ctx.store):
+            record = ctx.store.load(request.session_id)
+        registry.put_if_corrupted(ctx.redis, record)
+        return record.model_dump(mode="json")
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
         if request.template_session is None:
             return sessions.create_session(ctx, request, lock).model_dump(mode="json")

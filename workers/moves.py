@@ -35,14 +35,9 @@ def adopt(ctx: WorkerContext, request: AdoptRequest, lock: SessionLock) -> Sessi
     record = ctx.store.load(request.session_id).model_copy(
         update={"fence": lock.fence, "updated_at": utc_now(), "status": "stopped"}
     )
-    ctx.store.append_history(
-        request.session_id,
-        HistoryEntry(
-            action="session_moved",
-            context={"from_node": request.previous_node, "to_node": ctx.node},
-        ),
-        lock.check,
+    moved = HistoryEntry(
+        action="session_moved", context={"from_node": request.previous_node, "to_node": ctx.node}
     )
-    ctx.store.save(record, lock.check)
+    ctx.store.commit(record, [moved], lock.check)
     registry.put(ctx.redis, record)
     return record

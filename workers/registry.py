@@ -1,19 +1,28 @@
 """Writing the session registry, and rebuilding it from disk.
 
 The registry is an index, never the truth: the store's session.json files are. A worker
-reconciles it at start and ``claudebox-pool sessions reindex`` does the same on demand.
+reconciles it at start and ``claudebox-pool sessions reindex`` does the same on demand. A session
+whose session.json cannot be read stays listed, with status ``corrupted`` and what is wrong, so
+that it can be found and removed; one bad record never stops a reindex.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
 import redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.errors import SessionCorruptedError
-from claudebox_pool.tasks.models import ReindexResult, SessionRecord, iso_to_epoch
-from claudebox_pool.tasks.registry import read_all
+from claudebox_pool.tasks.models import ReindexResult, SessionRecord, iso_to_epoch, utc_now
+from claudebox_pool.tasks.registry import read_all, read_one
 from claudebox_pool.workers.store import SessionStore
+
+log = logging.getLogger(__name__)
 
 REINDEX_BATCH = 500
 """Sessions registered per Redis round trip while reindexing."""
@@ -28,6 +37,32 @@ def put(client: redis.Redis, record: SessionRecord) -> None:
     pipe = client.pipeline()
     _stage(pipe, record)
     pipe.execute()
+
+
+def put_corrupted(client: redis.Redis, store: SessionStore, error: SessionCorruptedError) -> None:
+    """List the session as corrupted, keeping what its last good entry knew of it."""
+    known = read_one(client, error.session_id)
+    workspace = str(store.paths(error.session_id).workspace)
+    record = SessionRecord.of_corrupted(error, workspace, utc_now(), known)
+    put(client, record.model_copy(update={"node": store.node or record.node}))
+
+
+def put_if_corrupted(client: redis.Redis, record: SessionRecord) -> None:
+    """Register ``record`` where it is listed as corrupted: its session.json was restored."""
+    listed = read_one(client, record.session_id)
+    if listed is not None and listed.status == "corrupted":
+        put(client, record)
+
+
+@contextmanager
+def noting_corruption(client: redis.Redis, store: SessionStore) -> Iterator[None]:
+    """A session found corrupted in the body is listed as corrupted before the error goes on."""
+    try:
+        yield
+    except SessionCorruptedError as exc:
+        with suppress(RedisError):  # the error itself must reach the caller
+            put_corrupted(client, store, exc)
+        raise
 
 
 def drop(client: redis.Redis, session_id: str) -> bool:
@@ -57,7 +92,9 @@ def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:
             continue
         try:
             record = store.load(session_id)
-        except SessionCorruptedError:
+        except SessionCorruptedError as exc:
+            log.warning("reindex: session %s listed as corrupted: %s", session_id, exc)
+            put_corrupted(client, store, exc)
             corrupted.append(session_id)
             continue
         _stage(pipe, record)
@@ -70,6 +107,7 @@ def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:
     for record in read_all(client):
         if (
             record.session_id not in on_disk
+            and record.session_id not in corrupted
             and not _bound_elsewhere(record, store)
             and (bool(record.node and store.node) or record.workspace_path.startswith(root))
         ):

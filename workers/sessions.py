@@ -17,7 +17,7 @@ from typing import Any
 from celery import Task
 from redis.exceptions import RedisError
 
-from claudebox_pool.tasks.errors import ClaudeBoxError
+from claudebox_pool.tasks.errors import ClaudeBoxError, DiskFullError, SessionCorruptedError
 from claudebox_pool.tasks.models import (
     CleanupRequest,
     CleanupResult,
@@ -72,6 +72,7 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
 
 
 def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
+    ctx.store.refuse_taken(request.session_id)  # before a uid is claimed for it
     inputs.check(ctx.store, request.session_id, request.inputs)
     disk.guard(ctx.settings, ctx.store, f"session '{request.session_id}' cannot be created")
     uid = (
@@ -311,8 +312,14 @@ def _record_run(
         *(HistoryEntry(action="file_created", context={"file": name}) for name in run.found.listed),
         *(HistoryEntry(action=action, context=context) for action, context in outcome.events),
     ]
-    ctx.store.append_history_many(request.session_id, entries, lock.check)
-    ctx.store.save(record, lock.check)
+    try:
+        ctx.store.commit(record, entries, lock.check)
+    except DiskFullError as exc:
+        raise DiskFullError(
+            f"{exc.problem}. The command of task {task_id} did run (exit code "
+            f"{outcome.exit_code}); its outcome is missing from the session's history",
+            exc.largest,
+        ) from None
     outage.retried(ctx.settings, "registry update", lambda: registry.put(ctx.redis, record))
 
 
@@ -343,33 +350,31 @@ def cleanup_session(
         return CleanupResult(
             session_id=request.session_id, removed_workspace=True, removed_sandbox=False
         )
-    record = store.load(request.session_id)
+    record = _record_unless_removing_corrupted(ctx, request)
     removed_sandbox = ctx.runtime.remove(request.session_id)
     archived = archive.write(ctx.settings, store, request.session_id) if request.archive else None
     if request.remove_workspace:
         store.remove(request.session_id, guard)
-        identity.release(store, record)
+        if record is not None:
+            # A corrupted session's uid needs no release: a claim naming a gone session is free.
+            identity.release(store, record)
         registry.drop(ctx.redis, request.session_id)
         log.info("removed session %s (%s)", request.session_id, request.reason)
-    else:
+    elif record is not None:
         now = utc_now()
         record = record.model_copy(
             update={"status": "stopped", "box_id": None, "updated_at": now, "fence": lock.fence}
         )
-        store.append_history(
-            request.session_id,
-            HistoryEntry(
-                action="cleanup",
-                context={
-                    "remove_workspace": False,
-                    "removed_sandbox": removed_sandbox,
-                    "reason": request.reason,
-                    **({"archive": str(archived)} if archived else {}),
-                },
-            ),
-            guard,
+        entry = HistoryEntry(
+            action="cleanup",
+            context={
+                "remove_workspace": False,
+                "removed_sandbox": removed_sandbox,
+                "reason": request.reason,
+                **({"archive": str(archived)} if archived else {}),
+            },
         )
-        store.save(record, guard)
+        store.commit(record, [entry], guard)
         registry.put(ctx.redis, record)
     return CleanupResult(
         session_id=request.session_id,
@@ -377,6 +382,20 @@ def cleanup_session(
         removed_sandbox=removed_sandbox,
         archive_path=str(archived) if archived else None,
     )
+
+
+def _record_unless_removing_corrupted(
+    ctx: WorkerContext, request: CleanupRequest
+) -> SessionRecord | None:
+    """The session's record; None for a corrupted session whose removal was asked for (the
+    fix its error recommends), which goes ahead without it."""
+    try:
+        return ctx.store.load(request.session_id)
+    except SessionCorruptedError as exc:
+        if not request.remove_workspace:
+            raise
+        log.warning("removing corrupted session %s: %s", request.session_id, exc)
+        return None
 
 
 @contextmanager

@@ -9,6 +9,12 @@
     <root>/<session_id>/.claudebox/checkpoints/<name>/   a checkpoint (workers.checkpoints)
     <root>/.sandbox-uids/<uid>                     link naming the session with that uid (identity)
 
+History lines are written whole or not at all: a write the disk cuts short is undone, and a
+torn last line (a crash mid-write) is repaired when the file is next opened for writing;
+readers skip one. session.json is written before the history lines of the same change
+(:meth:`SessionStore.commit`), so that a crash or a full disk between them leaves session.json
+ahead of history, never behind it. A full disk (ENOSPC, EDQUOT) is a DiskFullError.
+
 Every write takes a ``guard``: a callable that raises LockLostError when the caller no longer
 holds the session's lock. session.json also carries the fencing number of the lock holder that
 wrote it, so that a writer whose lock expired while it stalled cannot overwrite a newer holder's
@@ -19,10 +25,12 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +43,22 @@ from claudebox_pool.tasks.errors import (
     SessionNotFoundError,
 )
 from claudebox_pool.tasks.files import private_dir
-from claudebox_pool.tasks.models import HistoryEntry, SessionRecord, validate_session_id
+from claudebox_pool.tasks.models import (
+    HistoryEntry,
+    SessionRecord,
+    read_session_json,
+    validate_session_id,
+)
+from claudebox_pool.workers import disk
+
+log = logging.getLogger(__name__)
 
 Guard = Callable[[], None]
 """Raises LockLostError when the caller's session lock is gone; called before every write."""
 
 META_DIR = ".claudebox"
 IGNORED_IN_WORKSPACE = frozenset({".git"})
+TAIL_CHUNK = 64 * 1024
 
 
 def unguarded() -> None:
@@ -90,38 +107,37 @@ class SessionStore:
         """
         paths = self.paths(record.session_id)
         private_dir(self.root)
-        paths.root.mkdir(exist_ok=True)
-        if paths.meta.exists():
-            raise SessionAlreadyExistsError(record.session_id)
-        paths.workspace.mkdir(exist_ok=True)
-        # The metadata is the worker's alone; the agent home is the session's (workers.identity).
-        paths.meta.mkdir(mode=0o700)
-        paths.agent_home.mkdir(mode=0o700)
-        self.save(record, unguarded)
-        self.append_history(
-            record.session_id,
-            HistoryEntry(action="session_created", context={"session_id": record.session_id}),
+        self.refuse_taken(record.session_id)
+        with self._disk_full(record.session_id, "its directories"):
+            paths.root.mkdir(exist_ok=True)
+            paths.workspace.mkdir(exist_ok=True)
+            # The metadata is the worker's alone; the agent home the session's (workers.identity).
+            paths.meta.mkdir(mode=0o700)
+            paths.agent_home.mkdir(mode=0o700)
+        self.commit(
+            record,
+            [HistoryEntry(action="session_created", context={"session_id": record.session_id})],
             unguarded,
         )
         return record
+
+    def refuse_taken(self, session_id: str) -> None:
+        """SessionAlreadyExistsError if the session has metadata; SessionCorruptedError if it
+        cannot be read (a create then says what a reconnect would)."""
+        if self.paths(session_id).meta.exists():
+            self.load(session_id)
+            raise SessionAlreadyExistsError(session_id)
 
     def load(self, session_id: str) -> SessionRecord:
         paths = self.paths(session_id)
         if not paths.root.is_dir():
             raise SessionNotFoundError(session_id)
         try:
-            raw = paths.session_json.read_bytes()
-        except FileNotFoundError:
-            raise SessionCorruptedError(session_id, str(paths.session_json), "is missing") from None
-        except OSError as exc:
+            record = read_session_json(session_id, paths.session_json)
+        except PermissionError as exc:
             raise SessionCorruptedError(
                 session_id, str(paths.session_json), f"cannot be read ({exc.strerror})"
             ) from None
-        try:
-            record = SessionRecord.model_validate_json(raw)
-        except ValidationError as exc:
-            problem = "is not valid JSON" if _is_json_error(exc) else "lacks required fields"
-            raise SessionCorruptedError(session_id, str(paths.session_json), problem) from None
         if not self.node:
             return record
         # Files copied here from another node (`claudebox-pool sessions move`) still name that
@@ -136,16 +152,22 @@ class SessionStore:
         if on_disk > record.fence:
             raise LockLostError(record.session_id)
         data = record.model_dump_json(indent=2).encode()
-        fd, tmp = tempfile.mkstemp(dir=paths.meta, prefix=".session.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, paths.session_json)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with self._disk_full(record.session_id, "session.json (the one before it stays)"):
+            fd, tmp = tempfile.mkstemp(dir=paths.meta, prefix=".session.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, paths.session_json)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    def commit(self, record: SessionRecord, entries: list[HistoryEntry], guard: Guard) -> None:
+        """Save a change to the session: session.json, then the history lines that tell it."""
+        self.save(record, guard)
+        self.append_history_many(record.session_id, entries, guard)
 
     def append_history(self, session_id: str, entry: HistoryEntry, guard: Guard) -> None:
         self.append_history_many(session_id, [entry], guard)
@@ -153,18 +175,29 @@ class SessionStore:
     def append_history_many(
         self, session_id: str, entries: list[HistoryEntry], guard: Guard
     ) -> None:
-        """Append whole lines in one write, so that a crash never leaves half a line behind."""
+        """Append whole lines, or nothing: what a failed write (a full disk cuts a write short,
+        then refuses the rest) put in the file is cut off again before the error is raised."""
         if not entries:
             return
         paths = self.paths(session_id)
         guard()
         data = "".join(entry.model_dump_json() + "\n" for entry in entries).encode()
-        fd = os.open(paths.history, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with self._disk_full(session_id, "history.jsonl (no part of the lines was kept)"):
+            fd = os.open(paths.history, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                _repair_tail(fd, paths.history)
+                start = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
+
+    def _disk_full(self, session_id: str, what: str) -> AbstractContextManager[None]:
+        return disk.full_as_error(self, f"session '{session_id}' could not write {what}")
 
     def history(self, session_id: str) -> list[HistoryEntry]:
         paths = self.paths(session_id)
@@ -177,6 +210,8 @@ class SessionStore:
                     try:
                         entries.append(HistoryEntry.model_validate_json(line))
                     except ValidationError:
+                        if not line.endswith("\n"):
+                            break  # torn by a crash mid-write: the next append repairs it
                         raise SessionCorruptedError(
                             session_id, str(paths.history), f"has an unreadable line {number}"
                         ) from None
@@ -206,13 +241,16 @@ class SessionStore:
         lines = tail.splitlines()
         if size > max_bytes:
             lines = lines[1:]  # the first line of a cut tail is partial
+        torn_at = len(lines) - 1 if not tail.endswith(b"\n") else None
         entries = []
-        for line in lines:
+        for index, line in enumerate(lines):
             if not line.strip() or needle not in line:
                 continue
             try:
                 entries.append(HistoryEntry.model_validate_json(line))
             except ValidationError:
+                if index == torn_at:
+                    break  # torn by a crash mid-write: the next append repairs it
                 raise SessionCorruptedError(
                     session_id, str(path), "has an unreadable line near its end"
                 ) from None
@@ -272,5 +310,32 @@ def _fence_on_disk(path: Path) -> int:
     return value if isinstance(value, int) else 0
 
 
-def _is_json_error(exc: ValidationError) -> bool:
-    return any(error["type"] == "json_invalid" for error in exc.errors())
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written: a write may take only part of it."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _repair_tail(fd: int, path: Path) -> None:
+    """End the file after its last whole line: a last line without its newline is kept (with
+    one added) if it is a whole entry, else cut off as torn."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    end = size
+    while end > 0:
+        start = max(0, end - TAIL_CHUNK)
+        found = os.pread(fd, end - start, start).rfind(b"\n")
+        if found >= 0:
+            end = start + found + 1
+            break
+        end = start
+    torn = os.pread(fd, size - end, end)
+    try:
+        HistoryEntry.model_validate_json(torn)
+    except ValidationError:
+        os.ftruncate(fd, end)
+        log.warning("%s: cut a torn last line of %d bytes (a write cut short)", path, len(torn))
+    else:
+        _write_all(fd, b"\n")
