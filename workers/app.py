@@ -5,8 +5,8 @@
 Importing this module registers every task on the shared app (``jobs``), has every worker
 consume its node's own queue too (``affinity``), and adds two things to every worker: a
 heartbeat in Redis (of the worker and of its node), so that producers can tell no worker is
-running instead of waiting forever, and at which the tasks a dead worker of the node left in
-its own queue are moved to the node's (``warm.rescue``); a reconciliation of the session
+running instead of waiting forever, and at which what a dead worker held (its unacked tasks,
+its own queue) is handed back (``warm.rescue``); a reconciliation of the session
 registry with the disk at start; and the keeper of its warm sandboxes (``warm.setup``).
 """
 
@@ -71,7 +71,7 @@ class Heartbeat(bootsteps.StartStopStep):
             # A node lives while any of its workers does: tasks for its sessions wait for it.
             pipe.zadd(keys.nodes(), {ctx.node: now})
             pipe.execute()
-            rescue.rescue(ctx)
+            rescue.rescue(ctx, worker.hostname)
         except Exception as exc:  # a Redis outage must not stop the worker's timer
             log.warning("heartbeat failed: %s", exc)
 
