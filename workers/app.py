@@ -26,7 +26,7 @@ from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.models import WorkerInfo
 from claudebox_pool.tasks.settings import Settings, find_cli, unknown_variables
-from claudebox_pool.workers import affinity, jobs, registry, shutdown  # noqa: F401
+from claudebox_pool.workers import affinity, broker, jobs, registry, shutdown  # noqa: F401
 from claudebox_pool.workers.agents.claude import cli_version
 from claudebox_pool.workers.context import context
 from claudebox_pool.workers.runtimes import limits, seccomp
@@ -35,6 +35,8 @@ from claudebox_pool.workers.warm import rescue
 from claudebox_pool.workers.warm import setup as warm_setup
 
 log = logging.getLogger(__name__)
+
+broker.install()
 
 
 class Heartbeat(bootsteps.StartStopStep):
