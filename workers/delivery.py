@@ -4,10 +4,14 @@ A task that finds its session busy waits a moment for the lock, then gives its w
 and retries with backoff until ``CLAUDEBOX_LOCK_WAIT_S`` after it was sent, when it fails with
 SessionBusyError. A task delivered more than ``CLAUDEBOX_MAX_ATTEMPTS`` times (its worker died
 each time: ``task_reject_on_worker_lost`` requeues it) is failed rather than requeued forever.
+A new holder first kills what an earlier holder whose lock lapsed (frozen, cut off) still runs
+in the session's sandboxes on this host, so that two runs never share a workspace.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +25,9 @@ from claudebox_pool.tasks.errors import SessionBusyError, TaskAttemptsExceededEr
 from claudebox_pool.workers.affinity import refuse_if_elsewhere
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
+from claudebox_pool.workers.runtimes import limits
+
+log = logging.getLogger(__name__)
 
 LOCK_POLL_S = 2.0
 """How long a task holds its worker slot waiting for a busy session before it retries."""
@@ -72,4 +79,7 @@ def session_lock(
     with lock:
         if check_node:
             refuse_if_elsewhere(ctx, session_id)
+        # Before anything runs: what an earlier holder whose lock lapsed still runs dies.
+        for group in limits.kill_others(session_id, {os.getpid(), os.getppid()}):
+            log.warning("killed what a lapsed holder of %s still ran in %s", session_id, group)
         yield lock

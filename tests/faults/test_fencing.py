@@ -1,16 +1,20 @@
-"""A worker paused past its lock's TTL (SIGSTOP) cannot write to a session that another worker
-took over meanwhile: once resumed, its writes are refused with LockLostError."""
+"""A worker paused past its lock's TTL (SIGSTOP) cannot act on a session that another worker
+took over meanwhile: once resumed, its writes are refused with LockLostError, and what its
+sandbox still ran was killed before the new holder ran anything, so that two runs never share
+the workspace."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import redis
 
 from claudebox_pool.tasks import keys
-from claudebox_pool.tasks.errors import LockLostError
+from claudebox_pool.tasks.errors import ClaudeBoxError, LockLostError
 from tests.conftest import WorkerFactory
 from tests.faults.conftest import (
     entries_of,
@@ -18,6 +22,7 @@ from tests.faults.conftest import (
     open_session,
     read_pid,
     result_of,
+    running_in,
     send_code,
 )
 from tests.support.processes import Worker, wait_for
@@ -72,3 +77,57 @@ def test_a_worker_paused_past_its_lock_ttl_cannot_write_after_a_takeover(
     record = (workspace.parent / ".claudebox" / "session.json").read_text()
     assert '"status": "stopped"' in record
     assert f'"fence": {fence_before + 1}' in record
+
+
+# Each run tags its lines with an id of its own: the file shows which run wrote each line.
+COUNTING = (
+    'run=$(od -An -N4 -tx4 /dev/urandom | tr -d " "); '
+    'for i in $(seq 1 {count}); do echo "$run $i" >> lines.txt; sleep 0.25; done; echo $run'
+)
+
+
+@pytest.fixture(scope="module")
+def sandboxed_workers(two_workers: list[Worker], start_workers: WorkerFactory) -> list[Worker]:
+    """Two bwrap workers (warm sandboxes, cgroups); the local ones of this module stop first."""
+    for worker in two_workers:
+        worker.stop()
+    two_workers.clear()
+    return start_workers(
+        2, concurrency=1, CLAUDEBOX_LOCK_TTL_S=str(LOCK_TTL_S), CLAUDEBOX_LOCK_WAIT_S="30"
+    )
+
+
+def _runs(path: Path) -> list[tuple[str, int]]:
+    """The file's lines as (run id, line number), in file order."""
+    return [(run, int(n)) for run, n in (line.split() for line in path.read_text().splitlines())]
+
+
+def test_a_whole_worker_frozen_past_its_lock_ttl_never_runs_beside_the_next_holder(
+    sandboxed_workers: list[Worker], clean_state: redis.Redis
+) -> None:
+    workspace = open_session("frozen")
+    lines = workspace / "lines.txt"
+    frozen_id = send_code("frozen", COUNTING.format(count=40))
+    wait_for(lambda: lines.exists() and len(lines.read_text().splitlines()) >= 4, 30, "a run")
+    found = running_in(frozen_id)
+    assert found is not None
+    [frozen] = [worker for worker in sandboxed_workers if worker.hostname == found[0]]
+    assert frozen.proc is not None
+
+    os.killpg(frozen.proc.pid, signal.SIGSTOP)  # the main process and its pool children
+    try:
+        takeover = result_of(send_code("frozen", COUNTING.format(count=8)), 60)
+    finally:
+        os.killpg(frozen.proc.pid, signal.SIGCONT)
+    # The frozen run is handed back to the live worker meanwhile, and reruns there whole.
+    with contextlib.suppress(ClaudeBoxError):
+        result_of(frozen_id, 60)
+
+    runs = _runs(lines)
+    order = [run for run, _ in runs]
+    blocks = [run for index, run in enumerate(order) if index == 0 or order[index - 1] != run]
+    assert len(blocks) == len(set(blocks)), f"two runs interleaved: {blocks}"
+    taken = [n for run, n in runs if run == takeover.response.strip()]
+    assert taken == list(range(1, 9))
+    first = blocks[0]
+    assert [n for run, n in runs if run == first][-1] < 40, "the frozen run was not stopped"
