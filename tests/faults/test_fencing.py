@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,8 @@ def test_a_worker_paused_past_its_lock_ttl_cannot_write_after_a_takeover(
 # Each run tags its lines with an id of its own: the file shows which run wrote each line.
 COUNTING = (
     'run=$(od -An -N4 -tx4 /dev/urandom | tr -d " "); '
-    'for i in $(seq 1 {count}); do echo "$run $i" >> lines.txt; sleep 0.25; done; echo $run'
+    "for i in $(seq 1 {count}); do "
+    'echo "$run $i $(date +%s.%N)" >> lines.txt; sleep 0.25; done; echo $run'
 )
 
 
@@ -99,7 +101,19 @@ def sandboxed_workers(two_workers: list[Worker], start_workers: WorkerFactory) -
 
 def _runs(path: Path) -> list[tuple[str, int]]:
     """The file's lines as (run id, line number), in file order."""
-    return [(run, int(n)) for run, n in (line.split() for line in path.read_text().splitlines())]
+    return [(run, int(n)) for run, n, _ in (line.split() for line in path.read_text().splitlines())]
+
+
+def _written_at(path: Path, run: str) -> list[float]:
+    """When each line of ``run`` was written (epoch seconds, from inside the sandbox)."""
+    fields = (line.split() for line in path.read_text().splitlines())
+    return [float(at) for tag, _, at in fields if tag == run]
+
+
+def _interleaved(path: Path) -> list[str]:
+    """The run ids in the order their blocks of lines appear; a run twice means interleaving."""
+    order = [run for run, _ in _runs(path)]
+    return [run for index, run in enumerate(order) if index == 0 or order[index - 1] != run]
 
 
 def test_a_whole_worker_frozen_past_its_lock_ttl_never_runs_beside_the_next_holder(
@@ -123,11 +137,38 @@ def test_a_whole_worker_frozen_past_its_lock_ttl_never_runs_beside_the_next_hold
     with contextlib.suppress(ClaudeBoxError):
         result_of(frozen_id, 60)
 
-    runs = _runs(lines)
-    order = [run for run, _ in runs]
-    blocks = [run for index, run in enumerate(order) if index == 0 or order[index - 1] != run]
+    runs, blocks = _runs(lines), _interleaved(lines)
     assert len(blocks) == len(set(blocks)), f"two runs interleaved: {blocks}"
     taken = [n for run, n in runs if run == takeover.response.strip()]
     assert taken == list(range(1, 9))
     first = blocks[0]
     assert [n for run, n in runs if run == first][-1] < 40, "the frozen run was not stopped"
+
+
+def test_a_frozen_worker_sandbox_stops_its_command_before_the_lock_can_lapse(
+    sandboxed_workers: list[Worker], clean_state: redis.Redis
+) -> None:
+    workspace = open_session("lease")
+    lines = workspace / "lines.txt"
+    task_id = send_code("lease", COUNTING.format(count=24))
+    wait_for(lambda: lines.exists() and len(lines.read_text().splitlines()) >= 4, 30, "a run")
+    found = running_in(task_id)
+    assert found is not None
+    [frozen] = [worker for worker in sandboxed_workers if worker.hostname == found[0]]
+    assert frozen.proc is not None
+    first = _interleaved(lines)[0]
+
+    os.killpg(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        # Nothing can take the session before its lock lapses; only the frozen worker's own
+        # sandbox can stop the command sooner. Then the task is handed back and rerun whole.
+        lapses_at = time.time() + clean_state.pttl(keys.session_lock("lease")) / 1000
+        rerun = result_of(task_id, 60)
+    finally:
+        os.killpg(frozen.proc.pid, signal.SIGCONT)
+
+    assert max(_written_at(lines, first)) < lapses_at
+    assert len(_written_at(lines, first)) < 24
+    assert _written_at(lines, rerun.response.strip()) and rerun.response.strip() != first
+    blocks = _interleaved(lines)
+    assert len(blocks) == len(set(blocks)), f"two runs interleaved: {blocks}"
