@@ -119,18 +119,24 @@ def _interleaved(path: Path) -> list[str]:
 def test_a_whole_worker_frozen_past_its_lock_ttl_never_runs_beside_the_next_holder(
     sandboxed_workers: list[Worker], clean_state: redis.Redis
 ) -> None:
-    workspace = open_session("frozen")
+    _frozen_then_taken_over(sandboxed_workers, "frozen")
+
+
+def _frozen_then_taken_over(workers: list[Worker], session_id: str) -> None:
+    """Freeze the worker running a session's counting command, run another command of the
+    session meanwhile, and check that no two runs' lines interleave."""
+    workspace = open_session(session_id)
     lines = workspace / "lines.txt"
-    frozen_id = send_code("frozen", COUNTING.format(count=40))
+    frozen_id = send_code(session_id, COUNTING.format(count=40))
     wait_for(lambda: lines.exists() and len(lines.read_text().splitlines()) >= 4, 30, "a run")
     found = running_in(frozen_id)
     assert found is not None
-    [frozen] = [worker for worker in sandboxed_workers if worker.hostname == found[0]]
+    [frozen] = [worker for worker in workers if worker.hostname == found[0]]
     assert frozen.proc is not None
 
     os.killpg(frozen.proc.pid, signal.SIGSTOP)  # the main process and its pool children
     try:
-        takeover = result_of(send_code("frozen", COUNTING.format(count=8)), 60)
+        takeover = result_of(send_code(session_id, COUNTING.format(count=8)), 60)
     finally:
         os.killpg(frozen.proc.pid, signal.SIGCONT)
     # The frozen run is handed back to the live worker meanwhile, and reruns there whole.
@@ -172,3 +178,24 @@ def test_a_frozen_worker_sandbox_stops_its_command_before_the_lock_can_lapse(
     assert _written_at(lines, rerun.response.strip()) and rerun.response.strip() != first
     blocks = _interleaved(lines)
     assert len(blocks) == len(set(blocks)), f"two runs interleaved: {blocks}"
+
+
+@pytest.fixture(scope="module")
+def cold_workers(sandboxed_workers: list[Worker], start_workers: WorkerFactory) -> list[Worker]:
+    """Two bwrap workers without warm sandboxes: each run's sandbox is a child of its task."""
+    for worker in sandboxed_workers:
+        worker.stop()
+    sandboxed_workers.clear()
+    return start_workers(
+        2,
+        concurrency=1,
+        CLAUDEBOX_LOCK_TTL_S=str(LOCK_TTL_S),
+        CLAUDEBOX_LOCK_WAIT_S="30",
+        CLAUDEBOX_WARM_IDLE_S="0",
+    )
+
+
+def test_a_whole_worker_frozen_with_a_cold_sandbox_never_runs_beside_the_next_holder(
+    cold_workers: list[Worker], clean_state: redis.Redis
+) -> None:
+    _frozen_then_taken_over(cold_workers, "frozen-cold")
