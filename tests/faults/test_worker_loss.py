@@ -59,7 +59,7 @@ DEFAULT_ENV = {
     "CLAUDEBOX_LOCK_TTL_S": "30",
 }
 RERUN_WITHIN_S = 60
-PRODUCER_BUDGET_S = 30
+PRODUCER_BUDGET_S = 25
 """The caller's wait: shorter than the rerun takes (the dead holder's lock alone lasts 30 s),
 so its outcome arrives only because the wait starts again at the task's second delivery."""
 
