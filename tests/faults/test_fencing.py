@@ -99,6 +99,11 @@ def sandboxed_workers(two_workers: list[Worker], start_workers: WorkerFactory) -
     )
 
 
+def _wait_unwound(task_id: str) -> None:
+    """Wait until the resumed worker's pool child has given up the task it was frozen in."""
+    wait_for(lambda: running_in(task_id) is None, 30, "the resumed worker to drop its task")
+
+
 def _runs(path: Path) -> list[tuple[str, int]]:
     """The file's lines as (run id, line number), in file order."""
     return [(run, int(n)) for run, n, _ in (line.split() for line in path.read_text().splitlines())]
@@ -142,6 +147,7 @@ def _frozen_then_taken_over(workers: list[Worker], session_id: str) -> None:
     # The frozen run is handed back to the live worker meanwhile, and reruns there whole.
     with contextlib.suppress(ClaudeBoxError):
         result_of(frozen_id, 60)
+    _wait_unwound(frozen_id)
 
     runs, blocks = _runs(lines), _interleaved(lines)
     assert len(blocks) == len(set(blocks)), f"two runs interleaved: {blocks}"
@@ -172,6 +178,7 @@ def test_a_frozen_worker_sandbox_stops_its_command_before_the_lock_can_lapse(
         rerun = result_of(task_id, 60)
     finally:
         os.killpg(frozen.proc.pid, signal.SIGCONT)
+    _wait_unwound(task_id)
 
     assert max(_written_at(lines, first)) < lapses_at
     assert len(_written_at(lines, first)) < 24
