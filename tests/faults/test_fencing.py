@@ -5,7 +5,6 @@ the workspace."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -15,7 +14,7 @@ import pytest
 import redis
 
 from claudebox_pool.tasks import keys
-from claudebox_pool.tasks.errors import ClaudeBoxError, LockLostError
+from claudebox_pool.tasks.errors import LockLostError
 from tests.conftest import WorkerFactory
 from tests.faults.conftest import (
     entries_of,
@@ -124,10 +123,10 @@ def _interleaved(path: Path) -> list[str]:
 def test_a_whole_worker_frozen_past_its_lock_ttl_never_runs_beside_the_next_holder(
     sandboxed_workers: list[Worker], clean_state: redis.Redis
 ) -> None:
-    _frozen_then_taken_over(sandboxed_workers, "frozen")
+    _frozen_then_taken_over(sandboxed_workers, clean_state, "frozen")
 
 
-def _frozen_then_taken_over(workers: list[Worker], session_id: str) -> None:
+def _frozen_then_taken_over(workers: list[Worker], client: redis.Redis, session_id: str) -> None:
     """Freeze the worker running a session's counting command, run another command of the
     session meanwhile, and check that no two runs' lines interleave."""
     workspace = open_session(session_id)
@@ -142,12 +141,19 @@ def _frozen_then_taken_over(workers: list[Worker], session_id: str) -> None:
     os.killpg(frozen.proc.pid, signal.SIGSTOP)  # the main process and its pool children
     try:
         takeover = result_of(send_code(session_id, COUNTING.format(count=8)), 60)
+        # Silent for three heartbeats: the live worker hands its task back to the queue.
+        wait_for(
+            lambda: frozen_id.encode() not in client.hvals(keys.worker_deliveries(frozen.hostname)),
+            30,
+            "the frozen worker's task to be handed back",
+        )
     finally:
         os.killpg(frozen.proc.pid, signal.SIGCONT)
-    # The frozen run is handed back to the live worker meanwhile, and reruns there whole.
-    with contextlib.suppress(ClaudeBoxError):
-        result_of(frozen_id, 60)
+    # The frozen run is handed back to the live worker meanwhile, and reruns there whole;
+    # its outcome is the rerun's, which the resumed worker's lost delivery leaves alone.
+    rerun = result_of(frozen_id, 60)
     _wait_unwound(frozen_id)
+    assert result_of(frozen_id, 5) == rerun and rerun.success
 
     runs, blocks = _runs(lines), _interleaved(lines)
     assert len(blocks) == len(set(blocks)), f"two runs interleaved: {blocks}"
@@ -180,6 +186,7 @@ def test_a_frozen_worker_sandbox_stops_its_command_before_the_lock_can_lapse(
         os.killpg(frozen.proc.pid, signal.SIGCONT)
     _wait_unwound(task_id)
 
+    assert result_of(task_id, 5) == rerun and rerun.success
     assert max(_written_at(lines, first)) < lapses_at
     assert len(_written_at(lines, first)) < 24
     assert _written_at(lines, rerun.response.strip()) and rerun.response.strip() != first
@@ -205,4 +212,4 @@ def cold_workers(sandboxed_workers: list[Worker], start_workers: WorkerFactory) 
 def test_a_whole_worker_frozen_with_a_cold_sandbox_never_runs_beside_the_next_holder(
     cold_workers: list[Worker], clean_state: redis.Redis
 ) -> None:
-    _frozen_then_taken_over(cold_workers, "frozen-cold")
+    _frozen_then_taken_over(cold_workers, clean_state, "frozen-cold")

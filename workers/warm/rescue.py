@@ -71,6 +71,13 @@ def record_delivery(request: Any = None, **_: Any) -> None:
 signals.task_received.connect(record_delivery)
 
 
+def handed_back(ctx: WorkerContext, hostname: str, task_id: str) -> bool:
+    """Whether the delivery of ``task_id`` that worker ``hostname`` is running was handed back
+    to the queue (its record is gone): the worker was taken for dead meanwhile."""
+    held: list[bytes] = ctx.redis.hvals(keys.worker_deliveries(hostname))  # type: ignore[assignment]
+    return task_id.encode() not in held
+
+
 def mark_stopped(ctx: WorkerContext, hostname: str) -> None:
     """Record a worker's clean stop: silent from now on, yet known until it is forgotten, so
     that what reaches its queue as it stops is moved like a dead worker's."""
