@@ -39,6 +39,8 @@ from claudebox_pool.tasks.settings import AgentName
 
 EPHEMERAL_PREFIX = "ephemeral-"
 WAIT_MARGIN_S = 120
+"""How long a call waits past the task limit and the lock wait for one delivery of its task;
+a `code` task delivered again (its worker died) gets the whole wait again (``live.outlasting``)."""
 
 
 class ClaudeBox:

@@ -20,9 +20,9 @@ from datetime import UTC, datetime
 import pytest
 import redis
 
-from claudebox_pool.producer import live
+from claudebox_pool.producer import live, pool, routing
 from claudebox_pool.tasks import keys, names
-from claudebox_pool.tasks.models import CodeResult
+from claudebox_pool.tasks.models import CodeRequest, CodeResult
 from tests.conftest import WorkerFactory
 from tests.faults.conftest import (
     alive,
@@ -195,14 +195,14 @@ def test_a_dead_worker_main_process_has_its_task_run_again_within_a_minute_for_i
     for worker in crash_pool:
         worker.stop()
     crash_pool.clear()
-    pool = start_workers(2, concurrency=1, **DEFAULT_ENV)
+    workers = start_workers(2, concurrency=1, **DEFAULT_ENV)
     workspace = open_session("main-killed")
     sent = time.monotonic()
     task_id = send_code("main-killed", ONCE_THEN_HANG)
     wait_for(lambda: read_pid(workspace / ".child.pid"), 20, "the first attempt to start")
     child, agent = read_pid(workspace / ".child.pid"), read_pid(workspace / ".agent.pid")
     assert child is not None
-    victim = _owner(pool, child)
+    victim = _owner(workers, child)
     assert victim.proc is not None
     try:
         # The main process alone: its pool children die with it (Celery's pdeathsig), and
@@ -210,7 +210,7 @@ def test_a_dead_worker_main_process_has_its_task_run_again_within_a_minute_for_i
         victim.proc.kill()
         victim.proc.wait(10)
         killed_at = time.time()
-        pool.remove(victim)
+        workers.remove(victim)
         raw = asyncio.run(live.wait(task_id, PRODUCER_BUDGET_S))
         waited_s = time.monotonic() - sent
     finally:
@@ -226,3 +226,38 @@ def test_a_dead_worker_main_process_has_its_task_run_again_within_a_minute_for_i
     wait_for(lambda: _delivered_at(clean_state, task_id) is None, 10, "the rerun to be acked")
     assert clean_state.llen(names.worker_queue(victim.hostname)) == 0
     assert clean_state.hlen(keys.worker_deliveries(victim.hostname)) == 0
+
+
+def test_a_task_sent_to_a_dead_worker_own_queue_runs_again_on_its_node(
+    start_workers: WorkerFactory, clean_state: redis.Redis
+) -> None:
+    # bwrap workers keep sandboxes warm, so a session's tasks go to its keeper's own queue.
+    warm = start_workers(2, concurrency=1)
+    workspace = open_session("own-queue")
+    result_of(send_code("own-queue", "true"), 30)
+    keeper: bytes | None = clean_state.get(keys.warm("own-queue"))  # type: ignore[assignment]
+    assert keeper is not None
+    [victim] = [worker for worker in warm if worker.hostname == keeper.decode()]
+    assert victim.proc is not None
+    route = asyncio.run(_route("own-queue"))
+    assert route.queue == names.worker_queue(victim.hostname)
+    task_id, _ = asyncio.run(live.send(names.CODE, _code("own-queue", ONCE_THEN_HANG)))
+    wait_for(lambda: (workspace / ".attempted").exists(), 20, "the first attempt to start")
+
+    victim.proc.kill()
+    victim.proc.wait(10)
+    warm.remove(victim)
+    result = result_of(task_id, 60)
+
+    assert result.success and result.response.startswith("finished by ")
+    assert len(entries_of("own-queue", "attempt_interrupted", task_id)) == 1
+    wait_for(lambda: _delivered_at(clean_state, task_id) is None, 10, "the rerun to be acked")
+    assert clean_state.llen(names.worker_queue(victim.hostname)) == 0
+
+
+async def _route(session_id: str) -> routing.Route:
+    return await routing.route({"session_id": session_id}, await pool.redis_client())
+
+
+def _code(session_id: str, prompt: str) -> dict[str, object]:
+    return CodeRequest(session_id=session_id, prompt=prompt, agent="shell").model_dump(mode="json")
