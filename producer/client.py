@@ -42,6 +42,8 @@ EPHEMERAL_PREFIX = "ephemeral-"
 META_DIR = ".claudebox"
 """Where a session's directory keeps session.json (the workers' store lays it out)."""
 WAIT_MARGIN_S = 120
+"""How long a call waits past the task limit and the lock wait for one delivery of its task;
+a `code` task delivered again (its worker died) gets the whole wait again (``live.outlasting``)."""
 
 
 class ClaudeBox:

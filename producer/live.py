@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from claudebox_pool.producer import pool, routing
 from claudebox_pool.producer.routing import Route
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import app
-from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError
+from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError, TaskFailedError
 from claudebox_pool.tasks.models import CodeResult
 from claudebox_pool.tasks.streaming import FIELD, StreamEvent
 
@@ -90,20 +91,52 @@ async def send(name: str, payload: dict[str, Any]) -> tuple[str, Route]:
     return await pool.send_routed(name, payload)
 
 
+async def outlasting(task_id: str, timeout_s: float, route: Route = routing.ANYWHERE) -> Any:
+    """``pool.wait``, whose ``timeout_s`` starts again each time the task is delivered again.
+
+    A task whose worker died is handed back to the queue and runs again from its start
+    (``workers.warm.rescue``): the caller waits for that run's outcome too, rather than giving
+    up at a budget sized for one run. The worker counts each delivery of a task in Redis and
+    keeps the count until the task ends, so it is read once per slice of the wait.
+    """
+    current = pool.settings()
+    deadline = time.monotonic() + timeout_s
+    seen = 0
+    while True:
+        slice_ends = min(deadline, time.monotonic() + current.worker_alive_s)
+        try:
+            return await pool.wait(task_id, max(slice_ends - time.monotonic(), 0.0), route)
+        except TaskFailedError:
+            if time.monotonic() < slice_ends:
+                raise  # the task's own failure, not the end of a slice
+        with pool.map_redis_errors():
+            client = await pool.redis_client()
+            deliveries = int(await client.get(keys.task_attempts(task_id)) or 0)
+        if deliveries > seen:
+            seen, deadline = deliveries, time.monotonic() + timeout_s
+        elif time.monotonic() >= deadline:
+            raise TaskFailedError(
+                f"no result for task {task_id} after {timeout_s:.0f}s since it was last "
+                f"delivered; it may still be queued behind other work or no worker consumes "
+                f"the queue ({pool.START_HINT})"
+            )
+
+
 async def wait(
     task_id: str,
     timeout_s: float,
     on_output: OutputCallback | None = None,
     route: Route = routing.ANYWHERE,
 ) -> Any:
-    """The task's result, as ``pool.wait``; with ``on_output``, its events go there meanwhile.
+    """The task's result, as :func:`outlasting`; with ``on_output``, its events go there
+    meanwhile.
 
     Every event is delivered before this returns (the worker writes the last one before the
     result), unless delivery takes longer than :data:`DRAIN_S` after the result. When the wait
     is abandoned (the caller is cancelled, Ctrl-C, ``on_output`` raised), the task is cancelled
     too: nobody is left to take its result, and it would hold its session until it ended.
     """
-    waiter = asyncio.ensure_future(pool.wait(task_id, timeout_s, route))
+    waiter = asyncio.ensure_future(outlasting(task_id, timeout_s, route))
     follower = asyncio.ensure_future(follow(task_id, on_output)) if on_output else None
     watched = {waiter} if follower is None else {waiter, follower}
     try:

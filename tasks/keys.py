@@ -11,6 +11,7 @@ Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
     claudebox:workers                 zset   worker hostname scored by last heartbeat
     claudebox:workers:info            hash   worker hostname -> WorkerInfo JSON
     claudebox:workers:queues          set    hostnames of workers with a queue of their own
+    claudebox:deliveries:<hostname>   hash   delivery tag -> task id of what a worker took
     claudebox:nodes                   zset   node name scored by the last heartbeat of its workers
     claudebox:lease:<session>         string the producer holding the session open, with a TTL
     claudebox:sweep:<sweep>:<node>    string when a node last ran a sweep, for most of its interval
@@ -18,6 +19,11 @@ Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
     claudebox:cancel:<task id>        string set to ask a queued or running task to stop, TTL
     claudebox:warm:<session>          string the worker keeping the session's sandbox warm, TTL
     claudebox:env:<token>             string a queued code task's env values (JSON), TTL
+
+Two keys of kombu's Redis transport are read too (its defaults, which tasks/app.py keeps)::
+
+    unacked                           hash   delivery tag -> [message, exchange, routing key]
+    unacked_index                     zset   delivery tag scored by delivery time
 """
 
 from typing import Final
@@ -55,6 +61,18 @@ def worker_info() -> str:
 
 def worker_queues() -> str:
     return f"{PREFIX}workers:queues"
+
+
+def worker_deliveries(hostname: str) -> str:
+    return f"{PREFIX}deliveries:{hostname}"
+
+
+def broker_unacked() -> str:
+    return "unacked"
+
+
+def broker_unacked_index() -> str:
+    return "unacked_index"
 
 
 def nodes() -> str:

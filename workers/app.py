@@ -5,8 +5,8 @@
 Importing this module registers every task on the shared app (``jobs``), has every worker
 consume its node's own queue too (``affinity``), and adds two things to every worker: a
 heartbeat in Redis (of the worker and of its node), so that producers can tell no worker is
-running instead of waiting forever, and at which the tasks a dead worker of the node left in
-its own queue are moved to the node's (``warm.rescue``); a reconciliation of the session
+running instead of waiting forever, and at which what a dead worker held (its unacked tasks,
+its own queue) is handed back (``warm.rescue``); a reconciliation of the session
 registry with the disk at start; and the keeper of its warm sandboxes (``warm.setup``).
 """
 
@@ -26,7 +26,7 @@ from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.models import WorkerInfo
 from claudebox_pool.tasks.settings import Settings, find_cli, unknown_variables
-from claudebox_pool.workers import affinity, jobs, registry, shutdown  # noqa: F401
+from claudebox_pool.workers import affinity, broker, jobs, registry, shutdown  # noqa: F401
 from claudebox_pool.workers.agents.claude import cli_version
 from claudebox_pool.workers.context import context
 from claudebox_pool.workers.runtimes import limits, seccomp
@@ -35,6 +35,8 @@ from claudebox_pool.workers.warm import rescue
 from claudebox_pool.workers.warm import setup as warm_setup
 
 log = logging.getLogger(__name__)
+
+broker.install()
 
 
 class Heartbeat(bootsteps.StartStopStep):
@@ -71,7 +73,7 @@ class Heartbeat(bootsteps.StartStopStep):
             # A node lives while any of its workers does: tasks for its sessions wait for it.
             pipe.zadd(keys.nodes(), {ctx.node: now})
             pipe.execute()
-            rescue.rescue(ctx)
+            rescue.rescue(ctx, worker.hostname)
         except Exception as exc:  # a Redis outage must not stop the worker's timer
             log.warning("heartbeat failed: %s", exc)
 

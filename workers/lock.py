@@ -8,7 +8,9 @@ compare-and-delete). On top of it this adds what long tasks need:
   lock and its number are taken in one script, so one round trip and never one without the other;
 - a renewal every third of the TTL, on the process's ticker thread (``workers.ticker``); when a
   renewal finds the lock gone, the ``lost`` event is set, the running agent is stopped and
-  every later write is refused.
+  every later write is refused;
+- a lease (:func:`lease_left`): how long the holder's sandbox may run its command without
+  hearing of a renewal, which ends before Redis could free the lock.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 0.1
 """How often a waiting ``acquire`` tries again (redis-py's own lock polls as often)."""
+LEASE_SHARE = 5 / 6
+"""The share of the TTL after its last renewal that a holder's sandbox may go on running: the
+rest covers the renewal's way to the sandbox, so that it stops before Redis frees the lock."""
+
+_held: set[SessionLock] = set()
+_held_guard = threading.Lock()
 
 CHECK_FIRST_PAUSE_S = 0.1
 CHECK_MAX_PAUSE_S = 2.0
@@ -81,7 +89,13 @@ class SessionLock:
         with self._renewing:
             self._renewed_at = taken_at
             self._renewal = ticker.every(self.ttl_s / 3, self._renew)
+        with _held_guard:
+            _held.add(self)
         return True
+
+    def lease_s(self) -> float:
+        """How long this holder's commands may still run unless the lock is renewed meanwhile."""
+        return self._renewed_at + self.ttl_s * LEASE_SHARE - time.monotonic()
 
     def check(self) -> None:
         """Raise LockLostError unless this holder still owns the lock (the store's write guard).
@@ -105,6 +119,8 @@ class SessionLock:
             raise LockLostError(self.session_id)
 
     def release(self) -> None:
+        with _held_guard:
+            _held.discard(self)
         with self._renewing:
             if self._renewal is not None:
                 self._renewal.cancel()
@@ -153,6 +169,18 @@ class SessionLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def lease_left() -> float | None:
+    """The shortest lease among the session locks this process holds; None when it holds none.
+
+    A pool process runs one task at a time, so these are its task's locks: a warm sandbox's
+    exec server kills the task's command once this runs out unrenewed
+    (``runtimes.exec_server``), even when this whole process is frozen.
+    """
+    with _held_guard:
+        leases = [lock.lease_s() for lock in _held]
+    return min(leases) if leases else None
 
 
 _RAISE_FENCE = """

@@ -9,6 +9,10 @@ runs one command per request on it, one at a time:
   caller's stdout and stderr pipes), so output goes straight from the command to the worker
   with no copy in between; reply ``{"exit": code}`` when the command has ended.
 - during a run, ``{"op": "kill"}`` (a deadline or a cancel) or the socket's end kills it.
+- a request may carry ``lease_s``: the seconds left of its holder's session lock. Unless a
+  ``{"op": "renew", "lease_s"}`` frame extends it in time, the command is killed when the lease
+  runs out, by this server alone: a holder frozen whole (SIGSTOP) or cut off from Redis cannot
+  keep a command running into the next holder's run, whose lock it no longer has.
 
 After every command everything else in the sandbox is killed too (the sandbox has its own pid
 namespace: every pid but 1, bwrap's reaper, and this server), so that no process a task left
@@ -27,6 +31,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +41,7 @@ MAX_FRAME_BYTES = 64 << 20
 KILL_PASSES = 5
 EXIT_NOT_FOUND = 127
 EXIT_NOT_EXECUTABLE = 126
+EXIT_LEASE_EXPIRED = 128 + signal.SIGKILL
 
 
 def send_frame(sock: socket.socket, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
@@ -111,14 +117,26 @@ def run(sock: socket.socket, request: dict[str, Any], fds: list[int]) -> int | N
     if isinstance(started, int):
         return started
     pidfd = os.pidfd_open(started.pid)
+    lease_s = request.get("lease_s")
+    expires = None if lease_s is None else time.monotonic() + float(lease_s)
     try:
         while True:
-            ready, _, _ = select.select([sock.fileno(), pidfd], [], [])
+            wait_s = None if expires is None else max(expires - time.monotonic(), 0.0)
+            ready, _, _ = select.select([sock.fileno(), pidfd], [], [], wait_s)
             if pidfd in ready:
                 return started.wait()
+            if not ready:
+                # The lease ran out unrenewed: its holder is frozen or cut off, and another
+                # worker may soon hold the session. Nothing of this run may outlive the lease.
+                kill_the_rest()
+                started.wait()
+                return EXIT_LEASE_EXPIRED
             message, extra = recv_frame(sock)
             for fd in extra:
                 os.close(fd)
+            if message is not None and message.get("op") == "renew":
+                expires = time.monotonic() + float(message["lease_s"])
+                continue
             kill_the_rest()
             if message is None:
                 started.wait()

@@ -199,8 +199,43 @@ class Confinement:
 def group_name(session_id: str, owner: int, kind: str) -> str:
     """Unique per worker process (``owner``: its pid) and session; short enough for a path
     component whatever the session id."""
-    tag = session_id if len(session_id) <= 64 else hashlib.sha256(session_id.encode()).hexdigest()
-    return f"{PREFIX}{owner}-{kind}-{tag}"
+    return f"{PREFIX}{owner}-{kind}-{_tag(session_id)}"
+
+
+def _tag(session_id: str) -> str:
+    return session_id if len(session_id) <= 64 else hashlib.sha256(session_id.encode()).hexdigest()
+
+
+def kill_others(session_id: str, own: set[int]) -> list[str]:
+    """Kill every process of the session's sandboxes on this host that a worker process not in
+    ``own`` started; the cgroups that held some.
+
+    Run by a new holder of the session's lock: a holder whose lock lapsed because it was frozen
+    (SIGSTOP, a paused VM) or cut off may still have a command running in the workspace, in a
+    sandbox that is no child of anything stopped (a warm sandbox has a session of its own). A
+    stopped process dies of SIGKILL too. SandboxError when some survive it.
+    """
+    found = backend()
+    tag, killed = _tag(session_id), []
+    for base in dict.fromkeys(found.base.values()):
+        for path in base.glob(f"{PREFIX}*-*-{tag}"):
+            owner, _, rest = path.name.removeprefix(PREFIX).partition("-")
+            if rest.partition("-")[2] != tag or not owner.isdigit() or int(owner) in own:
+                continue
+            deadline = time.monotonic() + REMOVE_TIMEOUT_S
+            while members := _members(path):
+                if time.monotonic() > deadline:
+                    raise SandboxError(
+                        f"processes {members} of an earlier holder of session '{session_id}' "
+                        f"survive SIGKILL in {path}; the session cannot run until they are gone"
+                    )
+                for pid in members:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                time.sleep(0.001)  # killed members leave the cgroup as they exit
+                if path.name not in killed:
+                    killed.append(path.name)
+    return killed
 
 
 def confine(spec: SandboxSpec, settings: Settings, kind: str) -> Confinement:

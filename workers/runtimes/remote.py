@@ -15,7 +15,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
 from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
@@ -23,6 +24,8 @@ from claudebox_pool.workers.runtimes.output import READ_BYTES, OutputLimits, Str
 
 CANCEL_POLL_S = 0.05
 """How often a run looks at its cancel event (a threading.Event cannot be selected on)."""
+RENEWED_BY_S = 0.05
+"""A lease that moved less than this was not renewed (the clock moved, not the lease)."""
 DRAIN_S = 5.0
 """How long output may still be read after the command ended (killed stragglers closing)."""
 
@@ -56,8 +59,13 @@ def run_remote(
     on_line: LineSink | None = None,
     cancel: threading.Event | None = None,
     limits: OutputLimits | None = None,
+    lease: Callable[[], float | None] | None = None,
 ) -> ExecResult:
-    """Run ``argv`` in the sandbox behind ``control``; SandboxGoneError if it is not there."""
+    """Run ``argv`` in the sandbox behind ``control``; SandboxGoneError if it is not there.
+
+    With ``lease`` (the seconds its caller may still run it, as ``workers.lock.lease_left``),
+    the sandbox kills the command by itself unless it hears of each renewal in time.
+    """
     started = time.monotonic()
     pipes = [os.pipe(), os.pipe()]
     streams = [
@@ -67,13 +75,18 @@ def run_remote(
     try:
         ends = [write_end for _, write_end in pipes]
         try:
-            send_frame(control, {"argv": list(argv), "env": dict(env), "cwd": cwd}, ends)
+            request: dict[str, Any] = {"argv": list(argv), "env": dict(env), "cwd": cwd}
+            left = lease() if lease is not None else None
+            if left is not None:
+                request["lease_s"] = left
+            send_frame(control, request, ends)
         except OSError as exc:
             raise SandboxGoneError(f"the warm sandbox is gone: {exc}") from exc
         finally:
             for fd in ends:
                 os.close(fd)
-        return _follow(control, streams, started, timeout_s, on_line, cancel)
+        renewal = _Renewal(control, lease, left) if lease and left is not None else None
+        return _follow(control, streams, started, timeout_s, on_line, cancel, renewal)
     finally:
         for stream in streams:
             os.close(stream.fd)
@@ -86,6 +99,7 @@ def _follow(
     timeout_s: float,
     on_line: LineSink | None,
     cancel: threading.Event | None,
+    renewal: _Renewal | None,
 ) -> ExecResult:
     open_streams = {stream.fd: stream for stream in streams}
     deadline = started + timeout_s
@@ -103,8 +117,11 @@ def _follow(
                 _ask_to_kill(control)
         if drain_until is not None and now >= drain_until:
             break
+        if renewal is not None and exit_code is None and stopped is None:
+            renewal.send_if_renewed()
         watched = list(open_streams) + ([control.fileno()] if exit_code is None else [])
-        wait_s = CANCEL_POLL_S if cancel is not None else max(deadline - now, 0.0) + 0.01
+        polled = cancel is not None or renewal is not None
+        wait_s = CANCEL_POLL_S if polled else max(deadline - now, 0.0) + 0.01
         ready, _, _ = select.select(watched, [], [], wait_s)
         for fd in ready:
             if fd == control.fileno():
@@ -121,6 +138,25 @@ def _follow(
         timed_out=stopped == "timeout",
         cancelled=stopped == "cancel",
     )
+
+
+class _Renewal:
+    """Tells the sandbox of each renewal of its caller's lease, as the run loop comes by."""
+
+    def __init__(self, control: socket.socket, lease: Callable[[], float | None], left: float):
+        self._control, self._lease = control, lease
+        self._until = time.monotonic() + left
+
+    def send_if_renewed(self) -> None:
+        left = self._lease()
+        if left is None:
+            return
+        until = time.monotonic() + left
+        if until > self._until + RENEWED_BY_S:
+            self._until = until
+            # A server that is gone took the command with it.
+            with contextlib.suppress(OSError):
+                send_frame(self._control, {"op": "renew", "lease_s": left})
 
 
 def _ask_to_kill(control: socket.socket) -> None:

@@ -4,7 +4,8 @@ For a runtime whose sandboxes run no exec server of ours (a boxlite VM: a unix s
 cross into it), the keeper keeps the runtime's :class:`Sandbox` open between tasks and serves
 the protocol of :mod:`workers.runtimes.exec_server` on its end of the control socket, one
 thread per sandbox: each request runs through ``Sandbox.exec``, whose lines are written to the
-pipes the pool child sent, and a kill (or the socket's end) sets the run's cancel event. The
+pipes the pool child sent, and a kill, the socket's end or the run's lease running out
+unrenewed sets the run's cancel event. The
 pool child cannot tell the two servers apart.
 """
 
@@ -15,6 +16,7 @@ import os
 import select
 import socket
 import threading
+import time
 from typing import Any
 
 from claudebox_pool.workers.runtimes.base import Sandbox
@@ -37,8 +39,13 @@ def _run(
     cancel = threading.Event()
     ended = threading.Event()
     wake_read, wake_write = os.pipe()
+    lease_s = request.get("lease_s")
+    expires = None if lease_s is None else time.monotonic() + float(lease_s)
     watcher = threading.Thread(
-        target=_watch, args=(sock, wake_read, cancel, ended), name="held-watch", daemon=True
+        target=_watch,
+        args=(sock, wake_read, cancel, ended, expires),
+        name="held-watch",
+        daemon=True,
     )
     watcher.start()
     outputs = {"stdout": fds[0], "stderr": fds[1]}
@@ -66,10 +73,21 @@ def _run(
     return None if ended.is_set() else result.exit_code
 
 
-def _watch(sock: socket.socket, wake: int, cancel: threading.Event, ended: threading.Event) -> None:
+def _watch(
+    sock: socket.socket,
+    wake: int,
+    cancel: threading.Event,
+    ended: threading.Event,
+    expires: float | None,
+) -> None:
+    """Cancel the run at a kill, at the socket's end, or when its lease runs out unrenewed."""
     while True:
-        ready, _, _ = select.select([sock.fileno(), wake], [], [])
+        wait_s = None if expires is None else max(expires - time.monotonic(), 0.0)
+        ready, _, _ = select.select([sock.fileno(), wake], [], [], wait_s)
         if wake in ready:
+            return
+        if not ready:
+            cancel.set()
             return
         try:
             message, fds = recv_frame(sock)
@@ -77,6 +95,9 @@ def _watch(sock: socket.socket, wake: int, cancel: threading.Event, ended: threa
             message, fds = None, []
         for fd in fds:
             os.close(fd)
+        if message is not None and message.get("op") == "renew":
+            expires = time.monotonic() + float(message["lease_s"])
+            continue
         if message is None:
             ended.set()
         cancel.set()

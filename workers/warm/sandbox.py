@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import Settings, get_settings
+from claudebox_pool.workers import lock
 from claudebox_pool.workers.runtimes import limits
 from claudebox_pool.workers.runtimes.base import (
     WORKSPACE,
@@ -69,7 +70,16 @@ class WarmSandbox(Sandbox):
         if self._healthy:
             self._confinement.mark()
             try:
-                result = run_remote(self._control, argv, env, WORKSPACE, timeout_s, on_line, cancel)
+                result = run_remote(
+                    self._control,
+                    argv,
+                    env,
+                    WORKSPACE,
+                    timeout_s,
+                    on_line,
+                    cancel,
+                    lease=lock.lease_left,
+                )
             except SandboxGoneError as exc:
                 log.warning("warm sandbox of %s lost: %s", self.spec.session_id, exc)
                 self._healthy = False
