@@ -27,7 +27,12 @@ from claudebox_pool.producer import pool, routing
 from claudebox_pool.producer.routing import Route
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import app
-from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError, TaskFailedError
+from claudebox_pool.tasks.errors import (
+    ClaudeBoxError,
+    InvalidRequestError,
+    NodeUnavailableError,
+    TaskFailedError,
+)
 from claudebox_pool.tasks.models import CodeResult
 from claudebox_pool.tasks.streaming import FIELD, StreamEvent
 
@@ -101,6 +106,9 @@ async def outlasting(task_id: str, timeout_s: float, route: Route = routing.ANYW
     """
     current = pool.settings()
     deadline = time.monotonic() + timeout_s
+    # A message lost outright (never delivered) is the one thing that waits this long: any
+    # unacknowledged one comes back within the visibility timeout.
+    queued_until = deadline + current.visibility_timeout_s
     seen = 0
     while True:
         slice_ends = min(deadline, time.monotonic() + current.worker_alive_s)
@@ -114,12 +122,28 @@ async def outlasting(task_id: str, timeout_s: float, route: Route = routing.ANYW
             deliveries = int(await client.get(keys.task_attempts(task_id)) or 0)
         if deliveries > seen:
             seen, deadline = deliveries, time.monotonic() + timeout_s
+        elif deliveries == 0 and seen == 0 and time.monotonic() < queued_until:
+            # Still queued behind other work: the budget is for the run, so it starts when a
+            # worker takes the task, as long as workers that may take it are alive.
+            await _consumers_alive(client, route)
+            deadline = max(deadline, min(queued_until, time.monotonic() + current.worker_alive_s))
         elif time.monotonic() >= deadline:
             raise TaskFailedError(
                 f"no result for task {task_id} after {timeout_s:.0f}s since it was last "
                 f"delivered; it may still be queued behind other work or no worker consumes "
                 f"the queue ({pool.START_HINT})"
             )
+
+
+async def _consumers_alive(client: redis.asyncio.Redis, route: Route) -> None:
+    """NodeUnavailableError or PoolUnavailableError once nothing would take a queued task."""
+    if route.node is None:
+        await pool.ensure_workers()
+        return
+    with pool.map_redis_errors():
+        silent = await routing.silent_for(client, route.node)
+    if silent is None or silent > pool.settings().node_grace_s:
+        raise NodeUnavailableError(route.session_id or "", route.node, silent)
 
 
 async def wait(
