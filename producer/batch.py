@@ -64,7 +64,7 @@ from claudebox_pool.tasks.errors import (
     SessionAlreadyExistsError,
     SessionNotFoundError,
 )
-from claudebox_pool.tasks.models import SessionId
+from claudebox_pool.tasks.models import SessionId, UsageByModel
 
 DEFAULT_CONCURRENCY = 16
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -113,6 +113,9 @@ class JobResult(BaseModel):
     resent: bool = False
     """An interrupted run had sent this job without learning its outcome; this run asked the
     session again under the same key."""
+    cost_usd: float = 0.0
+    usage: UsageByModel = Field(default_factory=dict)
+    """The job's model tokens and cost per model, as its CodeResult gave them."""
 
 
 class BatchObserver(Protocol):
@@ -430,6 +433,8 @@ async def _attempt(box: ClaudeBox, job: Job, attempt: int, key: str, resent: boo
         key=key,
         replayed=result.replayed,
         resent=resent,
+        cost_usd=result.cost_usd,
+        usage=result.usage,
     )
 
 

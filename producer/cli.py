@@ -37,6 +37,7 @@ from claudebox_pool.producer.canvas import enqueue
 from claudebox_pool.producer.client import ClaudeBox
 from claudebox_pool.producer.doctor import doctor_report
 from claudebox_pool.producer.moves import move_session
+from claudebox_pool.producer.progress import usage_table
 from claudebox_pool.producer.terminal import show_event
 from claudebox_pool.tasks import names
 from claudebox_pool.tasks.app import app as celery_app
@@ -498,6 +499,8 @@ def sessions_show(session_id: Annotated[str, typer.Argument(help="Session id.")]
     if record is None:
         fail(str(SessionNotFoundError(session_id)), exit_code_for(SessionNotFoundError))
     out.print_json(record.model_dump_json())
+    if record.total_usage:
+        out.print(usage_table(record.total_usage, "model usage"))
     if record.corruption is not None:
         fail(str(record.corruption.error(session_id)), EXIT_FAILED)
     history = Path(record.workspace_path).parent / ".claudebox" / "history.jsonl"

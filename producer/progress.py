@@ -22,6 +22,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from claudebox_pool.tasks.models import TokenUsage, merged_usage, usage_total
+
 if TYPE_CHECKING:
     from claudebox_pool.producer.batch import Job, JobResult
 
@@ -131,11 +133,12 @@ class BatchProgress:
 
 
 def summary(results: Sequence[JobResult]) -> RenderableType:
-    """Per session: jobs, ok, failed, seconds; then the failed jobs with their errors."""
+    """Per session: jobs, ok, failed, seconds, cost; the model usage of the whole batch; then
+    the failed jobs with their errors."""
     per_session: dict[str, list[JobResult]] = {}
     for result in results:
         per_session.setdefault(result.session_id or "(not opened)", []).append(result)
-    table = Table("session", "jobs", "ok", "failed", "seconds", title="batch summary")
+    table = Table("session", "jobs", "ok", "failed", "seconds", "cost", title="batch summary")
     for session_id, session_results in sorted(per_session.items()):
         ok = sum(result.success for result in session_results)
         table.add_row(
@@ -144,7 +147,10 @@ def summary(results: Sequence[JobResult]) -> RenderableType:
             str(ok),
             str(len(session_results) - ok),
             f"{sum(result.duration_s for result in session_results):.2f}",
+            _usd(sum(result.cost_usd for result in session_results)),
         )
+    used = merged_usage(*(result.usage for result in results))
+    tables = [table, usage_table(used, "batch model usage")] if used else [table]
     failures = [result for result in results if not result.success]
     lines = [
         Text.assemble(("failed ", "red"), f"{result.id}: ", _first_line(result.error))
@@ -162,7 +168,31 @@ def summary(results: Sequence[JobResult]) -> RenderableType:
                 f"outcome is kept), {len(resent) - replayed} were run now or failed to send"
             )
         )
-    return Group(table, *lines)
+    return Group(*tables, *lines)
+
+
+def usage_table(usage: Mapping[str, TokenUsage], title: str) -> Table:
+    """Tokens and cost per model, and their total when there are several models."""
+    table = Table(
+        "model", "input", "output", "cache write", "cache read", "cost", title=title, box=None
+    )
+    rows = sorted(usage.items())
+    if len(rows) > 1:
+        rows.append(("total", usage_total(usage)))
+    for model, used in rows:
+        table.add_row(
+            escape(model),
+            f"{used.input_tokens:,}",
+            f"{used.output_tokens:,}",
+            f"{used.cache_creation_input_tokens:,}",
+            f"{used.cache_read_input_tokens:,}",
+            _usd(used.cost_usd),
+        )
+    return table
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:.4f}"
 
 
 def _first_line(error: str | None) -> str:

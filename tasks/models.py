@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
@@ -80,6 +81,46 @@ def _valid_time(stamp: str) -> str:
 
 
 IsoTime = Annotated[str, AfterValidator(_valid_time)]
+
+
+class TokenUsage(BaseModel):
+    """Tokens one model used and what they cost, as the model gateway metered them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = Field(default=0, description="Tokens written to cache.")
+    cache_read_input_tokens: int = Field(default=0, description="Tokens read from cache.")
+    cost_usd: float = 0.0
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_creation_input_tokens=self.cache_creation_input_tokens
+            + other.cache_creation_input_tokens,
+            cache_read_input_tokens=self.cache_read_input_tokens + other.cache_read_input_tokens,
+            cost_usd=self.cost_usd + other.cost_usd,
+        )
+
+
+UsageByModel = dict[str, TokenUsage]
+"""Usage keyed by the model name the API answered with (``unknown`` where it named none)."""
+
+
+def merged_usage(*parts: Mapping[str, TokenUsage]) -> UsageByModel:
+    """The per-model sum of several usages (a session's runs, a batch's jobs)."""
+    merged: UsageByModel = {}
+    for part in parts:
+        for model, usage in part.items():
+            merged[model] = merged[model] + usage if model in merged else usage
+    return merged
+
+
+def usage_total(usage: Mapping[str, TokenUsage]) -> TokenUsage:
+    """All models' usage together."""
+    return sum(usage.values(), TokenUsage())
 
 
 class _Message(BaseModel):
@@ -187,6 +228,11 @@ class CodeResult(BaseModel):
         description="Nothing ran now: this is the outcome history recorded for an earlier run "
         "of the same task id or idempotency key (its response cut, no raw output).",
     )
+    usage: UsageByModel = Field(
+        default_factory=dict,
+        description="Tokens and cost of this call's model requests, per model, as the worker's "
+        "model gateway metered them (empty for a run that called no model).",
+    )
 
 
 class CleanupResult(BaseModel):
@@ -259,6 +305,10 @@ class SessionRecord(BaseModel):
     it one (older session.json files, sessions of a non-root worker)."""
     corruption: Corruption | None = None
     """Set only on a registry entry of status ``corrupted``, never in a session.json."""
+    total_cache_creation_input_tokens: int = 0
+    total_cache_read_input_tokens: int = 0
+    total_usage: UsageByModel = Field(default_factory=dict)
+    """Every run's metered usage, per model (the totals above add up its models)."""
 
     @classmethod
     def of_corrupted(

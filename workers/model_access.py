@@ -107,8 +107,7 @@ class Passage:
         outcome.events.extend(events)
         outcome.cost_usd = usage.cost_usd
         outcome.model_requests = usage.requests
-        outcome.input_tokens = usage.input_tokens
-        outcome.output_tokens = usage.output_tokens
+        outcome.usage = usage.by_model
         refused = next((ctx for action, ctx in events if action == "budget_exceeded"), None)
         api_error = next((ctx for action, ctx in events if action == "model_error"), None)
         if api_error is not None and not outcome.success:

@@ -27,6 +27,8 @@ from claudebox_pool.tasks.models import (
     OpenRequest,
     SandboxOptions,
     SessionRecord,
+    merged_usage,
+    usage_total,
     utc_now,
 )
 from claudebox_pool.workers import archive, caps, disk, identity, inputs, outage, registry
@@ -272,6 +274,7 @@ def _record_run(
 ) -> None:
     """Add the run to the session's counters and history; the session is stopped again."""
     outcome, created = run.outcome, run.created
+    used = usage_total(outcome.usage)
     now = utc_now()
     record = record.model_copy(
         update={
@@ -283,8 +286,13 @@ def _record_run(
             "total_turns": record.total_turns + outcome.num_turns,
             "total_duration_ms": record.total_duration_ms + int(run.duration_s * 1000),
             "total_cost_usd": record.total_cost_usd + outcome.cost_usd,
-            "total_input_tokens": record.total_input_tokens + outcome.input_tokens,
-            "total_output_tokens": record.total_output_tokens + outcome.output_tokens,
+            "total_input_tokens": record.total_input_tokens + used.input_tokens,
+            "total_output_tokens": record.total_output_tokens + used.output_tokens,
+            "total_cache_creation_input_tokens": record.total_cache_creation_input_tokens
+            + used.cache_creation_input_tokens,
+            "total_cache_read_input_tokens": record.total_cache_read_input_tokens
+            + used.cache_read_input_tokens,
+            "total_usage": merged_usage(record.total_usage, outcome.usage),
             "total_model_requests": record.total_model_requests + outcome.model_requests,
             "claude_session_id": outcome.cli_session_id or record.claude_session_id,
         }
@@ -304,6 +312,7 @@ def _record_run(
                 "response": outcome.response[:PROMPT_IN_HISTORY_CHARS],
                 "cost_usd": outcome.cost_usd,
                 "num_turns": outcome.num_turns,
+                "usage": {model: u.model_dump() for model, u in outcome.usage.items()},
                 "files_created": created,
                 **({"error": outcome.error} if outcome.error else {}),
                 **({"env_keys": sorted(request.env)} if request.env else {}),
@@ -337,6 +346,7 @@ def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -
         session_id=request.session_id,
         task_id=task_id,
         files_created=run.created,
+        usage=outcome.usage,
     )
     return caps.fit(result, ctx.settings)
 
@@ -450,6 +460,7 @@ def _replayed(session_id: str, context: dict[str, Any]) -> CodeResult:
             "task_id": context.get("task_id", ""),
             "files_created": context.get("files_created", []),
             "replayed": True,
+            "usage": context.get("usage", {}),
         }
     )
 

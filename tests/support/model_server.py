@@ -66,6 +66,8 @@ class Reply:
     output_tokens: int = 80
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    model: str | None = None
+    """The model ``message_start`` names; None: the one the request asked for."""
 
     @property
     def stop_reason(self) -> str:
@@ -134,7 +136,7 @@ def sse_events(reply: Reply, model: str) -> Iterator[tuple[str, dict[str, Any]]]
         "id": f"msg_{uuid4().hex[:24]}",
         "type": "message",
         "role": "assistant",
-        "model": model,
+        "model": reply.model or model,
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from claudebox_pool.tasks.models import CodeRequest, SessionRecord
+from claudebox_pool.tasks.models import CodeRequest, SessionRecord, UsageByModel
 from claudebox_pool.workers.runtimes.base import ExecResult, Mount, Sandbox
 
 BASE_ENV = {
@@ -33,8 +33,7 @@ class AgentOutcome:
     cost_usd: float = 0.0
     cli_session_id: str | None = None
     model_requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
+    usage: UsageByModel = field(default_factory=dict)
     events: list[tuple[str, dict[str, object]]] = field(default_factory=list)
 
 

@@ -52,9 +52,9 @@ class Ledger:
         with self._lock:
             self._usage = self._usage.model_copy(update={"requests": self._usage.requests + 1})
 
-    def charge(self, tokens: Tokens, cost_usd: float) -> None:
+    def charge(self, model: str | None, tokens: Tokens, cost_usd: float) -> None:
         with self._lock:
-            self._usage = self._usage.plus(tokens, cost_usd)
+            self._usage = self._usage.plus(model, tokens, cost_usd)
 
     def over_budget(self) -> dict[str, Any] | None:
         """The ``budget_exceeded`` context if the session may not call the model again."""

@@ -138,7 +138,7 @@ class ModelApi:
             elif metered:
                 body = await read_raw(response)
                 model, tokens = read_message(body)
-                ledger.charge(tokens, price_for(model, self._prices).cost_usd(tokens))
+                ledger.charge(model, tokens, price_for(model, self._prices).cost_usd(tokens))
                 await send_raw(http, response, body)
             else:
                 await relay(http, response)
@@ -207,5 +207,5 @@ class _StreamAccount:
     def settle(self) -> None:
         if not self._charged:
             self._charged = True
-            tokens = self._meter.tokens
-            self._ledger.charge(tokens, price_for(self._meter.model, self._prices).cost_usd(tokens))
+            tokens, model = self._meter.tokens, self._meter.model
+            self._ledger.charge(model, tokens, price_for(model, self._prices).cost_usd(tokens))

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from claudebox_pool.tasks.models import TokenUsage, UsageByModel, merged_usage
 
 _ERROR_TEXT_BYTES = 500
+UNKNOWN_MODEL = "unknown"
+"""The model a reply is metered under when it names none (a stream cut before message_start)."""
 # Only these events carry usage, the model or an outcome; the many content deltas are skipped
 # without decoding their JSON.
 _METERED_EVENTS = {b"message_start", b"message_delta", b"message_stop", b"error"}
@@ -37,7 +41,8 @@ class Tokens:
 
 
 class Usage(BaseModel):
-    """What one lease (one sandbox run) consumed; ``requests`` counts Messages API calls."""
+    """What one lease (one sandbox run) consumed: the totals, and ``by_model`` their split by
+    the model each reply named; ``requests`` counts Messages API calls."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -47,16 +52,19 @@ class Usage(BaseModel):
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
     cost_usd: float = 0.0
+    by_model: UsageByModel = Field(default_factory=dict)
 
-    def plus(self, tokens: Tokens, cost_usd: float) -> Usage:
+    def plus(self, model: str | None, tokens: Tokens, cost_usd: float) -> Usage:
+        call = TokenUsage(**asdict(tokens), cost_usd=cost_usd)
+        if call == TokenUsage():
+            # A call that reported nothing (refused, cut before message_start) names no model
+            # worth listing.
+            return self
+        total = TokenUsage.model_validate(self.model_dump(include=set(TokenUsage.model_fields)))
         return Usage(
             requests=self.requests,
-            input_tokens=self.input_tokens + tokens.input_tokens,
-            output_tokens=self.output_tokens + tokens.output_tokens,
-            cache_creation_input_tokens=self.cache_creation_input_tokens
-            + tokens.cache_creation_input_tokens,
-            cache_read_input_tokens=self.cache_read_input_tokens + tokens.cache_read_input_tokens,
-            cost_usd=self.cost_usd + cost_usd,
+            **(total + call).model_dump(),
+            by_model=merged_usage(self.by_model, {model or UNKNOWN_MODEL: call}),
         )
 
 
