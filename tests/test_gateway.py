@@ -277,6 +277,42 @@ def test_earlier_spend_counts_against_the_budget(model: ModelServer, gateway: Ga
     assert events == [("budget_exceeded", {"budget_usd": 1.0, "spent_usd": 1.0})]
 
 
+def test_usage_is_split_by_the_model_each_reply_names_with_its_cache_tokens(
+    model: ModelServer, gateway: Gateway
+) -> None:
+    model.push(
+        Reply([Text("a")], 1000, 50, 300, 2000, model="claude-opus-4-5"),
+        Reply([Text("b")], 400, 20, 0, 900, model="claude-haiku-4-5"),
+        Reply([Text("c")], 100, 10, model="claude-opus-4-5"),
+    )
+    with gateway.lease("split") as lease:
+        statuses = [_post_message(lease)[0] for _ in range(3)]
+        usage = lease.usage
+
+    assert statuses == [200, 200, 200]
+    opus_cost = (1100 * 5.0 + 60 * 25.0 + 300 * 6.25 + 2000 * 0.5) / 1e6
+    haiku_cost = (400 * 1.0 + 20 * 5.0 + 900 * 0.1) / 1e6
+    assert {name: used.model_dump() for name, used in usage.by_model.items()} == {
+        "claude-opus-4-5": {
+            "input_tokens": 1100,
+            "output_tokens": 60,
+            "cache_creation_input_tokens": 300,
+            "cache_read_input_tokens": 2000,
+            "cost_usd": pytest.approx(opus_cost),
+        },
+        "claude-haiku-4-5": {
+            "input_tokens": 400,
+            "output_tokens": 20,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 900,
+            "cost_usd": pytest.approx(haiku_cost),
+        },
+    }
+    assert (usage.requests, usage.cache_creation_input_tokens) == (3, 300)
+    assert usage.cache_read_input_tokens == 2900
+    assert usage.cost_usd == pytest.approx(opus_cost + haiku_cost)
+
+
 # --- leases over TCP (a micro-VM's way in) -----------------------------------------------
 
 
