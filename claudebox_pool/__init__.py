@@ -40,7 +40,7 @@ if TYPE_CHECKING:
         WrongNodeError,
     )
     from claudebox_pool.tasks.lifecycle import Checkpoint
-    from claudebox_pool.tasks.models import CleanupResult, CodeResult, SessionRecord
+    from claudebox_pool.tasks.models import CleanupResult, CodeResult, SessionRecord, TokenUsage
     from claudebox_pool.tasks.streaming import StreamEvent
 
 _ERRORS = "claudebox_pool.tasks.errors"
@@ -57,6 +57,7 @@ _HOMES: dict[str, str] = {
     "CleanupResult": "claudebox_pool.tasks.models",
     "CodeResult": "claudebox_pool.tasks.models",
     "SessionRecord": "claudebox_pool.tasks.models",
+    "TokenUsage": "claudebox_pool.tasks.models",
     "StreamEvent": "claudebox_pool.tasks.streaming",
     "CheckpointNotFoundError": _ERRORS,
     "ClaudeBoxError": _ERRORS,
@@ -107,6 +108,7 @@ __all__ = [
     "StreamEvent",
     "TaskAttemptsExceededError",
     "TaskFailedError",
+    "TokenUsage",
     "WrongNodeError",
     "__version__",
     "enqueue",
