@@ -94,14 +94,14 @@ def dumped(result: CodeResult) -> dict[str, dict[str, Any]]:
     return {name: used.model_dump() for name, used in result.usage.items()}
 
 
-def code(session_id: str, prompt: str) -> CodeResult:
+def code(session_id: str, prompt: str, idempotency_key: str | None = None) -> CodeResult:
     async def scenario() -> CodeResult:
         try:
             box = await ClaudeBox.reconnect(session_id)
         except SessionNotFoundError:
             box = ClaudeBox(session_id=session_id, agent="claude")
         async with box:
-            return await box.code(prompt, agent="claude")
+            return await box.code(prompt, agent="claude", idempotency_key=idempotency_key)
 
     return asyncio.run(scenario())
 
@@ -180,6 +180,19 @@ def test_a_calls_usage_per_model_and_the_sessions_totals_equal_what_the_server_r
     assert record["total_cache_read_input_tokens"] == 900 + 5500 + 60
     assert record["total_cost_usd"] == pytest.approx(first.cost_usd + second.cost_usd)
     assert record["total_model_requests"] == 4
+
+
+def test_a_replayed_call_gives_back_the_usage_its_run_recorded(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push(*SECOND_CALL)
+
+    ran = code("replay", "once only", idempotency_key="job-1")
+    replayed = code("replay", "once only", idempotency_key="job-1")
+
+    assert replayed.replayed and not ran.replayed
+    assert len(model.message_requests()) == 1
+    assert dumped(replayed) == dumped(ran) == approx_usage(metered(SECOND_CALL))
 
 
 def test_sessions_show_draws_the_sessions_usage_per_model(
