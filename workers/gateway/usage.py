@@ -18,7 +18,7 @@ from claudebox_pool.tasks.models import TokenUsage, UsageByModel, merged_usage
 
 _ERROR_TEXT_BYTES = 500
 UNKNOWN_MODEL = "unknown"
-"""The model a reply is metered under when it names none (a stream cut before message_start)."""
+"""The model a reply that names none (a malformed ``message_start``) is metered under."""
 # Only these events carry usage, the model or an outcome; the many content deltas are skipped
 # without decoding their JSON.
 _METERED_EVENTS = {b"message_start", b"message_delta", b"message_stop", b"error"}
