@@ -135,7 +135,10 @@ def test_ctrl_c_finishes_the_running_task_and_a_restart_runs_the_queued_one(
         "code", "slow", "sleep 2 && echo one > one.txt", output=local_pool.home / "slow.log"
     )
     wait_for(lambda: client.exists(keys.session_lock("slow")), 30, "the slow task to run")
-    # The only slot is busy: the first task of this call waits in the common queue.
+    # The only slot is busy: the first task of this call waits in the common queue. Its
+    # producer rides out a Redis outage for CLAUDEBOX_REDIS_OUTAGE_S, short here: the pool's
+    # Redis goes with the pool.
+    local_pool.env["CLAUDEBOX_REDIS_OUTAGE_S"] = "3"
     queued = local_pool.start("code", "queued", "true", output=local_pool.home / "queued.log")
 
     def queued_task() -> str | None:
@@ -145,8 +148,8 @@ def test_ctrl_c_finishes_the_running_task_and_a_restart_runs_the_queued_one(
                 return str(headers["id"])
         return None
 
-    wait_for(queued_task, 30, "a task to wait in the queue")
-    result_key = app.backend.get_key_for_task(queued_task())
+    queued_id = wait_for(queued_task, 30, "a task to wait in the queue")
+    result_key = app.backend.get_key_for_task(queued_id)
 
     os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
 

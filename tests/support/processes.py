@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 
@@ -54,14 +55,19 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str) -> None:
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str) -> T:
+    """The condition's first truthy value, polled with a growing delay up to ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     delay = 0.02
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 1.5, 0.25)
+    return value
 
 
 class RedisServer:
