@@ -14,6 +14,11 @@ runs one command per request on it, one at a time:
   runs out, by this server alone: a holder frozen whole (SIGSTOP) or cut off from Redis cannot
   keep a command running into the next holder's run, whose lock it no longer has.
 
+A cold sandbox's command runs under this module too when its holder has a lease
+(``python3 -I -S -c <this source> --lease <fd> <lease_s> -- argv...``, see :func:`run_leased`):
+``fd`` is the read end of a pipe whose write end only the worker holds, one line of seconds per
+renewal, so that a cold command of a frozen worker on another host stops at its lease as well.
+
 After every command everything else in the sandbox is killed too (the sandbox has its own pid
 namespace: every pid but 1, bwrap's reaper, and this server), so that no process a task left
 behind lives into the next task, as none would in a cold sandbox. A frame is a 4-byte length
@@ -146,6 +151,51 @@ def run(sock: socket.socket, request: dict[str, Any], fds: list[int]) -> int | N
         kill_the_rest()
 
 
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_leased(channel: int, lease_s: float, argv: list[str]) -> int:
+    """Run a cold sandbox's command (stdio, environment and cwd inherited) to its end; its exit
+    code, or the command is killed with everything else in the sandbox once ``lease_s`` pass
+    with no renewal read from ``channel``."""
+    try:
+        proc = subprocess.Popen(argv)
+    except OSError as exc:
+        os.write(2, f"{argv[0]}: {exc.strerror or exc}\n".encode())
+        return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+    for number in FORWARDED:
+        signal.signal(number, lambda number, _frame: proc.send_signal(number))
+    pidfd = os.pidfd_open(proc.pid)
+    watched = [pidfd, channel]
+    expires = time.monotonic() + lease_s
+    while True:
+        ready, _, _ = select.select(watched, [], [], max(expires - time.monotonic(), 0.0))
+        if pidfd in ready:
+            return proc.wait()
+        if not ready:
+            # As in a warm sandbox: nothing of this run may outlive its holder's lease.
+            kill_the_rest()
+            proc.wait()
+            return EXIT_LEASE_EXPIRED
+        heard = os.read(channel, 4096).split()
+        if heard:
+            expires = time.monotonic() + float(heard[-1])
+        else:
+            # The worker closed its end: no renewal can come any more, the lease runs out.
+            watched.remove(channel)
+
+
+def _exit_as(code: int) -> None:
+    """End this process as the command ended: by the same signal (so bwrap reports it as it
+    would the command's own), else with its exit code."""
+    if code < 0:
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+        code = 128 - code
+    sys.exit(code)
+
+
 Runner = Callable[[socket.socket, "dict[str, Any]", "list[int]"], "int | None"]
 """Runs one request to its end: its exit code, or None if the socket ended meanwhile."""
 
@@ -180,4 +230,6 @@ def serve(sock: socket.socket) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if sys.argv[1] == "--lease":
+        _exit_as(run_leased(int(sys.argv[2]), float(sys.argv[3]), sys.argv[5:]))
     serve(socket.socket(fileno=int(sys.argv[1])))
