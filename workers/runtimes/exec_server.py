@@ -116,39 +116,61 @@ def _start(request: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes] |
             os.close(fd)
 
 
+EXITED, LEASE_OUT, GO_ON, STOP, DEAF = "exited", "lease out", "go on", "stop", "deaf"
+
+
+def watch(pid: int, channel: int, lease_s: float | None, hear: Callable[[], float | str]) -> str:
+    """Wait until the command ``pid`` ends (EXITED) or its lease does, unrenewed (LEASE_OUT:
+    everything in the sandbox is killed then); ``hear`` reads ``channel`` when it has news: the
+    seconds of a renewed lease, GO_ON, STOP (the run is over: returned) or DEAF (nothing more
+    will come on it)."""
+    pidfd = os.pidfd_open(pid)
+    watched = [pidfd, channel]
+    expires = None if lease_s is None else time.monotonic() + float(lease_s)
+    try:
+        while True:
+            wait_s = None if expires is None else max(expires - time.monotonic(), 0.0)
+            ready, _, _ = select.select(watched, [], [], wait_s)
+            if pidfd in ready:
+                return EXITED
+            if not ready:
+                # The lease ran out unrenewed: its holder is frozen or cut off, and another
+                # worker may soon hold the session. Nothing of this run may outlive the lease.
+                kill_the_rest()
+                return LEASE_OUT
+            news = hear()
+            if isinstance(news, float):
+                expires = time.monotonic() + news
+            elif news == STOP:
+                return STOP
+            elif news == DEAF:
+                watched.remove(channel)
+    finally:
+        os.close(pidfd)
+
+
 def run(sock: socket.socket, request: dict[str, Any], fds: list[int]) -> int | None:
     """Run one command to its end; its exit code, or None if the socket ended meanwhile."""
     started = _start(request, fds)
     if isinstance(started, int):
         return started
-    pidfd = os.pidfd_open(started.pid)
     lease_s = request.get("lease_s")
-    expires = None if lease_s is None else time.monotonic() + float(lease_s)
-    try:
-        while True:
-            wait_s = None if expires is None else max(expires - time.monotonic(), 0.0)
-            ready, _, _ = select.select([sock.fileno(), pidfd], [], [], wait_s)
-            if pidfd in ready:
-                return started.wait()
-            if not ready:
-                # The lease ran out unrenewed: its holder is frozen or cut off, and another
-                # worker may soon hold the session. Nothing of this run may outlive the lease.
-                kill_the_rest()
-                started.wait()
-                return EXIT_LEASE_EXPIRED
-            message, extra = recv_frame(sock)
-            for fd in extra:
-                os.close(fd)
-            if message is not None and message.get("op") == "renew":
-                expires = time.monotonic() + float(message["lease_s"])
-                continue
-            kill_the_rest()
-            if message is None:
-                started.wait()
-                return None
-    finally:
-        os.close(pidfd)
+
+    def hear() -> float | str:
+        message, extra = recv_frame(sock)
+        for fd in extra:
+            os.close(fd)
+        if message is not None and message.get("op") == "renew":
+            return float(message["lease_s"])
         kill_the_rest()
+        return GO_ON if message is not None else STOP
+
+    try:
+        ended = watch(started.pid, sock.fileno(), lease_s, hear)
+        started.wait()
+    finally:
+        kill_the_rest()
+    return {EXITED: started.returncode, LEASE_OUT: EXIT_LEASE_EXPIRED}.get(ended)
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -165,24 +187,15 @@ def run_leased(channel: int, lease_s: float, argv: list[str]) -> int:
         return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
     for number in FORWARDED:
         signal.signal(number, lambda number, _frame: proc.send_signal(number))
-    pidfd = os.pidfd_open(proc.pid)
-    watched = [pidfd, channel]
-    expires = time.monotonic() + lease_s
-    while True:
-        ready, _, _ = select.select(watched, [], [], max(expires - time.monotonic(), 0.0))
-        if pidfd in ready:
-            return proc.wait()
-        if not ready:
-            # As in a warm sandbox: nothing of this run may outlive its holder's lease.
-            kill_the_rest()
-            proc.wait()
-            return EXIT_LEASE_EXPIRED
+
+    def hear() -> float | str:
         heard = os.read(channel, 4096).split()
-        if heard:
-            expires = time.monotonic() + float(heard[-1])
-        else:
-            # The worker closed its end: no renewal can come any more, the lease runs out.
-            watched.remove(channel)
+        # At the pipe's end the worker is gone: no renewal can come any more.
+        return float(heard[-1]) if heard else DEAF
+
+    ended = watch(proc.pid, channel, lease_s, hear)
+    proc.wait()
+    return EXIT_LEASE_EXPIRED if ended == LEASE_OUT else proc.returncode
 
 
 def _exit_as(code: int) -> None:
