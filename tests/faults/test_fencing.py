@@ -213,3 +213,34 @@ def test_a_whole_worker_frozen_with_a_cold_sandbox_never_runs_beside_the_next_ho
     cold_workers: list[Worker], clean_state: redis.Redis
 ) -> None:
     _frozen_then_taken_over(cold_workers, clean_state, "frozen-cold")
+
+
+def test_a_frozen_worker_cold_sandbox_stops_its_command_before_the_lock_can_lapse(
+    cold_workers: list[Worker], clean_state: redis.Redis
+) -> None:
+    # Before the lock lapses no other holder can kill anything (the same-host cgroup kill
+    # included): a command stopped by then was stopped by its own sandbox's lease watchdog.
+    workspace = open_session("cold-lease")
+    lines = workspace / "lines.txt"
+    task_id = send_code("cold-lease", COUNTING.format(count=24))
+    wait_for(lambda: lines.exists() and len(lines.read_text().splitlines()) >= 4, 30, "a run")
+    found = running_in(task_id)
+    assert found is not None
+    [frozen] = [worker for worker in cold_workers if worker.hostname == found[0]]
+    assert frozen.proc is not None
+    first = _interleaved(lines)[0]
+
+    os.killpg(frozen.proc.pid, signal.SIGSTOP)
+    try:
+        lapses_at = time.time() + clean_state.pttl(keys.session_lock("cold-lease")) / 1000
+        rerun = result_of(task_id, 60)
+    finally:
+        os.killpg(frozen.proc.pid, signal.SIGCONT)
+    _wait_unwound(task_id)
+
+    assert result_of(task_id, 5) == rerun and rerun.success
+    assert max(_written_at(lines, first)) < lapses_at
+    assert len(_written_at(lines, first)) < 24
+    assert _written_at(lines, rerun.response.strip()) and rerun.response.strip() != first
+    blocks = _interleaved(lines)
+    assert len(blocks) == len(set(blocks)), f"two runs interleaved: {blocks}"

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers import lock
 from claudebox_pool.workers.runtimes import exec_server, limits, seccomp
 from claudebox_pool.workers.runtimes.base import (
     AGENT_HOME,
@@ -49,6 +50,7 @@ from claudebox_pool.workers.runtimes.base import (
 from claudebox_pool.workers.runtimes.launch import Launch, staged_sources
 from claudebox_pool.workers.runtimes.limits import Confinement
 from claudebox_pool.workers.runtimes.process import run_process
+from claudebox_pool.workers.runtimes.remote import Renewal
 from claudebox_pool.workers.warm import client as warm_client
 from claudebox_pool.workers.warm.keeper import WarmError
 from claudebox_pool.workers.warm.protocol import warmable
@@ -156,8 +158,9 @@ class BwrapSandbox(Sandbox):
         settings = get_settings()
         self._confinement = confinement = limits.confine(self.spec, settings, limits.COLD)
         program = seccomp.program_fd() if settings.seccomp else None
+        leased = _Leased.of(argv)
         try:
-            started = launch(self.spec, argv, program, confinement.limits.tmp_bytes)
+            started = launch(self.spec, leased.argv, program, confinement.limits.tmp_bytes)
             started.confine(confinement)
             try:
                 result = run_process(
@@ -168,7 +171,8 @@ class BwrapSandbox(Sandbox):
                     on_line,
                     cancel,
                     preexec=started.preexec,
-                    pass_fds=() if program is None else (program,),
+                    pass_fds=(*leased.pass_fds, *(() if program is None else (program,))),
+                    tick=leased.tick,
                 )
             except subprocess.SubprocessError as exc:
                 raise SandboxError(
@@ -181,12 +185,53 @@ class BwrapSandbox(Sandbox):
         finally:
             if program is not None:
                 os.close(program)
+            leased.close()
             self._confinement = None
             confinement.close()
 
     def tmp_bytes(self) -> int:
         confinement = self._confinement
         return confinement.tmp_bytes() if confinement is not None else 0
+
+
+class _Leased:
+    """A cold command run under the exec server's lease watchdog when the task holds a session
+    lock: the sandbox gets the read end of a pipe, the worker alone keeps the write end and
+    writes each renewal of the lease to it, so a worker frozen whole (on any host) cannot keep
+    the command running past its lease, and nothing inside can extend it."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        ends: tuple[int, ...] = (),
+        tick: Callable[[], None] | None = None,
+    ) -> None:
+        self.argv, self.pass_fds, self.tick = argv, ends[:1], tick
+        self._ends = ends
+
+    @classmethod
+    def of(cls, argv: Sequence[str]) -> _Leased:
+        left = lock.lease_left()
+        interpreter = _interpreter() if left is not None else None
+        if left is None or interpreter is None:
+            return cls(list(argv))
+        read_end, write_end = os.pipe()
+        # A sandbox that stopped reading must not block the worker's watchdog thread.
+        os.set_blocking(write_end, False)
+        wrapped = [
+            interpreter, "-I", "-S", "-c", _server_source(),
+            "--lease", str(read_end), repr(left), "--", *argv,
+        ]  # fmt: skip
+        renewal = Renewal(lambda seconds: _write_lease(write_end, seconds), lock.lease_left, left)
+        return cls(wrapped, (read_end, write_end), renewal.send_if_renewed)
+
+    def close(self) -> None:
+        for fd in self._ends:
+            os.close(fd)
+
+
+def _write_lease(fd: int, seconds: float) -> None:
+    os.write(fd, f"{seconds}\n".encode())
 
 
 class BwrapRuntime(Runtime):

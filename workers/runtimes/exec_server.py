@@ -14,6 +14,11 @@ runs one command per request on it, one at a time:
   runs out, by this server alone: a holder frozen whole (SIGSTOP) or cut off from Redis cannot
   keep a command running into the next holder's run, whose lock it no longer has.
 
+A cold sandbox's command runs under this module too when its holder has a lease
+(``python3 -I -S -c <this source> --lease <fd> <lease_s> -- argv...``, see :func:`run_leased`):
+``fd`` is the read end of a pipe whose write end only the worker holds, one line of seconds per
+renewal, so that a cold command of a frozen worker on another host stops at its lease as well.
+
 After every command everything else in the sandbox is killed too (the sandbox has its own pid
 namespace: every pid but 1, bwrap's reaper, and this server), so that no process a task left
 behind lives into the next task, as none would in a cold sandbox. A frame is a 4-byte length
@@ -111,39 +116,97 @@ def _start(request: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes] |
             os.close(fd)
 
 
+EXITED, LEASE_OUT, GO_ON, STOP, DEAF = "exited", "lease out", "go on", "stop", "deaf"
+
+
+def watch(pid: int, channel: int, lease_s: float | None, hear: Callable[[], float | str]) -> str:
+    """Wait until the command ``pid`` ends (EXITED) or its lease does, unrenewed (LEASE_OUT:
+    everything in the sandbox is killed then); ``hear`` reads ``channel`` when it has news: the
+    seconds of a renewed lease, GO_ON, STOP (the run is over: returned) or DEAF (nothing more
+    will come on it)."""
+    pidfd = os.pidfd_open(pid)
+    watched = [pidfd, channel]
+    expires = None if lease_s is None else time.monotonic() + float(lease_s)
+    try:
+        while True:
+            wait_s = None if expires is None else max(expires - time.monotonic(), 0.0)
+            ready, _, _ = select.select(watched, [], [], wait_s)
+            if pidfd in ready:
+                return EXITED
+            if not ready:
+                # The lease ran out unrenewed: its holder is frozen or cut off, and another
+                # worker may soon hold the session. Nothing of this run may outlive the lease.
+                kill_the_rest()
+                return LEASE_OUT
+            news = hear()
+            if isinstance(news, float):
+                expires = time.monotonic() + news
+            elif news == STOP:
+                return STOP
+            elif news == DEAF:
+                watched.remove(channel)
+    finally:
+        os.close(pidfd)
+
+
 def run(sock: socket.socket, request: dict[str, Any], fds: list[int]) -> int | None:
     """Run one command to its end; its exit code, or None if the socket ended meanwhile."""
     started = _start(request, fds)
     if isinstance(started, int):
         return started
-    pidfd = os.pidfd_open(started.pid)
     lease_s = request.get("lease_s")
-    expires = None if lease_s is None else time.monotonic() + float(lease_s)
-    try:
-        while True:
-            wait_s = None if expires is None else max(expires - time.monotonic(), 0.0)
-            ready, _, _ = select.select([sock.fileno(), pidfd], [], [], wait_s)
-            if pidfd in ready:
-                return started.wait()
-            if not ready:
-                # The lease ran out unrenewed: its holder is frozen or cut off, and another
-                # worker may soon hold the session. Nothing of this run may outlive the lease.
-                kill_the_rest()
-                started.wait()
-                return EXIT_LEASE_EXPIRED
-            message, extra = recv_frame(sock)
-            for fd in extra:
-                os.close(fd)
-            if message is not None and message.get("op") == "renew":
-                expires = time.monotonic() + float(message["lease_s"])
-                continue
-            kill_the_rest()
-            if message is None:
-                started.wait()
-                return None
-    finally:
-        os.close(pidfd)
+
+    def hear() -> float | str:
+        message, extra = recv_frame(sock)
+        for fd in extra:
+            os.close(fd)
+        if message is not None and message.get("op") == "renew":
+            return float(message["lease_s"])
         kill_the_rest()
+        return GO_ON if message is not None else STOP
+
+    try:
+        ended = watch(started.pid, sock.fileno(), lease_s, hear)
+        started.wait()
+    finally:
+        kill_the_rest()
+    return {EXITED: started.returncode, LEASE_OUT: EXIT_LEASE_EXPIRED}.get(ended)
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_leased(channel: int, lease_s: float, argv: list[str]) -> int:
+    """Run a cold sandbox's command (stdio, environment and cwd inherited) to its end; its exit
+    code, or the command is killed with everything else in the sandbox once ``lease_s`` pass
+    with no renewal read from ``channel``."""
+    try:
+        proc = subprocess.Popen(argv)
+    except OSError as exc:
+        os.write(2, f"{argv[0]}: {exc.strerror or exc}\n".encode())
+        return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+    for number in FORWARDED:
+        signal.signal(number, lambda number, _frame: proc.send_signal(number))
+
+    def hear() -> float | str:
+        heard = os.read(channel, 4096).split()
+        # At the pipe's end the worker is gone: no renewal can come any more.
+        return float(heard[-1]) if heard else DEAF
+
+    ended = watch(proc.pid, channel, lease_s, hear)
+    proc.wait()
+    return EXIT_LEASE_EXPIRED if ended == LEASE_OUT else proc.returncode
+
+
+def _exit_as(code: int) -> None:
+    """End this process as the command ended: by the same signal (so bwrap reports it as it
+    would the command's own), else with its exit code."""
+    if code < 0:
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+        code = 128 - code
+    sys.exit(code)
 
 
 Runner = Callable[[socket.socket, "dict[str, Any]", "list[int]"], "int | None"]
@@ -180,4 +243,6 @@ def serve(sock: socket.socket) -> None:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if sys.argv[1] == "--lease":
+        _exit_as(run_leased(int(sys.argv[2]), float(sys.argv[3]), sys.argv[5:]))
     serve(socket.socket(fileno=int(sys.argv[1])))

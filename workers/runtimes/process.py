@@ -57,9 +57,13 @@ def _watchdog(
     cancel: threading.Event | None,
     finished: threading.Event,
     stopped: list[str],
+    tick: Callable[[], None] | None,
 ) -> None:
-    """Kill the command's process group at the deadline or on cancel, unless it ended."""
+    """Kill the command's process group at the deadline or on cancel, unless it ended; call
+    ``tick`` every period meanwhile."""
     while not finished.wait(WATCH_PERIOD_S):
+        if tick is not None:
+            tick()
         if cancel is not None and cancel.is_set():
             stopped.append("cancel")
         elif time.monotonic() >= deadline:
@@ -81,10 +85,12 @@ def run_process(
     *,
     preexec: Callable[[], None] | None = None,
     pass_fds: Sequence[int] = (),
+    tick: Callable[[], None] | None = None,
 ) -> ExecResult:
     """``preexec`` runs in the child before exec (a sandbox's setup: its cgroup, rlimits, binds,
     then the privilege drop); ``pass_fds`` are inherited by the command (bwrap's ``--seccomp``
-    program)."""
+    program, a cold sandbox's lease pipe); ``tick`` is called every watch period while the
+    command runs (a lease's renewals passed on)."""
     started = time.monotonic()
     proc = subprocess.Popen(
         list(argv),
@@ -110,7 +116,7 @@ def run_process(
     finished = threading.Event()
     threading.Thread(
         target=_watchdog,
-        args=(proc, started + timeout_s, cancel, finished, stopped),
+        args=(proc, started + timeout_s, cancel, finished, stopped, tick),
         daemon=True,
     ).start()
     try:

@@ -85,7 +85,9 @@ def run_remote(
         finally:
             for fd in ends:
                 os.close(fd)
-        renewal = _Renewal(control, lease, left) if lease and left is not None else None
+        renewal = None
+        if lease is not None and left is not None:
+            renewal = Renewal(_renew_frame(control), lease, left)
         return _follow(control, streams, started, timeout_s, on_line, cancel, renewal)
     finally:
         for stream in streams:
@@ -99,7 +101,7 @@ def _follow(
     timeout_s: float,
     on_line: LineSink | None,
     cancel: threading.Event | None,
-    renewal: _Renewal | None,
+    renewal: Renewal | None,
 ) -> ExecResult:
     open_streams = {stream.fd: stream for stream in streams}
     deadline = started + timeout_s
@@ -140,11 +142,14 @@ def _follow(
     )
 
 
-class _Renewal:
-    """Tells the sandbox of each renewal of its caller's lease, as the run loop comes by."""
+class Renewal:
+    """Passes each renewal of its caller's lease on to the sandbox (``send``: the seconds left),
+    as the run loop comes by: a warm sandbox's socket or a cold sandbox's lease pipe."""
 
-    def __init__(self, control: socket.socket, lease: Callable[[], float | None], left: float):
-        self._control, self._lease = control, lease
+    def __init__(
+        self, send: Callable[[float], None], lease: Callable[[], float | None], left: float
+    ):
+        self._send, self._lease = send, lease
         self._until = time.monotonic() + left
 
     def send_if_renewed(self) -> None:
@@ -154,9 +159,13 @@ class _Renewal:
         until = time.monotonic() + left
         if until > self._until + RENEWED_BY_S:
             self._until = until
-            # A server that is gone took the command with it.
+            # A sandbox that is gone took the command with it.
             with contextlib.suppress(OSError):
-                send_frame(self._control, {"op": "renew", "lease_s": left})
+                self._send(left)
+
+
+def _renew_frame(control: socket.socket) -> Callable[[float], None]:
+    return lambda left: send_frame(control, {"op": "renew", "lease_s": left})
 
 
 def _ask_to_kill(control: socket.socket) -> None:
