@@ -11,6 +11,10 @@ import jsonschema  # type: ignore[import-untyped]  # the lock has no stubs for i
 import redis
 
 from claudebox_pool import ClaudeBox
+from claudebox_pool.tasks.models import TrajectoryRequest, TrajectoryTurn
+from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers import trajectory
+from claudebox_pool.workers.context import WorkerContext
 from tests.support.model_server import ModelServer, Text, ToolUse
 from tests.support.processes import claudebox_pool
 
@@ -105,3 +109,59 @@ def assert_scripted(
     assert [t["index"] for t in turns] == list(range(6))
     assert {t["session_id"] for t in turns} == {turns[0]["session_id"]}
     assert all(t["duration_ms"] is not None and t["duration_ms"] >= 0 for t in turns)
+
+
+def test_pages_stay_under_the_cap_and_a_turn_over_it_keeps_only_its_usage(
+    fresh: redis.Redis,  # noqa: F811
+    model: ModelServer,  # noqa: F811
+) -> None:
+    model.push([Text("x" * 5000)], [Text("short")])
+    code("paged", "long answer please")
+    code("paged", "and a short one")
+    cap = 1100  # a turn with its usage is some 700 bytes as JSON: two turns at most a page
+    ctx = WorkerContext(get_settings().model_copy(update={"max_trajectory_page_bytes": cap}))
+
+    pages = [trajectory.page(ctx, TrajectoryRequest(session_id="paged"))]
+    while pages[-1].next_offset is not None:
+        offset = pages[-1].next_offset
+        pages.append(trajectory.page(ctx, TrajectoryRequest(session_id="paged", offset=offset)))
+
+    turns = [turn for page in pages for turn in page.turns]
+    assert [len(page.turns) for page in pages] == [2, 2]
+    assert all(sum(len(t.model_dump_json()) for t in page.turns) <= cap for page in pages)
+    assert [turn.index for turn in turns] == [0, 1, 2, 3]
+    assert [(turn.role, turn.cut) for turn in turns] == [
+        ("user", False),
+        ("assistant", True),
+        ("user", False),
+        ("assistant", False),
+    ]
+    assert turns[1].content == [] and turns[1].usage and turns[1].usage["output_tokens"] == 80
+    assert turns[3].content == [{"type": "text", "text": "short"}]
+
+
+def test_a_symlink_planted_in_the_agent_home_reads_nothing_of_another_session(
+    fresh: redis.Redis,  # noqa: F811
+    model: ModelServer,  # noqa: F811
+) -> None:
+    model.push([Text("the victim's secret answer")])
+    code("victim", "my secret prompt")
+    # From the sandbox's /root/.claude/projects, five steps up is the host's sessions root.
+    plant = (
+        "mkdir -p ~/.claude/projects && ln -s "
+        "../../../../../victim/.claudebox/agent-home/.claude/projects/-workspace "
+        "~/.claude/projects/-workspace && ls ~/.claude/projects"
+    )
+
+    async def attack() -> list[TrajectoryTurn]:
+        async with ClaudeBox(session_id="attacker", agent="shell") as box:
+            planted = await box.code(plant)
+            assert planted.success, planted.error
+            return await box.trajectory()
+
+    stolen = asyncio.run(attack())
+
+    link = get_settings().sessions_root / "attacker/.claudebox/agent-home/.claude/projects"
+    assert (link / "-workspace").is_symlink()
+    assert (link / "-workspace").resolve().is_dir()  # the link does reach the victim's files
+    assert stolen == []

@@ -1,7 +1,8 @@
 """A session's trajectory: its conversation read from the CLI's transcript, turn by turn.
 
 The CLI appends every message to ``~/.claude/projects/<cwd-slug>/<session>.jsonl`` in the
-session's agent home; ``--resume`` keeps appending to the same file. Assistant messages are
+session's agent home; ``--resume`` keeps appending to the same file. A line over
+``CLAUDEBOX_MAX_LINE_BYTES`` is skipped. Assistant messages are
 written one content block a line (same ``message.id``); they are joined into one turn. Each
 turn is tied to the ``code`` call whose run (history's ``started_at`` to its end) covers its
 timestamp. The agent home is writable by the sandbox, so every line read is bounded.
@@ -10,10 +11,12 @@ timestamp. The agent home is writable by the sandbox, so every line read is boun
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from claudebox_pool.tasks.models import TrajectoryPage, TrajectoryRequest, TrajectoryTurn
 from claudebox_pool.workers.context import WorkerContext
@@ -30,7 +33,9 @@ def page(ctx: WorkerContext, request: TrajectoryRequest) -> TrajectoryPage:
     calls = _calls(ctx, session_id)
     turns: list[TrajectoryTurn] = []
     used = 0
-    for number, turn in enumerate(_turns(ctx.store.paths(session_id).agent_home, cap, calls)):
+    # A transcript line is one message: bounded as the CLI's output lines are.
+    home, longest = ctx.store.paths(session_id).agent_home, ctx.settings.max_line_bytes
+    for number, turn in enumerate(_turns(home, longest, calls)):
         if number < request.offset:
             continue
         turn = turn.model_copy(update={"session_id": session_id, "index": number})
@@ -67,28 +72,66 @@ def _epoch(stamp: str) -> float:
 def _entries(agent_home: Path, max_line: int) -> list[dict[str, Any]]:
     """The transcript's user and assistant lines, each once, in time order."""
     seen: dict[str, dict[str, Any]] = {}
-    folder = agent_home / TRANSCRIPTS
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        if path.is_symlink() or not path.is_file():
-            continue  # the sandbox writes here: never follow it out of the agent home
-        with path.open("rb") as handle:
-            for raw in handle:
-                if len(raw) > max_line:
-                    continue
-                try:
-                    entry = json.loads(raw)
-                except ValueError:
-                    continue
-                if (
-                    isinstance(entry, dict)
-                    and entry.get("type") in ("user", "assistant")
-                    and isinstance(entry.get("message"), dict)
-                    and isinstance(entry.get("timestamp"), str)
-                    and not entry.get("isMeta")
-                    and not entry.get("isSidechain")
-                ):
-                    seen.setdefault(str(entry.get("uuid")), entry)
+    for raw in _transcript_lines(agent_home, max_line):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if (
+            isinstance(entry, dict)
+            and entry.get("type") in ("user", "assistant")
+            and isinstance(entry.get("message"), dict)
+            and isinstance(entry.get("timestamp"), str)
+            and not entry.get("isMeta")
+            and not entry.get("isSidechain")
+        ):
+            seen.setdefault(str(entry.get("uuid")), entry)
     return sorted(seen.values(), key=lambda entry: str(entry["timestamp"]))
+
+
+def _transcript_lines(agent_home: Path, max_line: int) -> Iterator[bytes]:
+    """Every line of the transcripts no longer than ``max_line``.
+
+    The sandbox owns the agent home: a symlink it plants (``projects/-workspace`` pointing at
+    another session's transcripts) would resolve on the worker's side. Each step is opened
+    with O_NOFOLLOW from the one before, so nothing outside the agent home is ever read.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        folder = os.open(agent_home, flags | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        for part in TRANSCRIPTS.parts:
+            try:
+                inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=folder)
+            except OSError:
+                return
+            os.close(folder)
+            folder = inner
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".jsonl"):
+                continue
+            try:
+                fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=folder)
+            except OSError:
+                continue
+            with os.fdopen(fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    continue  # a fifo or device planted to hang or feed the worker
+                yield from _bounded_lines(handle, max_line)
+    finally:
+        os.close(folder)
+
+
+def _bounded_lines(handle: BinaryIO, max_line: int) -> Iterator[bytes]:
+    """The lines of at most ``max_line`` bytes; a longer one is skipped without holding it."""
+    while raw := handle.readline(max_line + 1):
+        if len(raw) <= max_line:
+            yield raw
+            continue
+        while raw and not raw.endswith(b"\n"):
+            raw = handle.readline(max_line + 1)
 
 
 def _turns(agent_home: Path, max_line: int, calls: list[_Call]) -> Iterator[TrajectoryTurn]:
