@@ -290,6 +290,7 @@ async def submit(
     observer: BatchObserver | None = None,
     starts: Mapping[str, Start] | None = None,
     record_send: Callable[[Sent], None] | None = None,
+    export: Path | None = None,
 ) -> list[JobResult]:
     """Run a batch and return one result per job, in the jobs' order.
 
@@ -297,6 +298,8 @@ async def submit(
     run (``read_results``); those jobs are not run again and keep their result. ``starts``
     (``journal.starts``) gives the key each job is first sent under (else a new batch id's),
     and ``record_send`` is called with each send before it goes out (``journal.Journal``).
+    ``export`` is a directory that gets ``<job id>.jsonl``, the trajectory of each job that ran
+    (its turns of the session's conversation, docs/trajectory.schema.json).
     """
     checked = plan(jobs)
     if retry < 0 or concurrency < 1:
@@ -314,6 +317,7 @@ async def submit(
         observer or _Unobserved(),
         {**first, **(starts or {})},
         record_send or (lambda sent: None),
+        export,
     ).run()
 
 
@@ -327,8 +331,10 @@ class _Batch:
         observer: BatchObserver,
         starts: Mapping[str, Start],
         record_send: Callable[[Sent], None],
+        export: Path | None = None,
     ) -> None:
         self.jobs = jobs
+        self.export = export
         self.retry = retry
         self.observer = observer
         self.starts = starts
@@ -372,6 +378,8 @@ class _Batch:
                             box = await _open(job.session_id, stack)
                             session_id = box.session_id
                         result = await self._run(key, box, job)
+                        # Before the box closes: closing removes an ephemeral session.
+                        await self._export(box, result)
                     self._finish(result)
         except ClaudeBoxError as exc:
             for job in todo:
@@ -379,6 +387,15 @@ class _Batch:
                     self._finish(_failed(job, session_id, str(exc)))
         failed = any(not self.results[job.id].result().success for job in jobs)
         self.observer.session_state(key, "failed" if failed else "done")
+
+    async def _export(self, box: ClaudeBox, result: JobResult) -> None:
+        if self.export is None or not result.task_id:
+            return
+        turns = [turn for turn in await box.trajectory() if turn.task_id == result.task_id]
+        self.export.mkdir(parents=True, exist_ok=True)
+        (self.export / f"{result.id}.jsonl").write_text(
+            "".join(turn.model_dump_json() + "\n" for turn in turns), encoding="utf-8"
+        )
 
     async def _failed_dependency(self, job: Job) -> str | None:
         for name in job.depends_on:
@@ -483,6 +500,7 @@ async def run_batch(
     concurrency: int = DEFAULT_CONCURRENCY,
     retry: int = 0,
     resume: Path | None = None,
+    export: Path | None = None,
     console: Console,
 ) -> list[JobResult]:
     """``claudebox-pool submit --wait``: run the file's jobs with a live display."""
@@ -507,6 +525,7 @@ async def run_batch(
                 observer=progress,
                 starts=starts,
                 record_send=sends.record,
+                export=export,
             )
     finally:
         sends.close()

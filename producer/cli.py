@@ -351,6 +351,10 @@ def submit(
     resume: Annotated[
         Path | None, typer.Option(help="Skip the jobs this results file says succeeded.")
     ] = None,
+    export: Annotated[
+        Path | None,
+        typer.Option(help="Write each job's trajectory to DIR/<job id>.jsonl (needs --wait)."),
+    ] = None,
     wait: Annotated[
         bool,
         typer.Option(
@@ -362,9 +366,10 @@ def submit(
 ) -> None:
     """Run a batch: jobs of one session in file order, sessions in parallel, live progress."""
     if not wait:
-        if retry or concurrency is not None:
+        if retry or concurrency is not None or export is not None:
             fail(
-                "--retry and --concurrency need --wait (without it Celery runs the batch)",
+                "--retry, --concurrency and --export need --wait "
+                "(without it Celery runs the batch)",
                 EXIT_USAGE,
             )
         done = guarded(lambda: read_results(resume)) if resume is not None else {}
@@ -384,6 +389,7 @@ def submit(
             concurrency=concurrency or DEFAULT_CONCURRENCY,
             retry=retry,
             resume=resume,
+            export=export,
             console=out,
         )
     )
@@ -552,6 +558,23 @@ def sessions_restore(
         f"restored session {restored.session_id} ({restored.files} files) from {restored.archive}",
         highlight=False,
     )
+
+
+@sessions_cli.command("export")
+def sessions_export(
+    session_id: Annotated[str, typer.Argument(help="Session id.")],
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format", help="Only `jsonl`: one turn a line (docs/trajectory.schema.json)."
+        ),
+    ] = "jsonl",
+) -> None:
+    """The session's conversation from the CLI's transcript, one turn a line."""
+    if format != "jsonl":
+        fail(f"unknown export format {format!r}; use --format jsonl", 2)
+    for turn in run(lifecycle.trajectory(session_id)):
+        sys.stdout.write(turn.model_dump_json() + "\n")
 
 
 @sessions_cli.command("du")

@@ -32,6 +32,7 @@ from claudebox_pool.tasks.models import (
     OpenRequest,
     SandboxOptions,
     SessionRecord,
+    TrajectoryTurn,
     read_session_json,
     validate_session_id,
 )
@@ -301,6 +302,13 @@ class ClaudeBox:
         task (from any producer) has ended; recorded in the session's history."""
         async with self._order:
             return await lifecycle.restore(self._session_id, name)
+
+    async def trajectory(self) -> list[TrajectoryTurn]:
+        """The session's conversation from the CLI's transcript, after this box's earlier
+        calls: messages, tool calls and results, usage and timings, each turn's ``task_id``
+        (docs/trajectory.schema.json describes one turn)."""
+        async with self._order:
+            return await lifecycle.trajectory(self._session_id)
 
     def checkpoints(self) -> list[str]:
         """The names of the session's checkpoints, oldest first."""

@@ -26,7 +26,14 @@ from claudebox_pool.tasks.lifecycle import (
     RestoreCheckpointRequest,
     RestoredArchive,
 )
-from claudebox_pool.tasks.models import SessionRecord, validate_name, validate_session_id
+from claudebox_pool.tasks.models import (
+    SessionRecord,
+    TrajectoryPage,
+    TrajectoryRequest,
+    TrajectoryTurn,
+    validate_name,
+    validate_session_id,
+)
 from claudebox_pool.tasks.registry import read_one
 
 
@@ -87,6 +94,18 @@ async def restore_archive(archive: str) -> RestoredArchive:
     """``archive``: a file name in the archive directory, or a path to a file in it."""
     request = RestoreArchiveRequest(archive=archive)
     return RestoredArchive.model_validate(await _call(names.RESTORE_ARCHIVE, request))
+
+
+async def trajectory(session_id: str) -> list[TrajectoryTurn]:
+    """Every turn of the session's conversation, asked for one page at a time."""
+    turns: list[TrajectoryTurn] = []
+    offset: int | None = 0
+    while offset is not None:
+        request = TrajectoryRequest(session_id=validate_session_id(session_id), offset=offset)
+        page = TrajectoryPage.model_validate(await _call(names.TRAJECTORY, request))
+        turns.extend(page.turns)
+        offset = page.next_offset
+    return turns
 
 
 async def disk_usage() -> DiskUsage:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -409,3 +409,45 @@ def parse_payload(model: type[ModelT], payload: object) -> ModelT:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "payload"
         raise InvalidRequestError(f"malformed {model.__name__}: {where}: {first['msg']}") from None
+
+
+class TrajectoryRequest(_Message):
+    """One page of a session's trajectory: the turns from ``offset`` on."""
+
+    session_id: SessionId
+    offset: int = Field(default=0, ge=0)
+    enqueued_at: float = Field(default_factory=time.time)
+
+
+class TrajectoryTurn(BaseModel):
+    """One message of the conversation, as the CLI's transcript holds it.
+
+    ``content`` holds the Messages API's blocks (``text``, ``tool_use``, ``tool_result``,
+    ``thinking``); a user prompt given as a string becomes one ``text`` block.
+    """
+
+    session_id: str
+    index: int
+    task_id: str | None = Field(
+        description="The `code` call (Celery task id) this turn belongs to; None when the "
+        "session's history names no call whose run covers the turn's time."
+    )
+    role: Literal["user", "assistant"]
+    timestamp: str
+    duration_ms: int | None = Field(
+        description="Time since the turn before it in the same call (the call's start for its "
+        "first turn): model latency for an assistant turn, the tool's run for a tool result."
+    )
+    content: list[dict[str, Any]]
+    model: str | None = None
+    stop_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    cut: bool = Field(
+        default=False, description="Content replaced: over CLAUDEBOX_MAX_TRAJECTORY_PAGE_BYTES."
+    )
+
+
+class TrajectoryPage(BaseModel):
+    session_id: str
+    turns: list[TrajectoryTurn]
+    next_offset: int | None = Field(description="Offset of the next page; None: this is the last.")

@@ -26,6 +26,8 @@ SWEEP_LEAKS: Final = "claudebox.sweep_leaks"
 """Beat's leak sweep: remove ephemeral sessions whose producer vanished, and orphan sandboxes."""
 ADOPT: Final = "claudebox.adopt"
 """Bind a session whose files were copied onto this node to it (`claudebox-pool sessions move`)."""
+TRAJECTORY: Final = "claudebox.trajectory"
+"""Read one page of a session's conversation from the CLI's transcript in its agent home."""
 
 DROP_WARM: Final = "claudebox_drop_warm"
 """Remote-control command: stop the warm sandbox a worker keeps for a session (it runs in the

@@ -232,6 +232,13 @@ class Settings(BaseSettings):
         description="Bytes of text one task may put in its live output stream; past it the "
         "stream says so once and only the end event follows (the result keeps the tail).",
     )
+    max_trajectory_page_bytes: int = Field(
+        default=2_000_000,
+        gt=1000,
+        description="Largest page (as JSON) of a session's trajectory one `trajectory` task "
+        "returns; the producer asks for pages until the last. A single turn over it keeps its "
+        "usage and timings but its content is replaced by a marker.",
+    )
     max_result_bytes: int = Field(
         default=6_000_000,
         gt=1000,

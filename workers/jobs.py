@@ -31,6 +31,7 @@ from claudebox_pool.tasks.models import (
     CleanupRequest,
     CodeRequest,
     OpenRequest,
+    TrajectoryRequest,
     parse_payload,
 )
 from claudebox_pool.workers import (
@@ -43,6 +44,7 @@ from claudebox_pool.workers import (
     registry,
     sessions,
     sweeps,
+    trajectory,
 )
 from claudebox_pool.workers.affinity import refuse_if_elsewhere
 from claudebox_pool.workers.context import WorkerContext, context
@@ -88,6 +90,14 @@ def cleanup(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     request, ctx = parse_payload(CleanupRequest, payload), context()
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
         return sessions.cleanup_session(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.TRAJECTORY, throws=(ClaudeBoxError,))
+def trajectory_page(payload: dict[str, Any]) -> dict[str, Any]:
+    # No lock: the CLI only appends to its transcript, and a torn last line is skipped.
+    request, ctx = parse_payload(TrajectoryRequest, payload), context()
+    refuse_if_elsewhere(ctx, request.session_id)
+    return trajectory.page(ctx, request).model_dump(mode="json")
 
 
 # --- checkpoints, forks, archives, moves ------------------------------------------------------
