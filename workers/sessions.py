@@ -331,6 +331,7 @@ def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -
         exit_code=outcome.exit_code,
         raw_output=outcome.raw_output,
         error=outcome.error,
+        structured_output=outcome.structured_output,
         duration_s=round(run.duration_s, 3),
         cost_usd=outcome.cost_usd,
         num_turns=outcome.num_turns,

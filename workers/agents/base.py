@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from claudebox_pool.tasks.models import CodeRequest, SessionRecord
 from claudebox_pool.workers.runtimes.base import ExecResult, Mount, Sandbox
@@ -33,6 +34,7 @@ class AgentOutcome:
     cost_usd: float = 0.0
     cli_session_id: str | None = None
     model_requests: int = 0
+    structured_output: Any = None
     input_tokens: int = 0
     output_tokens: int = 0
     events: list[tuple[str, dict[str, object]]] = field(default_factory=list)

@@ -30,6 +30,11 @@ class StreamSummary:
     """Lines cut at ``CLAUDEBOX_MAX_LINE_BYTES`` as they were read (no longer JSON)."""
 
     @property
+    def structured_output(self) -> Any:
+        """With ``--json-schema``: the object the CLI validated against it."""
+        return None if self.result is None else self.result.get("structured_output")
+
+    @property
     def response(self) -> str:
         if self.result is not None and isinstance(self.result.get("result"), str):
             return str(self.result["result"])
