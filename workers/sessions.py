@@ -7,6 +7,7 @@ updated after the disk, so that the registry never shows what the disk does not 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -323,6 +324,19 @@ def _record_run(
     outage.retried(ctx.settings, "registry update", lambda: registry.put(ctx.redis, record))
 
 
+def _structured(request: CodeRequest, outcome: AgentOutcome) -> Any:
+    """The schema's object: the CLI's own field, else its answer, which with ``--json-schema``
+    is that object as JSON, checked by the CLI's StructuredOutput tool."""
+    if request.json_schema is None or not outcome.success:
+        return None
+    if outcome.structured_output is not None:
+        return outcome.structured_output
+    try:
+        return json.loads(outcome.response)
+    except ValueError:
+        return None
+
+
 def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -> CodeResult:
     outcome = run.outcome
     result = CodeResult(
@@ -331,7 +345,7 @@ def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -
         exit_code=outcome.exit_code,
         raw_output=outcome.raw_output,
         error=outcome.error,
-        structured_output=outcome.structured_output,
+        structured_output=_structured(request, outcome),
         duration_s=round(run.duration_s, 3),
         cost_usd=outcome.cost_usd,
         num_turns=outcome.num_turns,
