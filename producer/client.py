@@ -32,6 +32,7 @@ from claudebox_pool.tasks.models import (
     OpenRequest,
     SandboxOptions,
     SessionRecord,
+    parse_payload,
     read_session_json,
     validate_session_id,
 )
@@ -189,7 +190,8 @@ class ClaudeBox:
                 "(CLAUDEBOX_MAX_PROMPT_BYTES); put large inputs in the workspace instead"
             )
         # Every option travels under its own name: one added to CallOptions needs no line here.
-        request = CodeRequest.model_validate(
+        request = parse_payload(
+            CodeRequest,
             {
                 **options,
                 "session_id": self._session_id,
@@ -200,7 +202,7 @@ class ClaudeBox:
                 "disallowed_tools": tuple(disallowed_tools or ()),
                 "env": {**self._env, **(options.get("env") or {})},
                 "sandbox": self._sandbox,
-            }
+            },
         )
         with pool.map_redis_errors():
             client = await pool.redis_client()
