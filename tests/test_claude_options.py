@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from claudebox_pool import ClaudeBox, CodeResult
-from tests.support.model_server import ModelServer, Text, ToolUse
+from tests.support.model_server import Fail, ModelServer, Text, ToolUse
 from tests.test_claude_pool import fresh, model, pytestmark, worker
 
 __all__ = ["fresh", "model", "pytestmark", "worker"]
@@ -62,3 +62,21 @@ def test_json_schema_gives_structured_output(fresh: redis.Redis, model: ModelSer
     assert "StructuredOutput" in offered, offered
     assert result.success, result.error
     assert result.structured_output == {"answer": 42}
+
+
+def test_the_fallback_model_answers_when_the_first_is_overloaded(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push(Fail(529, "Overloaded", should_retry=False), [Text("from the fallback")])
+
+    result = code(
+        "fallback",
+        "hello",
+        model="claude-opus-4-5-20251101",
+        fallback_model="claude-sonnet-4-5-20250929",
+    )
+
+    asked = [call.body["model"] for call in model.message_requests()]
+    assert result.response == "from the fallback", result.error
+    assert asked[0] == "claude-opus-4-5-20251101"
+    assert asked[-1] == "claude-sonnet-4-5-20250929"
