@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from claudebox_pool import ClaudeBox, CodeResult
+from claudebox_pool import ClaudeBox, CodeResult, StreamEvent
 from tests.support.model_server import Fail, ModelServer, Text, ToolUse
 from tests.test_claude_pool import fresh, model, pytestmark, worker
 
@@ -80,3 +80,19 @@ def test_the_fallback_model_answers_when_the_first_is_overloaded(
     assert result.response == "from the fallback", result.error
     assert asked[0] == "claude-opus-4-5-20251101"
     assert asked[-1] == "claude-sonnet-4-5-20250929"
+
+
+def test_partial_text_reaches_stream(fresh: redis.Redis, model: ModelServer) -> None:
+    model.push([Text("a streamed answer")])
+
+    async def scenario() -> list[StreamEvent]:
+        async with ClaudeBox(session_id="partial", agent="claude") as box:
+            return [event async for event in box.stream("hi", include_partial_messages=True)]
+
+    events = asyncio.run(scenario())
+
+    partial = "".join(event.text or "" for event in events if event.kind == "partial")
+    assert partial == "a streamed answer"
+    assert [event.kind for event in events].index("partial") < [
+        event.kind for event in events
+    ].index("text")
