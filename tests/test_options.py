@@ -15,6 +15,7 @@ from claudebox_pool.producer.batch import read_jobs
 from claudebox_pool.producer.client import ClaudeBox
 from claudebox_pool.producer.options import CallOptions, CodeOptions, OptionFields
 from claudebox_pool.tasks import env_travel, names
+from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import InvalidRequestError
 from claudebox_pool.tasks.models import CodeRequest
 from tests.conftest import WorkerFactory
@@ -83,3 +84,20 @@ def test_a_misspelt_option_in_a_job_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidRequestError, match="modle"):
         read_jobs(jobs)
+
+
+def test_a_raw_message_over_the_prompt_limit_is_refused_by_the_worker(
+    start_workers: WorkerFactory, clean_state: redis.Redis
+) -> None:
+    # The limit is lowered so the over-limit message stays small on a shared machine.
+    start_workers(1, concurrency=1, CLAUDEBOX_MAX_PROMPT_BYTES="1000")
+
+    async def scenario() -> None:
+        async with ClaudeBox(session_id="raw-big", agent="shell") as box:
+            await box.code("true")
+        payload = {"session_id": "raw-big", "prompt": "echo " + "x" * 2000, "agent": "shell"}
+        result = app.send_task(names.CODE, args=[payload], queue=names.QUEUE)
+        with pytest.raises(InvalidRequestError, match="over the limit of 1000"):
+            await asyncio.to_thread(result.get, timeout=60)
+
+    asyncio.run(scenario())

@@ -18,7 +18,12 @@ from typing import Any
 from celery import Task
 from redis.exceptions import RedisError
 
-from claudebox_pool.tasks.errors import ClaudeBoxError, DiskFullError, SessionCorruptedError
+from claudebox_pool.tasks.errors import (
+    ClaudeBoxError,
+    DiskFullError,
+    InvalidRequestError,
+    SessionCorruptedError,
+)
 from claudebox_pool.tasks.models import (
     CleanupRequest,
     CleanupResult,
@@ -52,6 +57,13 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
     """One code task: its delivery counted, its session locked, its output published, its
     cancel flag watched, and :func:`run_code` in the middle."""
     task_id = task.request.id or ""
+    # A message sent around the producer (raw Celery) meets the same limit the producer sets.
+    size = len(request.prompt.encode())
+    if size > ctx.settings.max_prompt_bytes:
+        raise InvalidRequestError(
+            f"the prompt is {size} bytes, over the limit of {ctx.settings.max_prompt_bytes} "
+            "(CLAUDEBOX_MAX_PROMPT_BYTES); put large inputs in the workspace instead"
+        )
     with (
         counted_delivery(ctx, task_id) as attempt,
         session_lock(task, ctx, request.session_id, request.enqueued_at) as lock,
