@@ -19,7 +19,7 @@ from typing import Any, Self, Unpack
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
-from claudebox_pool.producer.options import CallOptions
+from claudebox_pool.producer.options import CallOptions, ClaudeOptions
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
@@ -65,7 +65,12 @@ class ClaudeBox:
         egress_allow: list[str] | None = None,
         template_session: str | None = None,
         inputs: dict[str, str] | None = None,
+        **claude: Unpack[ClaudeOptions],
     ) -> None:
+        unknown = claude.keys() - ClaudeOptions.__optional_keys__
+        if unknown:
+            raise TypeError(f"ClaudeBox() got an unexpected keyword argument {min(unknown)!r}")
+        self._claude = claude
         self._ephemeral = session_id is None
         self._session_id = (
             f"{EPHEMERAL_PREFIX}{uuid.uuid4().hex[:16]}"
@@ -193,7 +198,8 @@ class ClaudeBox:
         request = parse_payload(
             CodeRequest,
             {
-                **options,
+                **self._claude,
+                **{name: value for name, value in options.items() if value is not None},
                 "session_id": self._session_id,
                 "prompt": prompt,
                 "agent": options.get("agent") or self._agent,

@@ -26,18 +26,9 @@ Effort = Literal["low", "medium", "high", "xhigh", "max"]
 """The pinned CLI's ``--effort`` levels."""
 
 
-class CallOptions(TypedDict, total=False):
-    """The keyword options of one code call; unset ones take the box's, else the worker's."""
+class ClaudeOptions(TypedDict, total=False):
+    """Claude Code's options, which a box also takes as its defaults (a call's value wins)."""
 
-    timeout_s: int | None
-    """Seconds before the agent is stopped; at most ``CLAUDEBOX_TASK_TIME_LIMIT_S``."""
-    agent: AgentName | None
-    """``claude`` or ``shell``; unset: the box's agent, else ``CLAUDEBOX_AGENT``."""
-    env: dict[str, str] | None
-    """Added to the box's environment for this call."""
-    idempotency_key: str | None
-    """Names this run: when the session already completed a run under this key (a resend
-    after a lost answer), that run's outcome comes back (``replayed``) and nothing runs."""
     model: str | None
     """The model the agent asks for (claude's ``--model``)."""
     fallback_model: str | None
@@ -60,6 +51,20 @@ class CallOptions(TypedDict, total=False):
     """More directories the agent may use, absolute paths inside the sandbox (``--add-dir``)."""
     include_partial_messages: bool | None
     """Partial text reaches ``box.stream()`` as it is generated."""
+
+
+class CallOptions(ClaudeOptions, total=False):
+    """The keyword options of one code call; unset ones take the box's, else the worker's."""
+
+    timeout_s: int | None
+    """Seconds before the agent is stopped; at most ``CLAUDEBOX_TASK_TIME_LIMIT_S``."""
+    agent: AgentName | None
+    """``claude`` or ``shell``; unset: the box's agent, else ``CLAUDEBOX_AGENT``."""
+    env: dict[str, str] | None
+    """Added to the box's environment for this call."""
+    idempotency_key: str | None
+    """Names this run: when the session already completed a run under this key (a resend
+    after a lost answer), that run's outcome comes back (``replayed``) and nothing runs."""
 
 
 class CodeOptions(CallOptions, total=False):

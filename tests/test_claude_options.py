@@ -96,3 +96,27 @@ def test_partial_text_reaches_stream(fresh: redis.Redis, model: ModelServer) -> 
     assert [event.kind for event in events].index("partial") < [
         event.kind for event in events
     ].index("text")
+
+
+def test_a_boxs_options_apply_to_its_calls_and_a_call_overrides_them(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push([Text("one")], [Text("two")])
+
+    async def scenario() -> None:
+        async with ClaudeBox(
+            session_id="boxed",
+            agent="claude",
+            model="claude-sonnet-4-5-20250929",
+            append_system_prompt="Box says HERON.",
+        ) as box:
+            await box.code("first")
+            await box.code("second", model="claude-opus-4-5-20251101")
+
+    asyncio.run(scenario())
+
+    first, second = [call.body for call in model.message_requests()]
+    assert first["model"] == "claude-sonnet-4-5-20250929"
+    assert second["model"] == "claude-opus-4-5-20251101"
+    assert "Box says HERON." in system_text(first)
+    assert "Box says HERON." in system_text(second)

@@ -60,10 +60,15 @@ def test_a_jobs_options_reach_the_task_it_sends(
     assert env_travel.bring_back(clean_state, sent).env == {"CI": "1"}
 
 
+@pytest.fixture(scope="module")
+def worker(start_workers: WorkerFactory) -> None:
+    # The prompt limit is lowered so an over-limit message stays small on a shared machine.
+    start_workers(1, concurrency=1, CLAUDEBOX_MAX_PROMPT_BYTES="1000")
+
+
 def test_a_bad_schema_or_a_host_dir_is_refused_before_queueing(
-    start_workers: WorkerFactory, clean_state: redis.Redis
+    worker: None, clean_state: redis.Redis
 ) -> None:
-    start_workers(1, concurrency=1)
 
     async def call(**options: Any) -> None:
         async with ClaudeBox(agent="shell") as box:
@@ -87,10 +92,8 @@ def test_a_misspelt_option_in_a_job_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_raw_message_over_the_prompt_limit_is_refused_by_the_worker(
-    start_workers: WorkerFactory, clean_state: redis.Redis
+    worker: None, clean_state: redis.Redis
 ) -> None:
-    # The limit is lowered so the over-limit message stays small on a shared machine.
-    start_workers(1, concurrency=1, CLAUDEBOX_MAX_PROMPT_BYTES="1000")
 
     async def scenario() -> None:
         async with ClaudeBox(session_id="raw-big", agent="shell") as box:
