@@ -19,7 +19,7 @@ from typing import Any, Self, Unpack
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
-from claudebox_pool.producer.options import CallOptions
+from claudebox_pool.producer.options import CallOptions, ClaudeOptions
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
@@ -33,6 +33,7 @@ from claudebox_pool.tasks.models import (
     SandboxOptions,
     SessionRecord,
     TrajectoryTurn,
+    parse_payload,
     read_session_json,
     validate_session_id,
 )
@@ -65,7 +66,12 @@ class ClaudeBox:
         egress_allow: list[str] | None = None,
         template_session: str | None = None,
         inputs: dict[str, str] | None = None,
+        **claude: Unpack[ClaudeOptions],
     ) -> None:
+        unknown = claude.keys() - ClaudeOptions.__optional_keys__
+        if unknown:
+            raise TypeError(f"ClaudeBox() got an unexpected keyword argument {min(unknown)!r}")
+        self._claude = claude
         self._ephemeral = session_id is None
         self._session_id = (
             f"{EPHEMERAL_PREFIX}{uuid.uuid4().hex[:16]}"
@@ -190,9 +196,11 @@ class ClaudeBox:
                 "(CLAUDEBOX_MAX_PROMPT_BYTES); put large inputs in the workspace instead"
             )
         # Every option travels under its own name: one added to CallOptions needs no line here.
-        request = CodeRequest.model_validate(
+        request = parse_payload(
+            CodeRequest,
             {
-                **options,
+                **self._claude,
+                **{name: value for name, value in options.items() if value is not None},
                 "session_id": self._session_id,
                 "prompt": prompt,
                 "agent": options.get("agent") or self._agent,
@@ -201,7 +209,7 @@ class ClaudeBox:
                 "disallowed_tools": tuple(disallowed_tools or ()),
                 "env": {**self._env, **(options.get("env") or {})},
                 "sandbox": self._sandbox,
-            }
+            },
         )
         with pool.map_redis_errors():
             client = await pool.redis_client()

@@ -14,14 +14,46 @@ None too.
 
 from __future__ import annotations
 
-from typing import TypedDict, cast
+from typing import Any, Literal, TypedDict, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from claudebox_pool.tasks.settings import AgentName
 
+PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"]
+"""The pinned CLI's ``--permission-mode`` choices."""
+Effort = Literal["low", "medium", "high", "xhigh", "max"]
+"""The pinned CLI's ``--effort`` levels."""
 
-class CallOptions(TypedDict, total=False):
+
+class ClaudeOptions(TypedDict, total=False):
+    """Claude Code's options, which a box also takes as its defaults (a call's value wins)."""
+
+    model: str | None
+    """The model the agent asks for (claude's ``--model``)."""
+    fallback_model: str | None
+    """The model asked for when the first is overloaded (claude's ``--fallback-model``)."""
+    system_prompt: str | None
+    """Replaces the agent's system prompt (claude's ``--system-prompt``)."""
+    append_system_prompt: str | None
+    """Added after the agent's system prompt (claude's ``--append-system-prompt``)."""
+    json_schema: dict[str, Any] | None
+    """A JSON Schema the answer must match; the result's ``structured_output`` holds it."""
+    permission_mode: PermissionMode | None
+    """claude's ``--permission-mode``."""
+    effort: Effort | None
+    """claude's ``--effort``."""
+    agents: dict[str, dict[str, Any]] | None
+    """Subagent definitions, name to definition (claude's ``--agents``)."""
+    settings: dict[str, Any] | None
+    """Claude Code settings, as their JSON object (claude's ``--settings``)."""
+    add_dirs: list[str] | None
+    """More directories the agent may use, absolute paths inside the sandbox (``--add-dir``)."""
+    include_partial_messages: bool | None
+    """Partial text reaches ``box.stream()`` as it is generated."""
+
+
+class CallOptions(ClaudeOptions, total=False):
     """The keyword options of one code call; unset ones take the box's, else the worker's."""
 
     timeout_s: int | None
@@ -56,6 +88,17 @@ class OptionFields(BaseModel):
     agent: AgentName | None = None
     env: dict[str, str] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1)
+    model: str | None = Field(default=None, min_length=1)
+    fallback_model: str | None = Field(default=None, min_length=1)
+    system_prompt: str | None = None
+    append_system_prompt: str | None = None
+    json_schema: dict[str, Any] | None = None
+    permission_mode: PermissionMode | None = None
+    effort: Effort | None = None
+    agents: dict[str, dict[str, Any]] | None = None
+    settings: dict[str, Any] | None = None
+    add_dirs: list[str] = Field(default_factory=list)
+    include_partial_messages: bool | None = None
     max_turns: int | None = Field(default=None, gt=0)
     allowed_tools: list[str] = Field(default_factory=list)
     disallowed_tools: list[str] = Field(default_factory=list)

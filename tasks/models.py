@@ -150,6 +150,26 @@ class OpenRequest(_Message):
     enqueued_at: float = Field(default_factory=time.time)
 
 
+def _object_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    # The CLI hands the schema to the model as a tool's input schema, which must be an object.
+    if schema is not None and schema.get("type") != "object":
+        raise ValueError(
+            'json_schema must be a JSON Schema of an object: {"type": "object", '
+            '"properties": {...}}'
+        )
+    return schema
+
+
+def _sandbox_dir(path: str) -> str:
+    # The agent sees only the sandbox: a host path or a climb out of it names nothing there.
+    if not path.startswith("/") or ".." in Path(path).parts:
+        raise ValueError(
+            f"add_dirs entry {path!r} must be an absolute path inside the sandbox, "
+            "without '..' (e.g. /workspace/lib)"
+        )
+    return path
+
+
 class CodeRequest(_Message):
     session_id: SessionId
     prompt: str
@@ -157,6 +177,19 @@ class CodeRequest(_Message):
     max_turns: int | None = Field(default=None, gt=0)
     allowed_tools: tuple[str, ...] = ()
     disallowed_tools: tuple[str, ...] = ()
+    model: str | None = Field(default=None, min_length=1)
+    fallback_model: str | None = Field(default=None, min_length=1)
+    system_prompt: str | None = None
+    append_system_prompt: str | None = None
+    json_schema: Annotated[dict[str, Any] | None, AfterValidator(_object_schema)] = None
+    permission_mode: (
+        Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"] | None
+    ) = None
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    agents: dict[str, dict[str, Any]] | None = None
+    settings: dict[str, Any] | None = None
+    add_dirs: tuple[Annotated[str, AfterValidator(_sandbox_dir)], ...] = ()
+    include_partial_messages: bool | None = None
     env: dict[str, str] = Field(default_factory=dict)
     env_ref: str | None = Field(
         default=None,
@@ -212,6 +245,10 @@ class CodeResult(BaseModel):
     )
     error: str | None = Field(
         default=None, description="Why the run failed, up to CLAUDEBOX_MAX_ERROR_BYTES."
+    )
+    structured_output: Any = Field(
+        default=None,
+        description="With json_schema: the answer as the object the schema describes.",
     )
     duration_s: float
     cost_usd: float = 0.0

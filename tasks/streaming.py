@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-StreamKind = Literal["line", "text", "tool_use", "tool_result", "end"]
+StreamKind = Literal["line", "partial", "text", "tool_use", "tool_result", "end"]
 
 FIELD = "e"
 """The one field of each stream entry; its value is the event as JSON."""
@@ -26,6 +26,8 @@ class StreamEvent(BaseModel):
 
     - ``line``: a line the agent printed, from pipe ``stream``. For the ``claude`` agent, whose
       stdout is stream-json, only lines that are not stream-json (stderr, a crash message).
+    - ``partial``: a piece of answer text as it is generated (``claude`` with
+      ``include_partial_messages``); the whole block follows as ``text``.
     - ``text``: a text block of the agent's answer (``claude``).
     - ``tool_use``: the agent calls ``tool``; ``text`` holds its input as JSON, shortened.
     - ``tool_result``: a tool's answer came back; ``text`` holds its start, ``is_error`` whether

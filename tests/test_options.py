@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 
 from claudebox_pool.producer import canvas
 from claudebox_pool.producer.batch import read_jobs
 from claudebox_pool.producer.client import ClaudeBox
 from claudebox_pool.producer.options import CallOptions, CodeOptions, OptionFields
-from claudebox_pool.tasks import env_travel
+from claudebox_pool.tasks import env_travel, names
+from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.errors import InvalidRequestError
 from claudebox_pool.tasks.models import CodeRequest
+from tests.conftest import WorkerFactory
 
 LIMITS = ["max_turns", "allowed_tools", "disallowed_tools"]
 """The options ``ClaudeBox.code`` also takes positionally, in the seed's order."""
@@ -53,3 +58,49 @@ def test_a_jobs_options_reach_the_task_it_sends(
     # env values travel beside the message (tasks.env_travel), never in it
     assert sent.env == {}
     assert env_travel.bring_back(clean_state, sent).env == {"CI": "1"}
+
+
+@pytest.fixture(scope="module")
+def worker(start_workers: WorkerFactory) -> None:
+    # The prompt limit is lowered so an over-limit message stays small on a shared machine.
+    start_workers(1, concurrency=1, CLAUDEBOX_MAX_PROMPT_BYTES="1000")
+
+
+def test_a_bad_schema_or_a_host_dir_is_refused_before_queueing(
+    worker: None, clean_state: redis.Redis
+) -> None:
+
+    async def call(**options: Any) -> None:
+        async with ClaudeBox(agent="shell") as box:
+            await box.code("hi", **options)
+
+    with pytest.raises(InvalidRequestError, match="json_schema must be a JSON Schema of an obj"):
+        asyncio.run(call(json_schema={"type": "string"}))
+    with pytest.raises(InvalidRequestError, match="inside the sandbox"):
+        asyncio.run(call(add_dirs=["/workspace/../etc"]))
+    with pytest.raises(InvalidRequestError, match="effort"):
+        asyncio.run(call(effort="extreme"))
+    assert clean_state.llen(names.QUEUE) == 0
+
+
+def test_a_misspelt_option_in_a_job_is_refused(tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "a", "prompt": "fix it", "modle": "claude-sonnet-4-5"}\n')
+
+    with pytest.raises(InvalidRequestError, match="modle"):
+        read_jobs(jobs)
+
+
+def test_a_raw_message_over_the_prompt_limit_is_refused_by_the_worker(
+    worker: None, clean_state: redis.Redis
+) -> None:
+
+    async def scenario() -> None:
+        async with ClaudeBox(session_id="raw-big", agent="shell") as box:
+            await box.code("true")
+        payload = {"session_id": "raw-big", "prompt": "echo " + "x" * 2000, "agent": "shell"}
+        result = app.send_task(names.CODE, args=[payload], queue=names.QUEUE)
+        with pytest.raises(InvalidRequestError, match="over the limit of 1000"):
+            await asyncio.to_thread(result.get, timeout=60)
+
+    asyncio.run(scenario())

@@ -7,6 +7,7 @@ updated after the disk, so that the registry never shows what the disk does not 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -17,7 +18,12 @@ from typing import Any
 from celery import Task
 from redis.exceptions import RedisError
 
-from claudebox_pool.tasks.errors import ClaudeBoxError, DiskFullError, SessionCorruptedError
+from claudebox_pool.tasks.errors import (
+    ClaudeBoxError,
+    DiskFullError,
+    InvalidRequestError,
+    SessionCorruptedError,
+)
 from claudebox_pool.tasks.models import (
     CleanupRequest,
     CleanupResult,
@@ -53,6 +59,13 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
     """One code task: its delivery counted, its session locked, its output published, its
     cancel flag watched, and :func:`run_code` in the middle."""
     task_id = task.request.id or ""
+    # A message sent around the producer (raw Celery) meets the same limit the producer sets.
+    size = len(request.prompt.encode())
+    if size > ctx.settings.max_prompt_bytes:
+        raise InvalidRequestError(
+            f"the prompt is {size} bytes, over the limit of {ctx.settings.max_prompt_bytes} "
+            "(CLAUDEBOX_MAX_PROMPT_BYTES); put large inputs in the workspace instead"
+        )
     with (
         counted_delivery(ctx, task_id) as attempt,
         session_lock(task, ctx, request.session_id, request.enqueued_at) as lock,
@@ -332,6 +345,19 @@ def _record_run(
     outage.retried(ctx.settings, "registry update", lambda: registry.put(ctx.redis, record))
 
 
+def _structured(request: CodeRequest, outcome: AgentOutcome) -> Any:
+    """The schema's object: the CLI's own field, else its answer, which with ``--json-schema``
+    is that object as JSON, checked by the CLI's StructuredOutput tool."""
+    if request.json_schema is None or not outcome.success:
+        return None
+    if outcome.structured_output is not None:
+        return outcome.structured_output
+    try:
+        return json.loads(outcome.response)
+    except ValueError:
+        return None
+
+
 def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -> CodeResult:
     outcome = run.outcome
     result = CodeResult(
@@ -340,6 +366,7 @@ def _result(ctx: WorkerContext, request: CodeRequest, run: _Run, task_id: str) -
         exit_code=outcome.exit_code,
         raw_output=outcome.raw_output,
         error=outcome.error,
+        structured_output=_structured(request, outcome),
         duration_s=round(run.duration_s, 3),
         cost_usd=outcome.cost_usd,
         num_turns=outcome.num_turns,

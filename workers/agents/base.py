@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 from claudebox_pool.tasks.models import CodeRequest, SessionRecord, UsageByModel
 from claudebox_pool.workers.runtimes.base import ExecResult, Mount, Sandbox
@@ -34,6 +35,7 @@ class AgentOutcome:
     cli_session_id: str | None = None
     model_requests: int = 0
     usage: UsageByModel = field(default_factory=dict)
+    structured_output: Any = None
     events: list[tuple[str, dict[str, object]]] = field(default_factory=list)
 
 

@@ -9,6 +9,7 @@ the sandbox: the CLI reaches the model through the worker's gateway (``workers.m
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -48,7 +49,6 @@ def build_argv(cli: str, request: CodeRequest, resume: str | None) -> list[str]:
     argv = [
         cli,
         "-p",
-        request.prompt,
         "--output-format",
         "stream-json",
         "--verbose",
@@ -60,9 +60,36 @@ def build_argv(cli: str, request: CodeRequest, resume: str | None) -> list[str]:
         argv += ["--allowedTools", tool]
     for tool in request.disallowed_tools:
         argv += ["--disallowedTools", tool]
+    texts = {
+        "--model": request.model,
+        "--fallback-model": request.fallback_model,
+        "--system-prompt": request.system_prompt,
+        "--append-system-prompt": request.append_system_prompt,
+        "--permission-mode": request.permission_mode,
+        "--effort": request.effort,
+    }
+    argv += [part for flag, value in texts.items() if value is not None for part in (flag, value)]
+    # The CLI takes a JSON string where it also takes a file name; JSON keeps these in argv.
+    objects = {
+        "--json-schema": request.json_schema,
+        "--agents": request.agents,
+        "--settings": request.settings,
+    }
+    argv += [
+        part
+        for flag, value in objects.items()
+        if value is not None
+        for part in (flag, json.dumps(value))
+    ]
+    for directory in request.add_dirs:
+        argv += ["--add-dir", directory]
+    if request.include_partial_messages:
+        argv.append("--include-partial-messages")
     if resume:
         argv += ["--resume", resume]
-    return argv
+    # "--" ends the options: a prompt starting with "-" is text, and the variadic
+    # --allowedTools/--add-dir lists cannot swallow it.
+    return [*argv, "--", request.prompt]
 
 
 class ClaudeAgent(Agent):

@@ -30,6 +30,11 @@ class StreamSummary:
     """Lines cut at ``CLAUDEBOX_MAX_LINE_BYTES`` as they were read (no longer JSON)."""
 
     @property
+    def structured_output(self) -> Any:
+        """With ``--json-schema``: the object the CLI validated against it."""
+        return None if self.result is None else self.result.get("structured_output")
+
+    @property
     def response(self) -> str:
         if self.result is not None and isinstance(self.result.get("result"), str):
             return str(self.result["result"])
@@ -88,6 +93,9 @@ def live_events(line: str) -> list[StreamEvent] | None:
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
         return None
     shown: list[StreamEvent] = []
+    delta = event.get("event", {}).get("delta") if event["type"] == "stream_event" else None
+    if isinstance(delta, dict) and delta.get("type") == "text_delta":
+        shown.append(StreamEvent(kind="partial", text=str(delta.get("text", ""))))
     for block in _content(event) if event["type"] in ("assistant", "user") else []:
         kind = block.get("type")
         if kind == "text" and isinstance(block.get("text"), str):

@@ -1,0 +1,122 @@
+"""Call options reach the real pinned CLI in a real worker's sandbox, as the scripted Messages
+API sees them (the fixtures are test_claude_pool's: one worker, one scripted server)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis
+
+from claudebox_pool import ClaudeBox, CodeResult, StreamEvent
+from tests.support.model_server import Fail, ModelServer, Text, ToolUse
+from tests.test_claude_pool import fresh, model, pytestmark, worker
+
+__all__ = ["fresh", "model", "pytestmark", "worker"]
+
+
+def code(session_id: str, prompt: str, **options: Any) -> CodeResult:
+    async def scenario() -> CodeResult:
+        async with ClaudeBox(session_id=session_id, agent="claude") as box:
+            return await box.code(prompt, **options)
+
+    return asyncio.run(scenario())
+
+
+def system_text(body: dict[str, Any]) -> str:
+    system = body.get("system") or []
+    blocks = [{"text": system}] if isinstance(system, str) else system
+    return "\n".join(block.get("text", "") for block in blocks)
+
+
+def test_model_and_system_prompts_reach_the_model(fresh: redis.Redis, model: ModelServer) -> None:
+    model.push([Text("replaced")], [Text("appended")])
+
+    code(
+        "sys",
+        "-starts with a dash",
+        model="claude-sonnet-4-5-20250929",
+        system_prompt="You are PELICAN.",
+    )
+    code("sys2", "hello", append_system_prompt="Always mention OSPREY.")
+
+    first, second = [call.body for call in model.message_requests()]
+    assert first["model"] == "claude-sonnet-4-5-20250929"
+    assert system_text(first).strip().endswith("You are PELICAN.")
+    assert "You are Claude Code" not in system_text(first)
+    assert "Always mention OSPREY." in system_text(second)
+    assert "PELICAN" not in system_text(second)
+
+
+def test_json_schema_gives_structured_output(fresh: redis.Redis, model: ModelServer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+    }
+    model.push([ToolUse("StructuredOutput", {"answer": 42})], [Text("done")])
+
+    result = code("schema", "what is six times seven?", json_schema=schema)
+
+    offered = [tool["name"] for tool in model.message_requests()[0].body["tools"]]
+    assert "StructuredOutput" in offered, offered
+    assert result.success, result.error
+    assert result.structured_output == {"answer": 42}
+
+
+def test_the_fallback_model_answers_when_the_first_is_overloaded(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push(Fail(529, "Overloaded", should_retry=False), [Text("from the fallback")])
+
+    result = code(
+        "fallback",
+        "hello",
+        model="claude-opus-4-5-20251101",
+        fallback_model="claude-sonnet-4-5-20250929",
+    )
+
+    asked = [call.body["model"] for call in model.message_requests()]
+    assert result.response == "from the fallback", result.error
+    assert asked[0] == "claude-opus-4-5-20251101"
+    assert asked[-1] == "claude-sonnet-4-5-20250929"
+
+
+def test_partial_text_reaches_stream(fresh: redis.Redis, model: ModelServer) -> None:
+    model.push([Text("a streamed answer")])
+
+    async def scenario() -> list[StreamEvent]:
+        async with ClaudeBox(session_id="partial", agent="claude") as box:
+            return [event async for event in box.stream("hi", include_partial_messages=True)]
+
+    events = asyncio.run(scenario())
+
+    partial = "".join(event.text or "" for event in events if event.kind == "partial")
+    assert partial == "a streamed answer"
+    assert [event.kind for event in events].index("partial") < [
+        event.kind for event in events
+    ].index("text")
+
+
+def test_a_boxs_options_apply_to_its_calls_and_a_call_overrides_them(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push([Text("one")], [Text("two")])
+
+    async def scenario() -> None:
+        async with ClaudeBox(
+            session_id="boxed",
+            agent="claude",
+            model="claude-sonnet-4-5-20250929",
+            append_system_prompt="Box says HERON.",
+        ) as box:
+            await box.code("first")
+            await box.code("second", model="claude-opus-4-5-20251101")
+
+    asyncio.run(scenario())
+
+    first, second = [call.body for call in model.message_requests()]
+    assert first["model"] == "claude-sonnet-4-5-20250929"
+    assert second["model"] == "claude-opus-4-5-20251101"
+    assert "Box says HERON." in system_text(first)
+    assert "Box says HERON." in system_text(second)
