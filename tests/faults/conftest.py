@@ -10,16 +10,18 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from claudebox_pool import ClaudeBox
 from claudebox_pool.producer import pool
 from claudebox_pool.tasks import names
-from claudebox_pool.tasks.app import app
+from claudebox_pool.tasks.app import app, configure
 from claudebox_pool.tasks.models import CodeRequest, CodeResult, HistoryEntry
 from claudebox_pool.tasks.settings import get_settings
 from claudebox_pool.workers.store import SessionStore
+from tests.support.processes import RedisServer, Worker
 
 
 def open_session(session_id: str) -> Path:
@@ -94,3 +96,49 @@ def reap_stray(pid: int | None) -> None:
     if pid is not None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def reconfigure() -> None:
+    """Point this process's producer at the Redis the environment names now.
+
+    ``tasks.app.configure`` drops the backend and connection pool, but not the producer pool
+    that Celery caches on first ``send_task``: without this, tasks would still be published to
+    the Redis of the tests that ran before.
+    """
+    get_settings.cache_clear()
+    configure()
+    app.amqp._producer_pool = None
+
+
+@contextlib.contextmanager
+def pool_of_its_own(
+    pool_env: dict[str, str], base: Path, **env: str
+) -> Iterator[tuple[RedisServer, Worker]]:
+    """A Redis with an append-only file under ``base`` and one worker (two slots, `local`
+    runtime) on it, this process pointed at it meanwhile: for tests that kill or stop Redis."""
+    server = RedisServer(base / "redis", appendonly=True)
+    server.start()
+    env = {
+        "CLAUDEBOX_BROKER_URL": server.url,
+        "CLAUDEBOX_RESULT_BACKEND": server.url,
+        "CLAUDEBOX_HOME": str(base / "home"),
+        "CLAUDEBOX_RUNTIME": "local",
+        **env,
+    }
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    reconfigure()
+    worker = Worker({**pool_env, **env}, base / "logs", concurrency=2)
+    try:
+        worker.start()
+        worker.wait_ready(server.client())
+        yield server, worker
+    finally:
+        worker.stop()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        reconfigure()
+        server.stop()

@@ -23,9 +23,8 @@ import pytest
 from claudebox_pool.producer.batch import latest_results
 from claudebox_pool.producer.journal import read as read_journal
 from claudebox_pool.tasks.settings import get_settings
-from tests.faults.conftest import history
-from tests.faults.test_redis_restart import reconfigure
-from tests.support.processes import REPO, RedisServer, Worker, claudebox_pool, wait_for
+from tests.faults.conftest import history, pool_of_its_own
+from tests.support.processes import REPO, RedisServer, claudebox_pool, wait_for
 
 SESSIONS = 8
 JOBS_PER_SESSION = 5
@@ -42,33 +41,9 @@ def batch_redis(
     pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RedisServer]:
     base = tmp_path_factory.mktemp("batch-resume")
-    server = RedisServer(base / "redis", appendonly=True)
-    server.start()
-    env = {
-        "CLAUDEBOX_BROKER_URL": server.url,
-        "CLAUDEBOX_RESULT_BACKEND": server.url,
-        "CLAUDEBOX_HOME": str(base / "home"),
-        "CLAUDEBOX_RUNTIME": "local",
-        "CLAUDEBOX_AGENT": "shell",
-        "CLAUDEBOX_LOCK_WAIT_S": "60",
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    reconfigure()
-    worker = Worker({**pool_env, **env}, base / "logs", concurrency=2)
-    try:
-        worker.start()
-        worker.wait_ready(server.client())
+    env = {"CLAUDEBOX_AGENT": "shell", "CLAUDEBOX_LOCK_WAIT_S": "60"}
+    with pool_of_its_own(pool_env, base, **env) as (server, _):
         yield server
-    finally:
-        worker.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        reconfigure()
-        server.stop()
 
 
 def write_jobs(path: Path, prefix: str) -> list[str]:

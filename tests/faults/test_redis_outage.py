@@ -6,15 +6,13 @@ home and worker, so that stopping Redis hurts no other test.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import WorkerFactory
-from tests.faults.conftest import open_session, read_pid, result_of, send_code
-from tests.faults.test_redis_restart import reconfigure
+from tests.faults.conftest import open_session, pool_of_its_own, read_pid, result_of, send_code
 from tests.support.processes import RedisServer, Worker, wait_for
 
 OUTAGE_S = 60
@@ -27,32 +25,8 @@ def outage_redis(
     pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[RedisServer, Worker]]:
     base = tmp_path_factory.mktemp("redis-outage")
-    server = RedisServer(base / "redis", appendonly=True)
-    server.start()
-    env = {
-        "CLAUDEBOX_BROKER_URL": server.url,
-        "CLAUDEBOX_RESULT_BACKEND": server.url,
-        "CLAUDEBOX_HOME": str(base / "home"),
-        "CLAUDEBOX_RUNTIME": "local",
-        "CLAUDEBOX_LOCK_WAIT_S": "30",
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    reconfigure()
-    worker = Worker({**pool_env, **env}, base / "logs", concurrency=2)
-    try:
-        worker.start()
-        worker.wait_ready(server.client())
+    with pool_of_its_own(pool_env, base, CLAUDEBOX_LOCK_WAIT_S="30") as (server, worker):
         yield server, worker
-    finally:
-        worker.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        reconfigure()
-        server.stop()
 
 
 def test_a_worker_survives_redis_down_for_a_minute_during_a_task(

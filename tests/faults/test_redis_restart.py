@@ -8,7 +8,6 @@ This module runs its own Redis, home and worker, so that killing Redis hurts no 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -17,11 +16,10 @@ import redis
 from claudebox_pool import ClaudeBox
 from claudebox_pool.producer import pool as producer_pool
 from claudebox_pool.tasks import keys, names
-from claudebox_pool.tasks.app import app, configure
 from claudebox_pool.tasks.errors import ClaudeBoxError
 from claudebox_pool.tasks.settings import get_settings
-from tests.faults.conftest import open_session, result_of, send_code
-from tests.support.processes import RedisServer, Worker, wait_for
+from tests.faults.conftest import open_session, pool_of_its_own, result_of, send_code
+from tests.support.processes import RedisServer, wait_for
 
 JOBS = 4
 
@@ -33,45 +31,9 @@ def aof_redis(
     pool_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RedisServer]:
     base = tmp_path_factory.mktemp("redis-restart")
-    server = RedisServer(base / "redis", appendonly=True)
-    server.start()
-    env = {
-        "CLAUDEBOX_BROKER_URL": server.url,
-        "CLAUDEBOX_RESULT_BACKEND": server.url,
-        "CLAUDEBOX_HOME": str(base / "home"),
-        "CLAUDEBOX_RUNTIME": "local",
-        "CLAUDEBOX_LOCK_TTL_S": "2",
-        "CLAUDEBOX_LOCK_WAIT_S": "30",
-    }
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    reconfigure()
-    worker = Worker({**pool_env, **env}, base / "logs", concurrency=2)
-    try:
-        worker.start()
-        worker.wait_ready(server.client())
+    env = {"CLAUDEBOX_LOCK_TTL_S": "2", "CLAUDEBOX_LOCK_WAIT_S": "30"}
+    with pool_of_its_own(pool_env, base, **env) as (server, _):
         yield server
-    finally:
-        worker.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        reconfigure()
-        server.stop()
-
-
-def reconfigure() -> None:
-    """Point this process's producer at the Redis the environment names now.
-
-    ``tasks.app.configure`` drops the backend and connection pool, but not the producer pool
-    that Celery caches on first ``send_task``: without this, tasks would still be published to
-    the Redis of the tests that ran before.
-    """
-    get_settings.cache_clear()
-    configure()
-    app.amqp._producer_pool = None
 
 
 SETTLE_S = 15
