@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Self, Unpack
 
 from claudebox_pool.producer import lifecycle, live, pool
+from claudebox_pool.producer.files import Files
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
 from claudebox_pool.producer.options import CallOptions, ClaudeOptions
@@ -39,6 +40,7 @@ from claudebox_pool.tasks.models import (
 )
 from claudebox_pool.tasks.registry import read_all
 from claudebox_pool.tasks.settings import AgentName
+from claudebox_pool.tasks.workspace_files import TransferResult
 
 EPHEMERAL_PREFIX = "ephemeral-"
 META_DIR = ".claudebox"
@@ -66,6 +68,7 @@ class ClaudeBox:
         egress_allow: list[str] | None = None,
         template_session: str | None = None,
         inputs: dict[str, str] | None = None,
+        template_dir: str | Path | None = None,
         **claude: Unpack[ClaudeOptions],
     ) -> None:
         unknown = claude.keys() - ClaudeOptions.__optional_keys__
@@ -93,6 +96,9 @@ class ClaudeBox:
         self._template_session = lifecycle.template_of(self._session_id, template_session)
         self._inputs = lifecycle.validated_inputs(inputs)
         self._lease = Lease(self._session_id)
+        self._template_dir = _local_dir(template_dir) if template_dir is not None else None
+        self.files = Files(self._session_id, self._order)
+        """The workspace's files, from any machine (:class:`producer.files.Files`)."""
 
     @property
     def session_id(self) -> str:
@@ -160,6 +166,9 @@ class ClaudeBox:
             )
         self._record = record
         self._ephemeral = record.ephemeral
+        if self._template_dir is not None and self._mode == "create":
+            # Before the first code call: the box's calls are not handed out until it is open.
+            await self.files.upload(self._template_dir)
 
     async def code(
         self,
@@ -318,6 +327,16 @@ class ClaudeBox:
         async with self._order:
             return await lifecycle.trajectory(self._session_id)
 
+    async def upload(self, local_dir: str | Path, to: str = ".") -> TransferResult:
+        """Copy a directory of this machine into the workspace (directory ``to``), streamed
+        as tar; links leading out of it are left out. In order with the box's calls."""
+        return await self.files.upload(local_dir, to)
+
+    async def download(self, to: str | Path, path: str = ".") -> TransferResult:
+        """Copy workspace directory ``path`` into the local directory ``to``, streamed as tar;
+        links leading out of the workspace are left out. In order with the box's calls."""
+        return await self.files.download(to, path)
+
     def checkpoints(self) -> list[str]:
         """The names of the session's checkpoints, oldest first."""
         return lifecycle.checkpoints(self._session_id)
@@ -353,6 +372,16 @@ class _Reconnect:
         tb: TracebackType | None,
     ) -> None:
         await self._box.__aexit__(exc_type, exc, tb)
+
+
+def _local_dir(path: str | Path) -> Path:
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        raise InvalidRequestError(
+            f"template_dir={str(path)!r} is not a directory on this machine; name a directory "
+            "whose files the new session should start with"
+        )
+    return local
 
 
 def _as_seen_here(record: SessionRecord) -> SessionRecord | None:

@@ -296,6 +296,14 @@ async def _wait(task_id: str, timeout_s: float, deadline: float, route: Route) -
             raw = message["data"] if message else await client.get(key)
 
 
+def raise_if_failed(task_id: str, raw: bytes | None) -> None:
+    """Raise the task's error if ``raw``, its stored result, says it failed; else nothing."""
+    if raw is not None:
+        meta = app.backend.decode_result(raw)
+        if meta["status"] in states.READY_STATES and meta["status"] != states.SUCCESS:
+            _outcome(task_id, meta)
+
+
 def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
     if meta["status"] == states.SUCCESS:
         return meta["result"]

@@ -239,6 +239,31 @@ class Settings(BaseSettings):
         "returns; the producer asks for pages until the last. A single turn over it keeps its "
         "usage and timings but its content is replaced by a marker.",
     )
+    transfer_chunk_bytes: int = Field(
+        default=1 << 20,
+        ge=4096,
+        le=64 << 20,
+        description="Size of the chunks a file or tree travels in through Redis between a "
+        "producer and a worker (`box.files`, upload, download).",
+    )
+    transfer_window_chunks: int = Field(
+        default=8,
+        gt=0,
+        description="Chunks of one transfer that may wait in Redis unread; the sender waits "
+        "for the receiver past it, so a transfer holds at most this many chunks in Redis.",
+    )
+    transfer_idle_s: int = Field(
+        default=120,
+        gt=0,
+        description="How long a worker waits for the producer's next chunk (or for room to "
+        "send one) before it gives a transfer up as abandoned.",
+    )
+    max_list_entries: int = Field(
+        default=10_000,
+        gt=0,
+        description="Most entries `box.files.list` returns for one directory; a larger one "
+        "is refused (list a subdirectory, or download it).",
+    )
     max_result_bytes: int = Field(
         default=6_000_000,
         gt=1000,
