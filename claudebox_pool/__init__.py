@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from claudebox_pool.tasks.lifecycle import Checkpoint
     from claudebox_pool.tasks.models import CleanupResult, CodeResult, SessionRecord, TokenUsage
     from claudebox_pool.tasks.streaming import StreamEvent
+    from claudebox_pool.tasks.workspace_files import FileInfo, TransferResult
 
 _ERRORS = "claudebox_pool.tasks.errors"
 _HOMES: dict[str, str] = {
@@ -59,6 +60,8 @@ _HOMES: dict[str, str] = {
     "SessionRecord": "claudebox_pool.tasks.models",
     "TokenUsage": "claudebox_pool.tasks.models",
     "StreamEvent": "claudebox_pool.tasks.streaming",
+    "FileInfo": "claudebox_pool.tasks.workspace_files",
+    "TransferResult": "claudebox_pool.tasks.workspace_files",
     "CheckpointNotFoundError": _ERRORS,
     "ClaudeBoxError": _ERRORS,
     "DiskFullError": _ERRORS,
@@ -88,6 +91,7 @@ __all__ = [
     "CodeResult",
     "CodeStream",
     "DiskFullError",
+    "FileInfo",
     "InvalidRequestError",
     "InvalidSessionIdError",
     "InvalidSettingError",
@@ -109,6 +113,7 @@ __all__ = [
     "TaskAttemptsExceededError",
     "TaskFailedError",
     "TokenUsage",
+    "TransferResult",
     "WrongNodeError",
     "__version__",
     "enqueue",

@@ -16,8 +16,8 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine
-from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, BinaryIO, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -36,6 +36,7 @@ from claudebox_pool.producer.batch import (
 from claudebox_pool.producer.canvas import enqueue
 from claudebox_pool.producer.client import ClaudeBox
 from claudebox_pool.producer.doctor import doctor_report
+from claudebox_pool.producer.files import Files
 from claudebox_pool.producer.moves import move_session
 from claudebox_pool.producer.progress import usage_table
 from claudebox_pool.producer.terminal import show_event
@@ -117,6 +118,11 @@ sessions_cli = typer.Typer(
     help="List, inspect, clean up and reindex sessions.", no_args_is_help=True
 )
 cli.add_typer(sessions_cli, name="sessions")
+files_cli = typer.Typer(
+    help="Read, write, list and remove a session's workspace files from any machine.",
+    no_args_is_help=True,
+)
+cli.add_typer(files_cli, name="files")
 
 # Piped output (a log, a CI job) is not cut to 80 columns: tables keep their ids and paths.
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -355,6 +361,13 @@ def submit(
         Path | None,
         typer.Option(help="Write each job's trajectory to DIR/<job id>.jsonl (needs --wait)."),
     ] = None,
+    download: Annotated[
+        Path | None,
+        typer.Option(
+            help="After each session's last job, fetch the files its jobs created or changed "
+            "into DIR/<session id>/ (needs --wait).",
+        ),
+    ] = None,
     wait: Annotated[
         bool,
         typer.Option(
@@ -366,9 +379,9 @@ def submit(
 ) -> None:
     """Run a batch: jobs of one session in file order, sessions in parallel, live progress."""
     if not wait:
-        if retry or concurrency is not None or export is not None:
+        if retry or concurrency is not None or export is not None or download is not None:
             fail(
-                "--retry, --concurrency and --export need --wait "
+                "--retry, --concurrency, --export and --download need --wait "
                 "(without it Celery runs the batch)",
                 EXIT_USAGE,
             )
@@ -382,7 +395,7 @@ def submit(
             highlight=False,
         )
         return
-    outcome = run(
+    outcome, not_downloaded = run(
         run_batch(
             jobs_file,
             results,
@@ -390,10 +403,13 @@ def submit(
             retry=retry,
             resume=resume,
             export=export,
+            download=download,
             console=out,
         )
     )
-    raise typer.Exit(0 if all_succeeded(outcome) else EXIT_FAILED)
+    for problem in not_downloaded:
+        err.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
+    raise typer.Exit(0 if all_succeeded(outcome) and not not_downloaded else EXIT_FAILED)
 
 
 @cli.command()
@@ -642,6 +658,85 @@ def sessions_move(
         "remove the copy on its old node",
         highlight=False,
     )
+
+
+# --- files in and out, from any machine ---------------------------------------------------------
+
+SessionArg = Annotated[str, typer.Argument(help="Session id.")]
+WorkspacePathArg = Annotated[str, typer.Argument(help="Path relative to the workspace.")]
+
+
+@files_cli.command("get")
+def files_get(
+    session_id: SessionArg,
+    path: WorkspacePathArg,
+    local: Annotated[
+        str, typer.Argument(help="Local file to write ('-': stdout; default: its name here).")
+    ] = "",
+) -> None:
+    """Copy a workspace file to this machine, streamed."""
+    files = guarded(lambda: Files(session_id))
+    target = local or PurePosixPath(path).name
+    if target == "-":
+        run(files.read_to(path, sys.stdout.buffer))
+        sys.stdout.flush()
+        return
+    size = run(files.read_to(path, Path(target)))
+    err.print(f"{path} -> {target} ({size} bytes)", highlight=False)
+
+
+@files_cli.command("put")
+def files_put(
+    session_id: SessionArg,
+    local: Annotated[str, typer.Argument(help="Local file to send ('-': stdin).")],
+    path: WorkspacePathArg,
+) -> None:
+    """Copy a file of this machine into the workspace (parent directories made), streamed."""
+    files = guarded(lambda: Files(session_id))
+    source: str | BinaryIO = sys.stdin.buffer if local == "-" else local
+    size = run(files.write_from(source, path))
+    err.print(f"{local} -> {path} ({size} bytes)", highlight=False)
+
+
+@files_cli.command("ls")
+def files_ls(
+    session_id: SessionArg,
+    path: Annotated[str, typer.Argument(help="Directory relative to the workspace.")] = ".",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """List a workspace directory."""
+    files = guarded(lambda: Files(session_id))
+    entries = run(files.list(path))
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(entry.model_dump_json() + "\n")
+        return
+    table = Table("name", "size", "modified")
+    for entry in entries:
+        shown = entry.name + ("/" if entry.is_dir else "") + (" @" if entry.is_symlink else "")
+        table.add_row(shown, str(entry.size), entry.modified[:19])
+    out.print(table)
+
+
+@files_cli.command("rm")
+def files_rm(session_id: SessionArg, path: WorkspacePathArg) -> None:
+    """Remove a workspace file, link or directory tree."""
+    files = guarded(lambda: Files(session_id))
+    run(files.remove(path))
+
+
+@cli.command()
+def download(
+    session_id: SessionArg,
+    directory: Annotated[Path, typer.Argument(help="Local directory to write into (made).")],
+    path: Annotated[str, typer.Option(help="Workspace directory to download.")] = ".",
+) -> None:
+    """Copy a session's workspace (or a directory of it) to this machine, streamed as tar."""
+    files = guarded(lambda: Files(session_id))
+    done = run(files.download(directory, path))
+    err.print(f"{done.files} files ({done.bytes} bytes) -> {directory}", highlight=False)
+    for name in done.skipped:
+        err.print(f"left out {name} (a link leading out of the workspace, or not a file)")
 
 
 def main() -> None:

@@ -69,7 +69,9 @@ class Files:
     async def read_to(self, path: str, local: LocalFile) -> int:
         """Stream the file into ``local`` (a path, made or replaced, or a binary file object);
         the number of bytes."""
-        request = FileRequest(session_id=self._session_id, path=path, token=_token())
+        request = FileRequest(
+            session_id=self._session_id, path=workspace_path(path), token=_token()
+        )
         async with self._order:
             _, done = await _receive(names.FILES_READ, request, lambda got: _copy_to(got, local))
         return done.bytes
@@ -84,7 +86,9 @@ class Files:
     async def write_from(self, local: LocalFile, path: str) -> int:
         """Stream ``local`` (a path or a binary file object) into the workspace file ``path``;
         the number of bytes."""
-        request = FileRequest(session_id=self._session_id, path=path, token=_token())
+        request = FileRequest(
+            session_id=self._session_id, path=workspace_path(path), token=_token()
+        )
         if not isinstance(local, str | Path):
             return await self._write(request, local)
         try:
@@ -103,14 +107,14 @@ class Files:
 
     async def list(self, path: str = ".") -> list[FileInfo]:
         """The entries of directory ``path``, by name; a link is listed as itself."""
-        request = FileRequest(session_id=self._session_id, path=path)
+        request = FileRequest(session_id=self._session_id, path=workspace_path(path))
         async with self._order:
             raw = await _call(names.FILES_LIST, request)
         return FileListing.model_validate(raw).entries
 
     async def remove(self, path: str) -> None:
         """Remove the file, link or directory tree at ``path``."""
-        request = FileRequest(session_id=self._session_id, path=path)
+        request = FileRequest(session_id=self._session_id, path=workspace_path(path))
         async with self._order:
             await _call(names.FILES_REMOVE, request)
 
@@ -120,20 +124,30 @@ class Files:
         source = Path(local_dir).expanduser()
         if not source.is_dir():
             raise InvalidRequestError(f"{str(local_dir)!r} is not a directory on this machine")
-        request = TreeRequest(session_id=self._session_id, path=to, token=_token())
+        request = TreeRequest(session_id=self._session_id, path=workspace_path(to), token=_token())
         skipped: list[str] = []
         async with self._order:
             done = await _send(names.FILES_UPLOAD, request, lambda out: _tar(source, out, skipped))
         return done.model_copy(update={"skipped": skipped + done.skipped})
 
     async def download(
-        self, to: str | Path, path: str = ".", *, modified_since: float | None = None
+        self,
+        to: str | Path,
+        path: str = ".",
+        *,
+        modified_since: float | None = None,
+        since_task: str | None = None,
     ) -> TransferResult:
-        """Copy workspace directory ``path`` into the local directory ``to`` (made if missing);
-        with ``modified_since`` (epoch seconds) only files modified since then."""
+        """Copy workspace directory ``path`` into the local directory ``to`` (made if missing).
+        With ``modified_since`` (epoch seconds, the worker's clock) only files modified since
+        then; with ``since_task`` (a code task's id) since that run started."""
         target = Path(to).expanduser()
         request = TreeRequest(
-            session_id=self._session_id, path=path, token=_token(), modified_since=modified_since
+            session_id=self._session_id,
+            path=workspace_path(path),
+            token=_token(),
+            modified_since=modified_since,
+            since_task=since_task,
         )
         async with self._order:
             _, done = await _receive(names.FILES_DOWNLOAD, request, lambda got: _untar(got, target))
@@ -153,7 +167,6 @@ def _wait_s() -> float:
 
 
 async def _call(name: str, request: FileRequest | TreeRequest) -> Any:
-    workspace_path(request.path)
     await pool.ensure_workers()
     return await pool.call(name, request.model_dump(mode="json"), timeout_s=_wait_s())
 

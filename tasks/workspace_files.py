@@ -64,6 +64,12 @@ class TreeRequest(_Message):
         description="Download only files modified at or after this time (epoch seconds, "
         "the worker's clock).",
     )
+    since_task: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Download only files modified since the run of this code task started "
+        "(read from the session's history, so on the clock that stamped the files).",
+    )
     enqueued_at: float = Field(default_factory=time.time)
 
 

@@ -28,6 +28,7 @@ from pathlib import PurePosixPath
 from typing import IO
 
 from claudebox_pool.tasks.errors import InvalidRequestError
+from claudebox_pool.tasks.models import iso_to_epoch
 from claudebox_pool.tasks.settings import Settings
 from claudebox_pool.tasks.transfer import Receiver, Sender
 from claudebox_pool.tasks.workspace_files import (
@@ -47,6 +48,8 @@ _RESOLVE_BENEATH = 0x08
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _DIR = os.O_RDONLY | os.O_DIRECTORY
+COARSE_CLOCK_S = 0.1
+"""File times come from the kernel's coarse clock, a tick behind the one history reads."""
 MAX_SKIPPED = 100
 """Names of left-out members a transfer reports; the count goes on."""
 
@@ -319,6 +322,8 @@ def download(ctx: WorkerContext, request: TreeRequest, sender: Sender) -> Transf
     """Tar ``request.path`` (only files modified since ``modified_since`` if given) into
     ``sender``; links whose target leads out of the tree are left out."""
     done = TransferResult()
+    if request.since_task is not None:
+        request = request.model_copy(update={"modified_since": _started(ctx, request)})
     with (
         _workspace(ctx, request.session_id) as root,
         _request_errors(request.session_id, request.path),
@@ -341,6 +346,17 @@ def download(ctx: WorkerContext, request: TreeRequest, sender: Sender) -> Transf
         os.close(top)
     sender.finish()
     return done
+
+
+def _started(ctx: WorkerContext, request: TreeRequest) -> float:
+    """When the run of ``request.since_task`` started, less the filesystem clock's grain."""
+    for entry in ctx.store.history(request.session_id):
+        started = entry.context.get("started_at")
+        if entry.context.get("task_id") == request.since_task and isinstance(started, str):
+            return iso_to_epoch(started) - COARSE_CLOCK_S
+    raise InvalidRequestError(
+        f"session '{request.session_id}' has no run of task {request.since_task} in its history"
+    )
 
 
 def _add(
@@ -403,6 +419,10 @@ def upload(
             with tarfile.open(fileobj=receiver, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
                     try:
+                        # The filter would strip a leading "/" and unpack the member inside;
+                        # an absolute name is refused like the other ways out.
+                        if member.name.startswith("/"):
+                            raise tarfile.AbsolutePathError(member)
                         safe = tarfile.data_filter(member, destination)
                     except tarfile.FilterError:
                         _skip(done, member.name)
