@@ -22,7 +22,7 @@ from claudebox_pool.producer import files as producer_files
 from claudebox_pool.tasks import keys, names
 from claudebox_pool.tasks.settings import get_settings
 from claudebox_pool.tasks.transfer import Sender
-from claudebox_pool.tasks.workspace_files import TreeRequest
+from claudebox_pool.tasks.workspace_files import FileRequest, TreeRequest
 from tests.support.processes import claudebox_pool, wait_for
 
 pytestmark = pytest.mark.usefixtures("pool", "clean_state")
@@ -336,3 +336,26 @@ def test_cli_files_get_put_ls_rm_and_download(tmp_path: Path) -> None:
 async def _make(session_id: str) -> None:
     async with ClaudeBox(session_id=session_id):
         pass
+
+
+def test_a_write_the_producer_abandons_leaves_nothing_behind(clean_state: redis.Redis) -> None:
+    class LocalDiskGone(Exception):
+        pass
+
+    def produce(out: Sender) -> None:
+        out.write(os.urandom(3 << 20))
+        raise LocalDiskGone
+
+    async def run() -> bytes:
+        async with ClaudeBox(session_id="files-abandon") as box:
+            request = FileRequest(session_id="files-abandon", path="half.bin", token="t" * 32)
+            with pytest.raises(LocalDiskGone):
+                await producer_files._send(names.FILES_WRITE, request, produce)
+            # The worker learns of it from the stream, drops its half file and the session
+            # takes its next call.
+            await box.files.write("whole.txt", "ok")
+            return await box.files.read("whole.txt")
+
+    assert asyncio.run(run()) == b"ok"
+    assert sorted(path.name for path in workspace("files-abandon").iterdir()) == ["whole.txt"]
+    assert not list(clean_state.scan_iter(f"{keys.PREFIX}transfer:*"))
