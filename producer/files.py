@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import stat
 import tarfile
 import threading
 import time
@@ -29,7 +30,7 @@ from claudebox_pool.producer import pool
 from claudebox_pool.tasks import names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.connections import sync_redis
-from claudebox_pool.tasks.errors import InvalidRequestError
+from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError
 from claudebox_pool.tasks.models import validate_session_id
 from claudebox_pool.tasks.transfer import Receiver, Sender
 from claudebox_pool.tasks.workspace_files import (
@@ -86,11 +87,9 @@ class Files:
     async def write_from(self, local: LocalFile, path: str) -> int:
         """Stream ``local`` (a path or a binary file object) into the workspace file ``path``;
         the number of bytes."""
-        request = FileRequest(
-            session_id=self._session_id, path=workspace_path(path), token=_token()
-        )
+        checked = workspace_path(path)
         if not isinstance(local, str | Path):
-            return await self._write(request, local)
+            return await self._write(checked, local)
         try:
             source = Path(local).expanduser().open("rb")
         except OSError as exc:
@@ -98,9 +97,12 @@ class Files:
                 f"cannot read {str(local)!r} on this machine: {exc.strerror}"
             ) from None
         with source:
-            return await self._write(request, source)
+            return await self._write(checked, source)
 
-    async def _write(self, request: FileRequest, source: IO[bytes]) -> int:
+    async def _write(self, path: str, source: IO[bytes]) -> int:
+        request = FileRequest(
+            session_id=self._session_id, path=path, token=_token(), size=_size_of(source)
+        )
         async with self._order:
             done = await _send(names.FILES_WRITE, request, lambda out: _pump(source, out))
         return done.bytes
@@ -154,6 +156,18 @@ class Files:
         return done
 
 
+def _size_of(source: IO[bytes]) -> int | None:
+    """The bytes left to read in ``source``, where it is a regular file (else unknown)."""
+    if isinstance(source, io.BytesIO):
+        return len(source.getbuffer()) - source.tell()
+    try:
+        info = os.fstat(source.fileno())
+        position = source.tell()
+    except (OSError, ValueError, io.UnsupportedOperation):  # a pipe, or no descriptor
+        return None
+    return max(0, info.st_size - position) if stat.S_ISREG(info.st_mode) else None
+
+
 def _token() -> str:
     return uuid.uuid4().hex
 
@@ -189,6 +203,11 @@ async def _send(
         try:
             produce(sender)
             sender.finish()
+        except ClaudeBoxError:
+            # The task failed: nobody reads on, and this side pushed last.
+            with pool.map_redis_errors():
+                sender.forget()
+            raise
         except BaseException as exc:
             with pool.map_redis_errors():
                 sender.abort(f"{type(exc).__name__} on the producer's side")

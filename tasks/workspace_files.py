@@ -50,6 +50,12 @@ class FileRequest(_Message):
     session_id: SessionId
     path: WorkspacePath
     token: TransferToken | None = None
+    size: int | None = Field(
+        default=None,
+        ge=0,
+        description="Bytes a write brings, where the producer knows: checked against the "
+        "disk's limits before anything is written.",
+    )
     enqueued_at: float = Field(default_factory=time.time)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -12,12 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
+from claudebox_pool import ClaudeBox, DiskFullError
+from claudebox_pool.tasks import keys
 from tests.conftest import WorkerFactory
 from tests.support.processes import REPO, Worker
 
 GIB = 1 << 30
 LIMIT_MIB = 200
+LIMIT_BYTES = GIB + (256 << 20)
+"""The sessions root's size limit: the round trip fits, a 2 GiB write does not."""
 
 PRODUCER = """
 import asyncio, json, resource, sys, time
@@ -41,7 +47,7 @@ asyncio.run(main())
 @pytest.fixture(scope="module")
 def worker(start_workers: WorkerFactory) -> Worker:
     # One slot: its one child process runs both transfers, and its peak memory tells.
-    return start_workers(1, concurrency=1)[0]
+    return start_workers(1, concurrency=1, CLAUDEBOX_MAX_SESSIONS_BYTES=str(LIMIT_BYTES))[0]
 
 
 def peak_mib(pid: int) -> float:
@@ -95,3 +101,21 @@ def test_a_gibibyte_round_trips_within_the_memory_bound(
     assert report["peak_mib"] < LIMIT_MIB
     assert max(worker_peaks.values()) < LIMIT_MIB
     assert digest(copy) == digest(original)
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_write_over_the_disk_limit_is_refused_before_it_is_written(
+    clean_state: redis.Redis, tmp_path: Path
+) -> None:
+    sparse = tmp_path / "sparse.bin"
+    with sparse.open("wb") as out:
+        out.truncate(2 * GIB)
+
+    async def run() -> list[str]:
+        async with ClaudeBox(session_id="too-big") as box:
+            with pytest.raises(DiskFullError, match="CLAUDEBOX_MAX_SESSIONS_BYTES"):
+                await box.files.write_from(sparse, "too-big.bin")
+            return [info.name for info in await box.files.list()]
+
+    assert asyncio.run(run()) == []
+    assert not list(clean_state.scan_iter(f"{keys.PREFIX}transfer:*"))

@@ -239,7 +239,12 @@ def write(
     ctx: WorkerContext, request: FileRequest, receiver: Receiver, lock: SessionLock
 ) -> TransferResult:
     parent, name = _split(request.path)
-    disk.guard(ctx.settings, ctx.store, f"session '{request.session_id}' cannot write a file")
+    disk.guard(
+        ctx.settings,
+        ctx.store,
+        f"session '{request.session_id}' cannot write {request.path!r}",
+        adding=request.size or 0,
+    )
     owner = _owner(ctx, request.session_id)
     with (
         _workspace(ctx, request.session_id) as root,
