@@ -677,6 +677,8 @@ def files_get(
     """Copy a workspace file to this machine, streamed."""
     files = guarded(lambda: Files(session_id))
     target = local or PurePosixPath(path).name
+    if not target:
+        fail(f"{path!r} names no file; give the workspace file to copy", EXIT_USAGE)
     if target == "-":
         run(files.read_to(path, sys.stdout.buffer))
         sys.stdout.flush()

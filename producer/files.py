@@ -73,8 +73,28 @@ class Files:
         request = FileRequest(
             session_id=self._session_id, path=workspace_path(path), token=_token()
         )
+        if not isinstance(local, str | Path):
+            return await self._read(request, local)
+        # Opened before anything is sent: a local mistake costs the pool nothing.
+        target = Path(local).expanduser()
+        building = target.with_name(f".{target.name}.part-{os.getpid()}")
+        try:
+            out = building.open("wb")
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cannot write {str(local)!r} on this machine: {exc.strerror}"
+            ) from None
+        try:
+            with out:
+                size = await self._read(request, out)
+            building.replace(target)
+        finally:
+            building.unlink(missing_ok=True)
+        return size
+
+    async def _read(self, request: FileRequest, out: IO[bytes]) -> int:
         async with self._order:
-            _, done = await _receive(names.FILES_READ, request, lambda got: _copy_to(got, local))
+            _, done = await _receive(names.FILES_READ, request, lambda got: _pump(got, out))
         return done.bytes
 
     async def write(self, path: str, data: bytes | str) -> None:
@@ -144,6 +164,12 @@ class Files:
         With ``modified_since`` (epoch seconds, the worker's clock) only files modified since
         then; with ``since_task`` (a code task's id) since that run started."""
         target = Path(to).expanduser()
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cannot make directory {str(to)!r} on this machine: {exc.strerror}"
+            ) from None
         request = TreeRequest(
             session_id=self._session_id,
             path=workspace_path(path),
@@ -224,8 +250,17 @@ async def _receive(
 
     def run(client: redis.Redis, token: str, alive: Callable[[], None]) -> T:
         receiver = Receiver(client, token, idle_s=_wait_s(), alive=alive)
-        with receiver.forgotten_on_error():
+        try:
             return consume(receiver)
+        except ClaudeBoxError:
+            with pool.map_redis_errors():
+                receiver.forget()
+            raise
+        except BaseException as exc:
+            # This side failed (a local disk, Ctrl-C): the worker stops at its next credit.
+            with pool.map_redis_errors():
+                receiver.abort(f"{type(exc).__name__} on the producer's side")
+            raise
 
     return await _transfer(name, request, run)
 
@@ -266,20 +301,6 @@ async def _transfer(
 
 
 # --- what flows: a file, a tar of a directory -------------------------------------------------
-
-
-def _copy_to(source: Receiver, local: LocalFile) -> None:
-    if not isinstance(local, str | Path):
-        _pump(source, local)
-        return
-    target = Path(local).expanduser()
-    building = target.with_name(f".{target.name}.part-{os.getpid()}")
-    try:
-        with building.open("wb") as out:
-            _pump(source, out)
-        building.replace(target)
-    finally:
-        building.unlink(missing_ok=True)
 
 
 def _pump(source: IO[bytes] | Receiver, out: IO[bytes] | Sender) -> None:

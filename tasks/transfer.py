@@ -132,7 +132,10 @@ class Sender(_Channel):
     def _send(self, kind: bytes, payload: bytes) -> None:
         self._alive()
         if self._sent >= self._window:
-            self._pop(self._credit, "room to send")
+            credit = self._pop(self._credit, "room to send")
+            if credit.startswith(ABORT):
+                why = credit[len(ABORT) :].decode(errors="replace")
+                raise TaskFailedError(f"the receiver stopped the file transfer: {why}")
         self._push(self._data, _HEADER.pack(kind, self._sent) + payload)
         self._sent += 1
 
@@ -177,6 +180,10 @@ class Receiver(_Channel):
             raise TaskFailedError(f"the sender stopped the file transfer: {why}")
         else:
             self._chunk = memoryview(item)[_HEADER.size :]
+
+    def abort(self, why: str) -> None:
+        """Tell the sender to stop (it reads this in place of its next credit)."""
+        self._push(self._credit, ABORT + why.encode()[:1000])
 
     @property
     def ended(self) -> bool:

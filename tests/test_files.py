@@ -21,7 +21,7 @@ from claudebox_pool import ClaudeBox, InvalidRequestError, TransferResult
 from claudebox_pool.producer import files as producer_files
 from claudebox_pool.tasks import keys, names
 from claudebox_pool.tasks.settings import get_settings
-from claudebox_pool.tasks.transfer import Sender
+from claudebox_pool.tasks.transfer import Receiver, Sender
 from claudebox_pool.tasks.workspace_files import FileRequest, TreeRequest
 from tests.support.processes import claudebox_pool, wait_for
 
@@ -359,3 +359,28 @@ def test_a_write_the_producer_abandons_leaves_nothing_behind(clean_state: redis.
     assert asyncio.run(run()) == b"ok"
     assert sorted(path.name for path in workspace("files-abandon").iterdir()) == ["whole.txt"]
     assert not list(clean_state.scan_iter(f"{keys.PREFIX}transfer:*"))
+
+
+def test_a_read_the_producer_abandons_stops_the_worker_at_once(
+    clean_state: redis.Redis, tmp_path: Path
+) -> None:
+    class LocalDiskGone(Exception):
+        pass
+
+    def consume(got: Receiver) -> None:
+        got.read(1 << 20)
+        raise LocalDiskGone
+
+    async def run() -> None:
+        async with ClaudeBox(session_id="files-stop") as box:
+            await box.files.write("big.bin", os.urandom(40 << 20))
+            with pytest.raises(InvalidRequestError, match="cannot write"):
+                await box.files.read_to("big.bin", tmp_path / "no" / "such" / "dir.bin")
+            request = FileRequest(session_id="files-stop", path="big.bin", token="s" * 32)
+            with pytest.raises(LocalDiskGone):
+                await producer_files._receive(names.FILES_READ, request, consume)
+
+    asyncio.run(run())
+
+    # Well before CLAUDEBOX_TRANSFER_IDLE_S (120 s): the worker read the producer's stop.
+    wait_for(lambda: not list(clean_state.scan_iter(f"{keys.PREFIX}transfer:*")), 30, "keys gone")
