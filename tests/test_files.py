@@ -53,6 +53,13 @@ def test_write_read_list_remove_round_trip(clean_state: redis.Redis) -> None:
     assert names == ["blob.bin", "src"]
     assert after == ["blob.bin"]
     assert not list(clean_state.scan_iter(keys.transfer_data("*")))
+    history = workspace("files-basic").parent / ".claudebox" / "history.jsonl"
+    noted = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [(e["action"], e["context"]["path"]) for e in noted if "file" in e["action"]] == [
+        ("file_written", "src/deep/app.py"),
+        ("file_written", "blob.bin"),
+        ("file_removed", "src"),
+    ]
 
 
 def test_a_path_out_of_the_workspace_is_refused_before_anything_is_queued() -> None:

@@ -28,7 +28,7 @@ from pathlib import PurePosixPath
 from typing import IO
 
 from claudebox_pool.tasks.errors import InvalidRequestError
-from claudebox_pool.tasks.models import iso_to_epoch
+from claudebox_pool.tasks.models import HistoryEntry, iso_to_epoch, utc_now
 from claudebox_pool.tasks.settings import Settings
 from claudebox_pool.tasks.transfer import Receiver, Sender
 from claudebox_pool.tasks.workspace_files import (
@@ -38,7 +38,7 @@ from claudebox_pool.tasks.workspace_files import (
     TransferResult,
     TreeRequest,
 )
-from claudebox_pool.workers import disk, identity
+from claudebox_pool.workers import disk, identity, registry
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
 
@@ -262,7 +262,9 @@ def write(
             )
         finally:
             os.close(folder)
-    return TransferResult(files=1, bytes=size)
+    done = TransferResult(files=1, bytes=size)
+    _note(ctx, request.session_id, lock, "file_written", request.path, done)
+    return done
 
 
 def listing(ctx: WorkerContext, request: FileRequest) -> FileListing:
@@ -311,7 +313,30 @@ def remove(ctx: WorkerContext, request: FileRequest, lock: SessionLock) -> Trans
                 os.unlink(name, dir_fd=folder)
         finally:
             os.close(folder)
-    return TransferResult(files=1)
+    done = TransferResult(files=1)
+    _note(ctx, request.session_id, lock, "file_removed", request.path, done)
+    return done
+
+
+def _note(
+    ctx: WorkerContext,
+    session_id: str,
+    lock: SessionLock,
+    action: str,
+    path: str,
+    done: TransferResult,
+) -> None:
+    """Record a change made through the files API in the session's history; ``updated_at``
+    moves too, so that the age sweep does not take a session fed this way for idle."""
+    now = utc_now()
+    record = ctx.store.load(session_id).model_copy(
+        update={"updated_at": now, "last_accessed": now, "fence": lock.fence}
+    )
+    context = {"path": path, "files": done.files, "bytes": done.bytes}
+    if done.skipped:
+        context["skipped"] = len(done.skipped)
+    ctx.store.commit(record, [HistoryEntry(action=action, context=context)], lock.check)
+    registry.put(ctx.redis, record)
 
 
 def _iso(epoch: float) -> str:
@@ -437,6 +462,7 @@ def upload(
             receiver.read()
         finally:
             os.close(top)
+    _note(ctx, request.session_id, lock, "files_uploaded", request.path, done)
     return done
 
 
