@@ -2,22 +2,14 @@
 whole trees as tar, for producers that do not see the workers' disk.
 
 The workspace belongs to the sandbox, so any path in it may be a symbolic link planted to lead
-the worker elsewhere. Every path is opened from a descriptor of the workspace with openat2's
-``RESOLVE_BENEATH``: links that stay inside are followed, one that leads out (``..``, an
-absolute target, a magic link of /proc) fails in the kernel, atomically, and is refused with
-InvalidRequestError. Where openat2 is missing (Linux before 5.6, a seccomp filter) each
-component is opened with O_NOFOLLOW instead, and no link is followed at all.
-
-A written file is built under a temporary name beside its place and renamed over it, so a
-failed transfer leaves nothing half written, and a link at the path is replaced, never written
-through. What a write creates belongs to the session's sandbox user (:mod:`workers.identity`).
+the worker elsewhere: every path is opened, made and written through :mod:`workers.beneath`,
+which never follows a link out. What a write creates belongs to the session's sandbox user
+(:mod:`workers.identity`); each write, remove and upload is a line of the session's history.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import os
 import shutil
 import stat
@@ -25,7 +17,6 @@ import tarfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import PurePosixPath
-from typing import IO
 
 from claudebox_pool.tasks.errors import InvalidRequestError
 from claudebox_pool.tasks.models import HistoryEntry, iso_to_epoch, utc_now
@@ -38,74 +29,9 @@ from claudebox_pool.tasks.workspace_files import (
     TransferResult,
     TreeRequest,
 )
-from claudebox_pool.workers import disk, identity, registry
+from claudebox_pool.workers import beneath, disk, identity, registry
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
-
-_SYS_OPENAT2 = 437  # the same number on every architecture (added after the tables merged)
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_BENEATH = 0x08
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-_DIR = os.O_RDONLY | os.O_DIRECTORY
-COARSE_CLOCK_S = 0.1
-"""File times come from the kernel's coarse clock, a tick behind the one history reads."""
-MAX_SKIPPED = 100
-"""Names of left-out members a transfer reports; the count goes on."""
-
-Owner = tuple[int, int] | None
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_openat2_works = True
-
-
-def open_beneath(root: int, path: str, flags: int, mode: int = 0) -> int:
-    """A descriptor of ``path`` under the directory ``root``; InvalidRequestError if resolving
-    it leads out of ``root``."""
-    global _openat2_works
-    flags |= os.O_CLOEXEC
-    if _openat2_works:
-        how = _OpenHow(flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
-        fd = _libc.syscall(
-            _SYS_OPENAT2, root, os.fsencode(path), ctypes.byref(how), ctypes.sizeof(how)
-        )
-        if fd >= 0:
-            return int(fd)
-        code = ctypes.get_errno()
-        if code == errno.EXDEV:
-            raise _leads_out(path)
-        if code not in (errno.ENOSYS, errno.EPERM):
-            raise OSError(code, os.strerror(code), path)
-        _openat2_works = False
-    return _open_without_links(root, path, flags, mode)
-
-
-def _open_without_links(root: int, path: str, flags: int, mode: int) -> int:
-    parts = PurePosixPath(path).parts
-    current = os.dup(root)
-    try:
-        for part in parts[:-1]:
-            inner = os.open(part, _DIR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
-            os.close(current)
-            current = inner
-        return os.open(parts[-1] if parts else ".", flags | os.O_NOFOLLOW, mode, dir_fd=current)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _leads_out(path) from None
-        raise
-    finally:
-        os.close(current)
-
-
-def _leads_out(path: str) -> InvalidRequestError:
-    return InvalidRequestError(
-        f"{path!r} leads out of the session's workspace through a symbolic link; "
-        "name the file inside the workspace instead"
-    )
 
 
 @contextlib.contextmanager
@@ -128,88 +54,22 @@ def _request_errors(session_id: str, path: str) -> Iterator[None]:
 @contextlib.contextmanager
 def _workspace(ctx: WorkerContext, session_id: str) -> Iterator[int]:
     ctx.store.load(session_id)  # SessionNotFoundError, SessionCorruptedError
-    fd = os.open(ctx.store.check_workspace(session_id), _DIR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(ctx.store.check_workspace(session_id), beneath.DIR | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         yield fd
     finally:
         os.close(fd)
 
 
-def _owner(ctx: WorkerContext, session_id: str) -> Owner:
+def _owner(ctx: WorkerContext, session_id: str) -> beneath.Owner:
     user = identity.of(ctx.store.load(session_id))
     return (user.uid, user.gid) if user is not None else None
 
 
-def _split(path: str) -> tuple[str, str]:
-    pure = PurePosixPath(path)
-    if not pure.parts:
-        raise InvalidRequestError("'.' is the workspace itself; name a file in it")
-    return str(pure.parent), pure.name
-
-
-def _make_dirs(root: int, path: str, owner: Owner) -> int:
-    """A descriptor of directory ``path`` under ``root``, made (with its parents) if missing."""
-    current = os.dup(root)
-    parts = PurePosixPath(path).parts
-    try:
-        for depth, part in enumerate(parts, 1):
-            prefix = "/".join(parts[:depth])
-            try:
-                inner = open_beneath(root, prefix, _DIR)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=current)
-                    if owner is not None:
-                        os.chown(part, *owner, dir_fd=current, follow_symlinks=False)
-                inner = open_beneath(root, prefix, _DIR)
-            os.close(current)
-            current = inner
-    except BaseException:
-        os.close(current)
-        raise
-    return current
-
-
-def _place(
-    folder: int,
-    name: str,
-    source: IO[bytes] | Receiver,
-    *,
-    chunk_bytes: int,
-    owner: Owner,
-    lock: SessionLock,
-    mode: int = 0o644,
-    mtime: float | None = None,
-) -> int:
-    """Write ``source`` to ``name`` in ``folder`` (built aside, renamed in); its size."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory", name)
-    building = f".{name[:200]}.claudebox-{os.urandom(4).hex()}"
-    fd = os.open(
-        building, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=folder
-    )
-    size = 0
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as out:
-            # A Receiver checks the lock once a chunk (its ``alive``).
-            while chunk := source.read(chunk_bytes):
-                out.write(chunk)
-                size += len(chunk)
-        os.fchmod(fd, mode & 0o777)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        if mtime is not None:
-            os.utime(fd, (mtime, mtime))
-        lock.check()
-        os.rename(building, name, src_dir_fd=folder, dst_dir_fd=folder)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(building, dir_fd=folder)
-        raise
-    finally:
-        os.close(fd)
-    return size
+COARSE_CLOCK_S = 0.1
+"""File times come from the kernel's coarse clock, a tick behind the one history reads."""
+MAX_SKIPPED = 100
+"""Names of left-out members a transfer reports; the count goes on."""
 
 
 # --- one file ----------------------------------------------------------------------------------
@@ -220,7 +80,7 @@ def read(ctx: WorkerContext, request: FileRequest, sender: Sender) -> TransferRe
         _workspace(ctx, request.session_id) as root,
         _request_errors(request.session_id, request.path),
     ):
-        fd = open_beneath(root, request.path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = beneath.open_beneath(root, request.path, os.O_RDONLY | os.O_NONBLOCK)
     size = 0
     with os.fdopen(fd, "rb") as source:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -238,7 +98,7 @@ def read(ctx: WorkerContext, request: FileRequest, sender: Sender) -> TransferRe
 def write(
     ctx: WorkerContext, request: FileRequest, receiver: Receiver, lock: SessionLock
 ) -> TransferResult:
-    parent, name = _split(request.path)
+    parent, name = beneath.split(request.path)
     disk.guard(
         ctx.settings,
         ctx.store,
@@ -250,15 +110,15 @@ def write(
         _workspace(ctx, request.session_id) as root,
         _request_errors(request.session_id, request.path),
     ):
-        folder = _make_dirs(root, parent, owner)
+        folder = beneath.make_dirs(root, parent, owner)
         try:
-            size = _place(
+            size = beneath.place(
                 folder,
                 name,
                 receiver,
                 chunk_bytes=ctx.settings.transfer_chunk_bytes,
                 owner=owner,
-                lock=lock,
+                check=lock.check,
             )
         finally:
             os.close(folder)
@@ -271,7 +131,7 @@ def listing(ctx: WorkerContext, request: FileRequest) -> FileListing:
     path, cap = request.path, ctx.settings.max_list_entries
     entries: list[FileInfo] = []
     with _workspace(ctx, request.session_id) as root, _request_errors(request.session_id, path):
-        folder = open_beneath(root, path, _DIR)
+        folder = beneath.open_beneath(root, path, beneath.DIR)
         try:
             with os.scandir(folder) as found:
                 for entry in found:
@@ -297,12 +157,12 @@ def listing(ctx: WorkerContext, request: FileRequest) -> FileListing:
 
 
 def remove(ctx: WorkerContext, request: FileRequest, lock: SessionLock) -> TransferResult:
-    parent, name = _split(request.path)
+    parent, name = beneath.split(request.path)
     with (
         _workspace(ctx, request.session_id) as root,
         _request_errors(request.session_id, request.path),
     ):
-        folder = open_beneath(root, parent, _DIR)
+        folder = beneath.open_beneath(root, parent, beneath.DIR)
         try:
             lock.check()
             if stat.S_ISDIR(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode):
@@ -358,7 +218,7 @@ def download(ctx: WorkerContext, request: TreeRequest, sender: Sender) -> Transf
         _workspace(ctx, request.session_id) as root,
         _request_errors(request.session_id, request.path),
     ):
-        top = open_beneath(root, request.path, _DIR)
+        top = beneath.open_beneath(root, request.path, beneath.DIR)
     try:
         # format=PAX: names and link targets of any length, mtimes to the microsecond.
         with tarfile.open(fileobj=sender, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
@@ -443,7 +303,7 @@ def upload(
         _workspace(ctx, request.session_id) as root,
         _request_errors(request.session_id, request.path),
     ):
-        top = _make_dirs(root, request.path, owner)
+        top = beneath.make_dirs(root, request.path, owner)
         destination = f"/proc/self/fd/{top}"
         try:
             with tarfile.open(fileobj=receiver, mode="r|") as tar:  # type: ignore[call-overload]
@@ -470,7 +330,7 @@ def _unpack(
     tar: tarfile.TarFile,
     top: int,
     member: tarfile.TarInfo,
-    owner: Owner,
+    owner: beneath.Owner,
     lock: SessionLock,
     chunk: int,
     done: TransferResult,
@@ -479,22 +339,22 @@ def _unpack(
     if name == ".":
         return
     if member.isdir():
-        os.close(_make_dirs(top, name, owner))
+        os.close(beneath.make_dirs(top, name, owner))
         return
-    parent, base = _split(name)
-    folder = _make_dirs(top, parent, owner)
+    parent, base = beneath.split(name)
+    folder = beneath.make_dirs(top, parent, owner)
     try:
         if member.isreg():
             source = tar.extractfile(member)
             assert source is not None  # a regular member always has data
             mode = member.mode if member.mode is not None else 0o644
-            done.bytes += _place(
+            done.bytes += beneath.place(
                 folder,
                 base,
                 source,
                 chunk_bytes=chunk,
                 owner=owner,
-                lock=lock,
+                check=lock.check,
                 mode=mode,
                 mtime=member.mtime,
             )
@@ -509,16 +369,16 @@ def _unpack(
         elif member.islnk():
             # A second name of a file already unpacked: copied (a hard link would tie two
             # names the agent may expect to be separate files).
-            source_fd = open_beneath(top, member.linkname, os.O_RDONLY | os.O_NONBLOCK)
+            source_fd = beneath.open_beneath(top, member.linkname, os.O_RDONLY | os.O_NONBLOCK)
             with os.fdopen(source_fd, "rb") as source:
                 if stat.S_ISREG(os.fstat(source_fd).st_mode):
-                    done.bytes += _place(
+                    done.bytes += beneath.place(
                         folder,
                         base,
                         source,
                         chunk_bytes=chunk,
                         owner=owner,
-                        lock=lock,
+                        check=lock.check,
                         mode=member.mode if member.mode is not None else 0o644,
                     )
                     done.files += 1
