@@ -65,20 +65,33 @@ def open_beneath(root: int, path: str, flags: int, mode: int = 0) -> int:
 
 
 def _open_without_links(root: int, path: str, flags: int, mode: int) -> int:
-    parts = PurePosixPath(path).parts
+    parts = PurePosixPath(path).parts or (".",)
     current = os.dup(root)
+    part = parts[0]
     try:
         for part in parts[:-1]:
             inner = os.open(part, DIR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=current)
             os.close(current)
             current = inner
-        return os.open(parts[-1] if parts else ".", flags | os.O_NOFOLLOW, mode, dir_fd=current)
+        part = parts[-1]
+        return os.open(part, flags | os.O_NOFOLLOW, mode, dir_fd=current)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _leads_out(path) from None
+        # A link met with O_NOFOLLOW fails with ELOOP, or ENOTDIR where a directory was due.
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_link(current, part):
+            raise InvalidRequestError(
+                f"{path!r} goes through a symbolic link, and this host's kernel lacks openat2 "
+                "to follow one safely; name the file itself"
+            ) from None
         raise
     finally:
         os.close(current)
+
+
+def _is_link(folder: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _leads_out(path: str) -> InvalidRequestError:
