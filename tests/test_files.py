@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from claudebox_pool import ClaudeBox, InvalidRequestError, TransferResult
+from claudebox_pool import (
+    ClaudeBox,
+    ClaudeBoxError,
+    InvalidRequestError,
+    JobResult,
+    TransferResult,
+    submit,
+)
 from claudebox_pool.producer import files as producer_files
 from claudebox_pool.tasks import keys, names
 from claudebox_pool.tasks.settings import get_settings
@@ -391,3 +398,33 @@ def test_a_read_the_producer_abandons_stops_the_worker_at_once(
 
     # Well before CLAUDEBOX_TRANSFER_IDLE_S (120 s): the worker read the producer's stop.
     wait_for(lambda: not list(clean_state.scan_iter(f"{keys.PREFIX}transfer:*")), 30, "keys gone")
+
+
+def test_submit_downloads_what_each_session_changed_ephemeral_ones_included(
+    tmp_path: Path,
+) -> None:
+    told: dict[str, TransferResult | ClaudeBoxError] = {}
+
+    async def run() -> list[JobResult]:
+        async with ClaudeBox(session_id="dl-kept") as box:
+            await box.files.write("before.txt", "old\n")
+        return await submit(
+            [
+                {"id": "kept", "session_id": "dl-kept", "prompt": "echo k > made.txt"},
+                {"id": "gone", "prompt": "mkdir -p sub && echo e > sub/made.txt"},
+            ],
+            download=tmp_path,
+            on_download=told.__setitem__,
+        )
+
+    results = asyncio.run(run())
+
+    assert all(result.success for result in results)
+    ephemeral = results[1].session_id
+    assert sorted(told) == sorted(["dl-kept", ephemeral])
+    assert all(isinstance(outcome, TransferResult) for outcome in told.values())
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "dl-kept/made.txt",
+        f"{ephemeral}/sub/made.txt",
+    ]
+    assert not workspace(ephemeral).exists()
