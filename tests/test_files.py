@@ -407,7 +407,9 @@ def test_submit_downloads_what_each_session_changed_ephemeral_ones_included(
 
     async def run() -> list[JobResult]:
         async with ClaudeBox(session_id="dl-kept") as box:
+            # Stamped an hour back: the batch's first job may start within the clock's grain.
             await box.files.write("before.txt", "old\n")
+            assert (await box.code("touch -d '1 hour ago' before.txt")).success
         return await submit(
             [
                 {"id": "kept", "session_id": "dl-kept", "prompt": "echo k > made.txt"},

@@ -66,8 +66,9 @@ def _owner(ctx: WorkerContext, session_id: str) -> beneath.Owner:
     return (user.uid, user.gid) if user is not None else None
 
 
-COARSE_CLOCK_S = 0.1
-"""File times come from the kernel's coarse clock, a tick behind the one history reads."""
+COARSE_CLOCK_S = 0.01
+"""File times come from the kernel's coarse clock, up to a tick (10 ms at HZ=100) behind the
+clock history's ``started_at`` is read from."""
 MAX_SKIPPED = 100
 """Names of left-out members a transfer reports; the count goes on."""
 
