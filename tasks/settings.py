@@ -304,6 +304,18 @@ class Settings(BaseSettings):
         gt=0,
         description="Most warm sandboxes one worker keeps; past it the longest idle is stopped.",
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port on which each worker serves its Prometheus metrics (`/metrics`); "
+        "unset or 0: no metrics. `up --workers N` gives its workers this port and the next N-1.",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="Address the workers' metrics server binds; `0.0.0.0` in a container whose "
+        "port only the internal network reaches.",
+    )
     claude_cli: Path | None = Field(
         default=None,
         description="Path of the Claude Code CLI; default: the pinned install of "

@@ -37,7 +37,16 @@ from claudebox_pool.tasks.models import (
     usage_total,
     utc_now,
 )
-from claudebox_pool.workers import archive, caps, disk, identity, inputs, outage, registry
+from claudebox_pool.workers import (
+    archive,
+    caps,
+    disk,
+    identity,
+    inputs,
+    metrics,
+    outage,
+    registry,
+)
 from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
@@ -67,6 +76,7 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
             "(CLAUDEBOX_MAX_PROMPT_BYTES); put large inputs in the workspace instead"
         )
     with (
+        metrics.counting_errors(request.agent),
         counted_delivery(ctx, task_id) as attempt,
         session_lock(task, ctx, request.session_id, request.enqueued_at) as lock,
         OutputPublisher(ctx.redis, task_id, request.agent, ctx.settings) as output,
@@ -83,6 +93,7 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
             if watch.requested and (result.error or "").startswith("cancelled"):
                 record_cancelled(ctx.store, request.session_id, task_id, lock)
         output.end(result)
+    metrics.record_run(request.agent, result)
     return result
 
 
@@ -176,6 +187,7 @@ def run_code(
     record, spec = _mark_running(ctx, request, record, lock, task_id, attempt)
     run = _run_agent(ctx, request, record, spec, lock, on_line, cancel)
     _record_run(ctx, request, record, run, lock, task_id)
+    metrics.record_usage(run.outcome.usage, run.outcome.events)
     return _result(ctx, request, run, task_id)
 
 

@@ -54,6 +54,7 @@ from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import text
 from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers import metrics
 from claudebox_pool.workers.runtimes import limits, seccomp
 from claudebox_pool.workers.runtimes.base import Runtime, Sandbox, SandboxSpec
 from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
@@ -279,7 +280,14 @@ class Keeper:
             return Reply(dropped=dropped), None
         return Reply(sessions=self.sessions()), None
 
+    def held(self) -> dict[str, int]:
+        """The warm sandboxes by state: ``leased`` to a task now, or ``idle``."""
+        with self._lock:
+            leased = sum(warm.leased_by is not None for warm in self._warm.values())
+            return {"idle": len(self._warm) - leased, "leased": leased}
+
     def _acquire(self, spec: WarmSpec, pid: int) -> Warm:
+        asked = time.monotonic()
         session_id = spec.session_id
         with self._lock:
             warm = self._warm.get(session_id)
@@ -303,6 +311,7 @@ class Keeper:
         warm.leased_by = pid
         if created:
             self._claim(session_id)  # a reused one's key was set at its release, and outlives it
+        metrics.record_sandbox_start(time.monotonic() - asked, created)
         return warm
 
     def _release(self, session_id: str, pid: int, healthy: bool) -> None:
