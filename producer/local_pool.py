@@ -322,7 +322,11 @@ def _start(
         for index in range(1, workers + 1):
             name = f"w{index}@{host}"
             argv = _cli("worker", "--concurrency", str(concurrency), "--hostname", name)
-            pool.celery.append(Child(f"worker-{index}", argv, _child_env(settings)))
+            env = _child_env(settings)
+            if settings.metrics_port:
+                # One port a worker: each serves its own metrics.
+                env["CLAUDEBOX_METRICS_PORT"] = str(settings.metrics_port + index - 1)
+            pool.celery.append(Child(f"worker-{index}", argv, env))
             pool.state.worker_names.append(name)
         beat_env = _child_env(settings, WORKER_ONLY_ENV + FLOWER_ONLY_ENV)
         pool.celery.append(Child("beat", _cli("beat"), beat_env))

@@ -173,3 +173,36 @@ def test_tokens_and_cost_by_model_are_what_the_gateway_metered(
             used.cost_usd
         )
     assert grew(before, after, "claudebox_runs_total", agent="claude", outcome="success") == 1
+
+
+@pytest.mark.skipif(
+    not Path(CLAUDE_CLI).exists(),
+    reason="needs the Claude Code CLI from the npm registry (scripts/setup installs it)",
+)
+def test_a_budget_refusal_and_an_egress_denial_are_counted_by_kind(
+    fresh: redis.Redis, worker: Worker, model: ModelServer
+) -> None:
+    model.push([Text("first")], [Text("never sent")])
+    # Nothing listens there: the proxy refuses the host before it would connect.
+    fetch = f"env -u NO_PROXY -u no_proxy curl -sS -m 5 http://127.0.0.1:{free_port()}/ || true"
+    before = scrape(worker)
+
+    async def scenario() -> list[CodeResult]:
+        # A shell run gets the egress proxy only where some host is allowed.
+        allowed = ["allowed.example:443"]
+        box = ClaudeBox(session_id="metrics-refusals", budget_usd=0.005, egress_allow=allowed)
+        async with box:
+            return [
+                await box.code("spend", agent="claude"),
+                await box.code("spend more", agent="claude"),
+                await box.code(fetch, agent="shell"),
+            ]
+
+    spent, refused, fetched = asyncio.run(scenario())
+
+    assert spent.success and not refused.success and fetched.success, fetched.response
+    after = scrape(worker)
+    refusals = "claudebox_gateway_refusals_total"
+    assert grew(before, after, refusals, kind="budget_exceeded") == 1
+    assert grew(before, after, refusals, kind="egress_denied") == 1
+    assert grew(before, after, "claudebox_runs_total", agent="claude", outcome="failure") == 1
