@@ -65,7 +65,7 @@ of a worker's time, up to DISK_MAX_AGE_S."""
 DISK_MAX_AGE_S = 60.0
 
 
-class _Recorded:
+class Recorded:
     """The metrics pool processes record, made on first use in each process."""
 
     def __init__(self) -> None:
@@ -121,18 +121,18 @@ class _Recorded:
 
 
 _on = False
-_recorded: _Recorded | None = None
+_recorded: Recorded | None = None
 _recorded_guard = threading.Lock()
 _server: WSGIServer | None = None
 
 
-def _metrics() -> _Recorded | None:
+def _metrics() -> Recorded | None:
     global _recorded
     if not _on:
         return None
     with _recorded_guard:
         if _recorded is None:
-            _recorded = _Recorded()
+            _recorded = Recorded()
         return _recorded
 
 
