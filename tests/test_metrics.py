@@ -106,6 +106,8 @@ def test_runs_by_outcome_durations_lock_waits_and_sandbox_starts_count_what_ran(
     assert value(after, "claudebox_warm_sandboxes", state="idle") == 1
     assert value(after, "claudebox_warm_sandboxes", state="leased") == 0
     assert value(after, "claudebox_sessions", status="stopped") == 1
+    port = worker.env["CLAUDEBOX_METRICS_PORT"]
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in worker.log()
     node = get_settings().node
     assert value(after, "claudebox_sessions_disk_bytes", node=node) > 0
     assert value(after, "claudebox_disk_free_bytes", node=node) > 0

@@ -150,6 +150,8 @@ def reconcile(sender: Any = None, **_: Any) -> None:
     info = describe(hostname)
     log.info("runtime: %s", info.runtime_reason)
     log.info("claude CLI: %s (%s)", info.claude_cli or "not found", info.claude_version or "-")
+    # Said here, not when the server starts: Celery's logging is set up after worker_init.
+    log.info("metrics: %s", metrics.url() or "not served (CLAUDEBOX_METRICS_PORT)")
     ctx.redis.hset(keys.worker_info(), hostname, info.model_dump_json())
     try:
         result = registry.reindex(ctx.redis, ctx.store)

@@ -124,6 +124,7 @@ _on = False
 _recorded: Recorded | None = None
 _recorded_guard = threading.Lock()
 _server: WSGIServer | None = None
+_url: str | None = None
 
 
 def _metrics() -> Recorded | None:
@@ -291,7 +292,7 @@ class PoolCollector:
 def serve(settings: Settings, client: redis.Redis, store: SessionStore, warm: WarmCounts) -> None:
     """In the worker's main process before its pool forks: set up the multiprocess directory
     and serve ``/metrics`` on ``CLAUDEBOX_METRICS_PORT``; nothing if that is unset or 0."""
-    global _on, _server
+    global _on, _server, _url
     if not settings.metrics_port:
         return
     directory = _fresh_directory(settings)
@@ -318,12 +319,18 @@ def serve(settings: Settings, client: redis.Redis, store: SessionStore, warm: Wa
             exc,
         )
         return
-    log.info("metrics at http://%s:%d/metrics", settings.metrics_address, settings.metrics_port)
+    _url = f"http://{settings.metrics_address}:{settings.metrics_port}/metrics"
+
+
+def url() -> str | None:
+    """Where this worker serves its metrics, once :func:`serve` started serving them."""
+    return _url
 
 
 def stop() -> None:
     """At the worker's shutdown: stop serving, remove this worker's directory."""
-    global _server
+    global _server, _url
+    _url = None
     if _server is not None:
         _server.shutdown()
         _server.server_close()
