@@ -425,6 +425,9 @@ def test_metrics_ports_stay_on_the_internal_networks() -> None:
         manifests = resources(DEPLOY / "k8s" / overlay)
         [worker_container] = [c for c in containers(manifests) if c["name"] == "worker"]
         assert {"name": "metrics", "containerPort": port} in worker_container["ports"]
+        kind = "Deployment" if overlay == "shared" else "StatefulSet"
+        pod = by_kind(manifests, kind, "claudebox-worker")["spec"]["template"]["metadata"]
+        assert pod["annotations"]["prometheus.io/port"] == str(port)
         service = by_kind(manifests, "Service", "claudebox-worker-metrics")["spec"]
         assert service.get("type", "ClusterIP") == "ClusterIP"
         assert service["ports"] == [{"name": "metrics", "port": port, "targetPort": "metrics"}]
