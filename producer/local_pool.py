@@ -271,7 +271,12 @@ def up(
     try:
         pool = _start(
             settings,
-            Launcher(out, logs_dir(settings) if detach else None),
+            Launcher(
+                out,
+                logs_dir(settings) if detach else None,
+                settings.log_max_bytes,
+                settings.log_backups,
+            ),
             workers,
             concurrency,
             flower_port,

@@ -48,8 +48,12 @@ def escape(text: str, limit: int | None = None) -> str:
     cut = 0
     if limit is not None and len(plain) > limit:
         plain, cut = plain[:limit], len(plain) - limit
-    shown = _CONTROL.sub(lambda m: _NAMED.get(m[0], f"\\x{ord(m[0]):02x}"), plain)
+    shown = _CONTROL.sub(lambda m: _NAMED.get(m[0]) or _code(ord(m[0])), plain)
     return f"{shown}... [{cut} more chars]" if cut else shown
+
+
+def _code(point: int) -> str:
+    return f"\\x{point:02x}" if point < 0x100 else f"\\u{point:04x}"
 
 
 _agent_log = logging.getLogger(AGENT_LOGGER)
