@@ -276,6 +276,7 @@ def up(
                 logs_dir(settings) if detach else None,
                 settings.log_max_bytes,
                 settings.log_backups,
+                settings.log_format == "json",
             ),
             workers,
             concurrency,

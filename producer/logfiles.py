@@ -9,7 +9,9 @@ whole lines.
 
 from __future__ import annotations
 
+import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -21,8 +23,11 @@ class RotatingLog:
     """Appends lines to ``path``; a line that would take it past ``max_bytes`` (0: never)
     first moves it to ``path.1``, keeping ``backups`` old files."""
 
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, backups: int, json_lines: bool = False) -> None:
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.json_lines = json_lines
+        """Wrap each line that is not a JSON object (Celery's shutdown notes, which it prints
+        past logging, a crash's traceback) in one, so that every line of the file is JSON."""
         self._file = self._open()
 
     def _open(self) -> IO[bytes]:
@@ -30,6 +35,11 @@ class RotatingLog:
         return os.fdopen(fd, "ab", buffering=0)
 
     def write(self, line: bytes) -> None:
+        if self.json_lines and not line.startswith(b"{"):
+            text = line.decode(errors="replace").strip()
+            if not text:
+                return
+            line = json_record(text, self.path.stem)
         size = self._file.tell()
         if self.max_bytes and size and size + len(line) > self.max_bytes:
             self._rotate()
@@ -46,6 +56,13 @@ class RotatingLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def json_record(text: str, process: str) -> bytes:
+    """A line a process printed past its logging, as a record like ``tasks.logs``'s JSON ones."""
+    now = datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds")
+    entry = {"time": now, "level": "INFO", "logger": "output", "process": process, "message": text}
+    return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
 
 
 def backup(path: Path, number: int) -> Path:

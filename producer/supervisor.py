@@ -100,6 +100,8 @@ class Launcher:
     max_bytes: int = 0
     """Size at which a log file is rotated (:mod:`producer.logfiles`); 0: never."""
     backups: int = 1
+    json_lines: bool = False
+    """Whether log files hold JSON lines only (``CLAUDEBOX_LOG_FORMAT=json``)."""
     pumps: list[threading.Thread] = field(default_factory=list)
     colours: Iterator[str] = field(default_factory=lambda: itertools.cycle(COLOURS))
 
@@ -118,7 +120,9 @@ class Launcher:
         assert proc.stdout is not None
         if self.logs is not None:
             self.logs.mkdir(parents=True, exist_ok=True)
-            log = RotatingLog(self.logs / f"{name}.log", self.max_bytes, self.backups)
+            log = RotatingLog(
+                self.logs / f"{name}.log", self.max_bytes, self.backups, self.json_lines
+            )
             pump = threading.Thread(target=copy_lines, args=(proc.stdout, log), daemon=True)
         else:
             pump = threading.Thread(
