@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -21,9 +22,11 @@ from claudebox_pool import ClaudeBox
 from claudebox_pool.producer.logfiles import RotatingLog, backup
 from claudebox_pool.tasks.logs import (
     MAX_LINE_CHARS,
+    SANDBOX_STDERR_LINES,
     OneLineFormatter,
     ResultsNotLogged,
     escape,
+    sandbox_stderr,
 )
 from claudebox_pool.tasks.models import CodeResult
 from tests.support.processes import RedisServer, Worker
@@ -102,6 +105,26 @@ def test_celerys_success_line_keeps_the_size_of_the_result_not_the_result() -> N
         "Task claudebox.code[t1] succeeded in 0.5s: "
         f"<result of {len(SECRET) + 2} chars, not logged>"
     )
+
+
+def test_a_sandboxs_own_stderr_is_logged_escaped_and_marked_up_to_a_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb") as sandbox:
+        sandbox.write(f"bwrap: oops\n{FORGED}\x1b[0m\n".encode())
+        sandbox.write(b"more\n" * SANDBOX_STDERR_LINES)
+
+    with caplog.at_level(logging.WARNING, "claudebox_pool.sandbox"):
+        sandbox_stderr("s1", os.fdopen(read_end, "rb"))
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages[:2] == [
+        "sandbox[session=s1] stderr: bwrap: oops",
+        f"sandbox[session=s1] stderr: {FORGED}",
+    ]
+    assert len(messages) == SANDBOX_STDERR_LINES + 1
+    assert messages[-1] == "sandbox[session=s1] stderr: more lines dropped"
 
 
 # --- a real worker's log ----------------------------------------------------------------------
