@@ -11,7 +11,8 @@ Each process runs in a process group of its own, so that a Ctrl-C in the termina
 shutdown (running tasks finish, queued ones stay in Redis), and the Redis it started last, once
 nothing needs it. A second Ctrl-C turns that into a cold shutdown: running tasks are stopped
 and go back to the queue. In the foreground the processes' output is one stream, each line
-prefixed with its process's name; with ``--detach`` it goes to ``<home>/run/logs/<name>.log``.
+prefixed with its process's name; with ``--detach`` it goes to ``<home>/run/logs/<name>.log``,
+rotated by size (``producer.logfiles``).
 
 ``up`` supervises what it started, restarting what crashes (``supervisor``); ``up --detach``
 starts that supervisor in a session of its own and returns once the pool is ready. The
@@ -271,7 +272,13 @@ def up(
     try:
         pool = _start(
             settings,
-            Launcher(out, logs_dir(settings) if detach else None),
+            Launcher(
+                out,
+                logs_dir(settings) if detach else None,
+                settings.log_max_bytes,
+                settings.log_backups,
+                settings.log_format == "json",
+            ),
             workers,
             concurrency,
             flower_port,

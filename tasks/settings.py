@@ -226,6 +226,23 @@ class Settings(BaseSettings):
         gt=0,
         description="Most bytes of names a result and history list in `files_created`.",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log records of workers and beat: `text` (Celery's line, its message on one "
+        "line with control characters escaped) or `json` (one JSON object a line).",
+    )
+    log_max_bytes: int = Field(
+        default=10_000_000,
+        ge=0,
+        description="Size at which `up --detach` rotates a process's log file to `<name>.log.1` "
+        "(0: never).",
+    )
+    log_backups: int = Field(
+        default=5,
+        ge=1,
+        description="Rotated log files `up --detach` keeps of each process (`<name>.log.1` "
+        "is the newest).",
+    )
     stream_max_bytes: int = Field(
         default=8_000_000,
         gt=0,

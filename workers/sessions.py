@@ -18,6 +18,7 @@ from typing import Any
 from celery import Task
 from redis.exceptions import RedisError
 
+from claudebox_pool.tasks import logs
 from claudebox_pool.tasks.errors import (
     ClaudeBoxError,
     DiskFullError,
@@ -86,8 +87,13 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
             result = cancelled_before_start(ctx.store, request, task_id, lock)
         else:
             announce_running(task, request)
+
+            def on_line(stream: str, line: str) -> None:
+                logs.agent_output(request.session_id, stream, line)
+                output.on_line(stream, line)
+
             result = run_code(
-                ctx, request, lock, task_id, attempt, on_line=output.on_line, cancel=watch.stop
+                ctx, request, lock, task_id, attempt, on_line=on_line, cancel=watch.stop
             )
             # The flag may come just as the agent ends by itself: then nothing was stopped.
             if watch.requested and (result.error or "").startswith("cancelled"):

@@ -50,7 +50,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
-from claudebox_pool.tasks import keys
+from claudebox_pool.tasks import keys, logs
 from claudebox_pool.tasks.connections import text
 from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import Settings
@@ -380,16 +380,26 @@ class Keeper:
         try:
             started = self._command(sandbox, server_end.fileno(), program)
             started.confine(confinement)
-            return subprocess.Popen(
+            process = subprocess.Popen(
                 started.argv,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 cwd="/",
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                # Not the worker's own stderr, which is its log: the sandbox could write there.
+                stderr=subprocess.PIPE,
                 pass_fds=(server_end.fileno(), *(() if program is None else (program,))),
                 start_new_session=True,
                 preexec_fn=started.preexec,
-            ), confinement
+            )
+            assert process.stderr is not None
+            threading.Thread(
+                target=logs.sandbox_stderr,
+                args=(spec.session_id, process.stderr),
+                name=f"stderr-{spec.session_id}",
+                daemon=True,
+            ).start()
+            return process, confinement
         except subprocess.SubprocessError as exc:
             confinement.close()
             raise OSError(f"its setup failed before bwrap started ({exc})") from exc
