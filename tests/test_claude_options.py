@@ -9,8 +9,9 @@ from typing import Any
 import redis
 
 from claudebox_pool import ClaudeBox, CodeResult, StreamEvent
+from claudebox_pool.tasks.settings import get_settings
 from tests.support.model_server import Fail, ModelServer, Text, ToolUse
-from tests.test_claude_pool import fresh, model, pytestmark, worker
+from tests.test_claude_pool import fresh, model, pytestmark, user_texts, worker
 
 __all__ = ["fresh", "model", "pytestmark", "worker"]
 
@@ -120,3 +121,19 @@ def test_a_boxs_options_apply_to_its_calls_and_a_call_overrides_them(
     assert second["model"] == "claude-opus-4-5-20251101"
     assert "Box says HERON." in system_text(first)
     assert "Box says HERON." in system_text(second)
+
+
+def test_a_prompt_of_the_largest_allowed_size_reaches_the_model_whole(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    limit = get_settings().max_prompt_bytes
+    # Far past the 128 KB one argv string may hold; marked at both ends to show nothing is cut.
+    prompt = "BEGIN " + "lorem ipsum " * ((limit - 10) // 12)
+    prompt += "." * (limit - 4 - len(prompt)) + " END"
+    model.push([Text("read it all")])
+
+    result = code("big-prompt", prompt)
+
+    assert len(prompt.encode()) == limit
+    assert result.success, result.error
+    assert prompt in user_texts(model.message_requests()[0].body)

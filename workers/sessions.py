@@ -264,7 +264,12 @@ def _run_agent(
                 if way_out is not None:
                     invocation = way_out.wrap(invocation, sandbox)
                 executed = sandbox.exec(
-                    invocation.argv, invocation.env, timeout_s, on_line=on_line, cancel=watch.stop
+                    invocation.argv,
+                    invocation.env,
+                    timeout_s,
+                    on_line=on_line,
+                    cancel=watch.stop,
+                    stdin=invocation.stdin,
                 )
             outcome = _contained(agent.outcome(executed, timeout_s), executed, watch)
         except FileNotFoundError as exc:
