@@ -19,7 +19,7 @@ from typing import Any, Self, Unpack
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
-from claudebox_pool.producer.options import CallOptions, ClaudeOptions
+from claudebox_pool.producer.options import CallOptions, ClaudeOptions, refuse_unreachable_mcp
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
@@ -211,6 +211,7 @@ class ClaudeBox:
                 "sandbox": self._sandbox,
             },
         )
+        refuse_unreachable_mcp(request.mcp_servers, current.egress_allow, self._record.egress_allow)
         with pool.map_redis_errors():
             client = await pool.redis_client()
             request = await env_travel.send_beside(client, request, current.result_ttl_s)

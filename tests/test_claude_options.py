@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import redis
+from celery.signals import before_task_publish
 
-from claudebox_pool import ClaudeBox, CodeResult, StreamEvent
+from claudebox_pool import ClaudeBox, CodeResult, InvalidRequestError, StreamEvent
 from claudebox_pool.tasks.settings import get_settings
 from tests.support.model_server import Fail, ModelServer, Text, ToolUse
 from tests.test_claude_pool import fresh, model, pytestmark, user_texts, worker
@@ -137,3 +139,94 @@ def test_a_prompt_of_the_largest_allowed_size_reaches_the_model_whole(
     assert len(prompt.encode()) == limit
     assert result.success, result.error
     assert prompt in user_texts(model.message_requests()[0].body)
+
+
+ABACUS = r"""
+import json, os, sys
+
+TOOL = {
+    "name": "add",
+    "description": "Adds two integers.",
+    "inputSchema": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+    },
+}
+for line in sys.stdin:
+    message = json.loads(line)
+    if "id" not in message:
+        continue
+    method, params = message["method"], message.get("params") or {}
+    if method == "initialize":
+        result = {
+            "protocolVersion": params["protocolVersion"],
+            "capabilities": {"tools": {}},
+            "serverInfo": {"name": "abacus", "version": "1"},
+        }
+    elif method == "tools/list":
+        result = {"tools": [TOOL]}
+    elif method == "tools/call":
+        total = params["arguments"]["a"] + params["arguments"]["b"]
+        text = f"{os.environ['MARK']} {total} in {os.getcwd()}"
+        result = {"content": [{"type": "text", "text": text}]}
+    else:
+        error = {"code": -32601, "message": method}
+        print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "error": error}), flush=True)
+        continue
+    print(json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}), flush=True)
+"""
+"""A stdio MCP server of one tool, ``add``, whose answer names its env's MARK and its cwd."""
+
+
+def test_a_stdio_mcp_servers_tool_runs_in_the_sandbox_and_its_result_reaches_the_model(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    # The pinned CLI defers MCP tools: named in a system reminder, loaded through ToolSearch.
+    model.push(
+        [ToolUse("ToolSearch", {"query": "select:mcp__abacus__add"})],
+        [ToolUse("mcp__abacus__add", {"a": 2, "b": 40})],
+        [Text("the sum is 42")],
+    )
+    servers = {
+        "abacus": {"command": "python3", "args": ["-c", ABACUS], "env": {"MARK": "PANGOLIN"}}
+    }
+
+    result = code("mcp", "add 2 and 40 with the abacus", mcp_servers=servers)
+
+    first, second, third = [call.body for call in model.message_requests()]
+    assert any("mcp__abacus__add" in text for text in user_texts(first))
+    offered = {tool["name"]: tool for tool in second["tools"]}
+    assert offered["mcp__abacus__add"]["input_schema"]["required"] == ["a", "b"]
+    # Run by the CLI inside the sandbox: its cwd is the sandbox's workspace.
+    assert any("PANGOLIN 42 in /workspace" in text for text in user_texts(third))
+    assert result.success, result.error
+    assert result.response == "the sum is 42"
+
+
+def test_an_http_mcp_server_off_the_egress_list_is_refused_before_queueing(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    published: list[str] = []
+
+    def on_publish(sender: str | None = None, **_: object) -> None:
+        published.append(str(sender))
+
+    far = {"docs": {"type": "http", "url": "https://reader:hunter2@mcp.example.net/mcp"}}
+
+    async def scenario() -> None:
+        async with ClaudeBox(
+            session_id="mcp-far", agent="claude", egress_allow=["docs.example.com"]
+        ) as box:
+            before_task_publish.connect(on_publish)
+            try:
+                await box.code("read the docs", mcp_servers=far)
+            finally:
+                before_task_publish.disconnect(on_publish)
+
+    with pytest.raises(InvalidRequestError, match=r"'docs' is at mcp\.example\.net,") as refused:
+        asyncio.run(scenario())
+
+    assert published == []
+    assert "hunter2" not in str(refused.value)
+    assert model.message_requests() == []
