@@ -146,6 +146,30 @@ class SandboxOptions(_Message):
     template: str | None = Field(default=None, description="Sandbox image (boxlite runtime).")
 
 
+class BoxDefaults(_Message):
+    """The options a box was created with, kept in its session.json, so that a producer that
+    reconnects later calls with them too (``producer.options.ClaudeOptions`` describes them).
+
+    ``mcp_servers`` and ``env`` are not kept: their values hold tokens as often as not, and
+    session.json and the registry are read by anyone who lists sessions.
+    """
+
+    agent: AgentName | None = None
+    model: str | None = Field(default=None, min_length=1)
+    fallback_model: str | None = Field(default=None, min_length=1)
+    system_prompt: str | None = None
+    append_system_prompt: str | None = None
+    json_schema: dict[str, Any] | None = None
+    permission_mode: (
+        Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"] | None
+    ) = None
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    agents: dict[str, dict[str, Any]] | None = None
+    settings: dict[str, Any] | None = None
+    add_dirs: list[str] | None = None
+    include_partial_messages: bool | None = None
+
+
 class OpenRequest(_Message):
     """Create a session (``create``) or check that it exists (``reconnect``)."""
 
@@ -157,6 +181,7 @@ class OpenRequest(_Message):
     egress_allow: tuple[str, ...] = ()
     template_session: SessionId | None = None
     inputs: dict[InputName, SessionId] = Field(default_factory=dict)
+    defaults: BoxDefaults = BoxDefaults()
     enqueued_at: float = Field(default_factory=time.time)
 
 
@@ -385,6 +410,7 @@ class SessionRecord(BaseModel):
     checkpoints: list[str] = Field(default_factory=list)
     claude_session_id: str | None = None
     sandbox: SandboxOptions = SandboxOptions()
+    defaults: BoxDefaults = BoxDefaults()
     node: str = ""
     fence: int = 0
     sandbox_uid: int | None = None

@@ -230,3 +230,98 @@ def test_an_http_mcp_server_off_the_egress_list_is_refused_before_queueing(
     assert published == []
     assert "hunter2" not in str(refused.value)
     assert model.message_requests() == []
+
+
+def test_the_tools_offered_follow_disallowed_tools_and_the_settings_deny_rules(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push([Text("plain")], [Text("narrowed")])
+
+    code("tools-plain", "hi")
+    code(
+        "tools-narrow",
+        "hi",
+        allowed_tools=["Read"],
+        disallowed_tools=["Write"],
+        settings={"permissions": {"deny": ["Bash"]}},
+    )
+
+    plain, narrowed = (
+        {tool["name"] for tool in call.body["tools"]} for call in model.message_requests()
+    )
+    assert {"Read", "Write", "Bash"} <= plain
+    assert "Read" in narrowed
+    assert not {"Write", "Bash"} & narrowed
+
+
+def test_effort_permission_mode_and_add_dirs_reach_the_model(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push([Text("planned")])
+
+    code("modes", "hi", effort="low", permission_mode="plan", add_dirs=["/usr/share"])
+
+    (body,) = [call.body for call in model.message_requests()]
+    told = "\n".join(user_texts(body))
+    assert body["output_config"]["effort"] == "low"
+    assert "Plan mode is active" in told
+    assert "Additional working directories:\n  - /usr/share" in told
+
+
+def test_a_subagent_is_offered_and_asked_with_its_own_prompt_and_tools(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    reviewer = {
+        "description": "Reviews code for KESTREL bugs.",
+        "prompt": "You are the KESTREL reviewer.",
+        "tools": ["Read"],
+    }
+    model.push(
+        [
+            ToolUse(
+                "Agent",
+                {
+                    "subagent_type": "reviewer",
+                    "description": "review",
+                    "prompt": "review x.py",
+                    # In the foreground: the main loop waits, so the script's order is certain.
+                    "run_in_background": False,
+                },
+            )
+        ],
+        [Text("x.py has no KESTREL bugs")],
+        [Text("reviewed")],
+    )
+
+    result = code("subagent", "have x.py reviewed", agents={"reviewer": reviewer})
+
+    main, sub, last = [call.body for call in model.message_requests()]
+    assert "reviewer: Reviews code for KESTREL bugs." in "\n".join(user_texts(main))
+    assert "You are the KESTREL reviewer." in system_text(sub)
+    assert [tool["name"] for tool in sub["tools"]] == ["Read"]
+    assert "review x.py" in user_texts(sub)
+    assert any("x.py has no KESTREL bugs" in text for text in user_texts(last))
+    assert result.response == "reviewed"
+
+
+def test_a_reconnected_box_calls_with_the_options_it_was_created_with(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push([Text("one")], [Text("two")], [Text("three")])
+    sonnet, opus = "claude-sonnet-4-5-20250929", "claude-opus-4-5-20251101"
+
+    async def scenario() -> None:
+        async with ClaudeBox(
+            session_id="kept", agent="claude", model=sonnet, append_system_prompt="Box says EGRET."
+        ) as box:
+            await box.code("first")
+        # Another producer, days later: it names only the session.
+        async with ClaudeBox.reconnect("kept") as box:
+            await box.code("second")
+            await box.code("third", model=opus)
+
+    asyncio.run(scenario())
+
+    bodies = [call.body for call in model.message_requests()]
+    assert [body["model"] for body in bodies] == [sonnet, sonnet, opus]
+    assert all("Box says EGRET." in system_text(body) for body in bodies)

@@ -13,11 +13,11 @@ import redis
 from claudebox_pool.producer import canvas
 from claudebox_pool.producer.batch import read_jobs
 from claudebox_pool.producer.client import ClaudeBox
-from claudebox_pool.producer.options import CallOptions, CodeOptions, OptionFields
+from claudebox_pool.producer.options import CallOptions, ClaudeOptions, CodeOptions, OptionFields
 from claudebox_pool.tasks import env_travel, keys, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import InvalidRequestError
-from claudebox_pool.tasks.models import CodeRequest
+from claudebox_pool.tasks.models import BoxDefaults, CodeRequest
 from tests.conftest import WorkerFactory
 
 LIMITS = ["max_turns", "allowed_tools", "disallowed_tools"]
@@ -163,3 +163,9 @@ def test_a_batch_with_an_mcp_server_off_the_egress_list_is_refused_before_anythi
     assert ClaudeBox.list_sessions() == []
     assert clean_state.llen(names.QUEUE) == 0
     assert list(clean_state.scan_iter(keys.task_env("*"))) == []
+
+
+def test_a_boxs_claude_options_but_its_mcp_servers_are_kept_for_a_reconnecting_producer() -> None:
+    kept = ClaudeOptions.__optional_keys__ - {"mcp_servers"}
+
+    assert kept | {"agent"} == set(BoxDefaults.model_fields)

@@ -106,6 +106,7 @@ def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) 
         budget_usd=request.budget_usd,
         egress_allow=list(request.egress_allow),
         inputs=dict(request.inputs),
+        defaults=request.defaults,
         node=ctx.node,
         fence=lock.fence,
         sandbox_uid=uid,

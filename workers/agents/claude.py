@@ -80,14 +80,11 @@ def write_mcp_config(request: CodeRequest, spec: SandboxSpec) -> bool:
 def build_argv(
     cli: str, request: CodeRequest, resume: str | None, mcp_config: str | None = None
 ) -> list[str]:
-    argv = [
-        cli,
-        "-p",
-        "--output-format",
-        "stream-json",
-        "--verbose",
-        "--dangerously-skip-permissions",
-    ]
+    argv = [cli, "-p", "--output-format", "stream-json", "--verbose"]
+    # --dangerously-skip-permissions overrides --permission-mode (the CLI reports
+    # bypassPermissions whatever mode is asked for): a mode asked for is passed instead of it.
+    if request.permission_mode is None:
+        argv.append("--dangerously-skip-permissions")
     if request.max_turns is not None:
         argv += ["--max-turns", str(request.max_turns)]
     for tool in request.allowed_tools:
