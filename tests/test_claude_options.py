@@ -4,7 +4,11 @@ API sees them (the fixtures are test_claude_pool's: one worker, one scripted ser
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar
 
 import pytest
 import redis
@@ -325,3 +329,89 @@ def test_a_reconnected_box_calls_with_the_options_it_was_created_with(
     bodies = [call.body for call in model.message_requests()]
     assert [body["model"] for body in bodies] == [sonnet, sonnet, opus]
     assert all("Box says EGRET." in system_text(body) for body in bodies)
+
+
+class _McpHttp(BaseHTTPRequestHandler):
+    """An MCP server over streamable HTTP, answering in JSON: one tool, ``ping``."""
+
+    seen: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        message = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.seen.append({"headers": {k.lower(): v for k, v in self.headers.items()}})
+        if "id" not in message:
+            self.send_response(202)
+            self.end_headers()
+            return
+        method, params = message["method"], message.get("params") or {}
+        result: dict[str, Any] = {}
+        if method == "initialize":
+            result = {
+                "protocolVersion": params["protocolVersion"],
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "web", "version": "1"},
+            }
+        elif method == "tools/list":
+            schema = {"type": "object", "properties": {}}
+            result = {"tools": [{"name": "ping", "description": "Pings.", "inputSchema": schema}]}
+        elif method == "tools/call":
+            result = {"content": [{"type": "text", "text": "PONG-HERON"}]}
+        body = json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        self.send_response(405)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _outward_address() -> str | None:
+    """This host's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+def test_an_http_mcp_server_on_the_egress_list_is_reached_through_the_proxy(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    # Not loopback: the sandbox's own loopback is not the host's, and NO_PROXY keeps it local.
+    address = _outward_address()
+    if address is None:
+        pytest.skip("needs a non-loopback address of this host for the MCP server")
+    server = ThreadingHTTPServer((address, 0), _McpHttp)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+    model.push(
+        [ToolUse("ToolSearch", {"query": "select:mcp__web__ping"})],
+        [ToolUse("mcp__web__ping", {})],
+        [Text("pinged")],
+    )
+    web = {"type": "http", "url": f"http://{address}:{port}/mcp", "headers": {"X-Key": "k1"}}
+
+    async def scenario() -> CodeResult:
+        async with ClaudeBox(
+            session_id="mcp-http", agent="claude", egress_allow=[f"{address}:{port}"]
+        ) as box:
+            return await box.code("ping it", mcp_servers={"web": web})
+
+    try:
+        result = asyncio.run(scenario())
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert result.success, result.error
+    assert _McpHttp.seen and all(seen["headers"]["x-key"] == "k1" for seen in _McpHttp.seen)
+    last = model.message_requests()[-1].body
+    assert any("PONG-HERON" in text for text in user_texts(last))
