@@ -52,9 +52,12 @@ CLI_BETAS = (
     "advanced-tool-use-2025-11-20",
     "effort-2025-11-24",
     "thinking-display-updates-2026-08-18",
+    "afk-mode-2026-01-31",
+    "dangerous-tool-use-2026-09-03",
 )
 """The `anthropic-beta` values that CLI release sends (measured with the scripted model server
-of `tests/support/model_server.py`): the model gateway's default allow-list."""
+of `tests/support/model_server.py`; the last two only with `--permission-mode plan` or `auto`):
+the model gateway's default allow-list."""
 
 
 class ModelPrice(BaseModel):

@@ -123,6 +123,7 @@ def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) 
         budget_usd=request.budget_usd,
         egress_allow=list(request.egress_allow),
         inputs=dict(request.inputs),
+        defaults=request.defaults,
         node=ctx.node,
         fence=lock.fence,
         sandbox_uid=uid,
@@ -282,7 +283,12 @@ def _run_agent(
                 if way_out is not None:
                     invocation = way_out.wrap(invocation, sandbox)
                 executed = sandbox.exec(
-                    invocation.argv, invocation.env, timeout_s, on_line=on_line, cancel=watch.stop
+                    invocation.argv,
+                    invocation.env,
+                    timeout_s,
+                    on_line=on_line,
+                    cancel=watch.stop,
+                    stdin=invocation.stdin,
                 )
             outcome = _contained(agent.outcome(executed, timeout_s), executed, watch)
         except FileNotFoundError as exc:
