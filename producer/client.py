@@ -14,18 +14,19 @@ from collections.abc import Generator
 from contextlib import closing
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import Any, Self, Unpack, cast
 
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.files import Files
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
-from claudebox_pool.producer.options import CallOptions, ClaudeOptions
+from claudebox_pool.producer.options import CallOptions, ClaudeOptions, refuse_unreachable_mcp
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
 from claudebox_pool.tasks.lifecycle import Checkpoint
 from claudebox_pool.tasks.models import (
+    BoxDefaults,
     CleanupRequest,
     CleanupResult,
     CodeRequest,
@@ -88,6 +89,9 @@ class ClaudeBox:
         self._budget_usd = budget_usd
         self._egress_allow = tuple(egress_allow or ())
         self._agent: AgentName = agent or pool.settings().agent
+        # Kept in session.json for a producer that reconnects; mcp_servers (tokens) are not.
+        kept = {name: value for name, value in claude.items() if name != "mcp_servers"}
+        self._defaults = parse_payload(BoxDefaults, {"agent": agent, **kept})
         self._workspace_dir = Path(workspace_dir).expanduser() if workspace_dir else None
         self._mode: str = "create"
         self._record: SessionRecord | None = None
@@ -149,6 +153,7 @@ class ClaudeBox:
             egress_allow=self._egress_allow,
             template_session=self._template_session,
             inputs=self._inputs,
+            defaults=self._defaults,
         )
         raw = await pool.call(
             names.OPEN,
@@ -166,6 +171,11 @@ class ClaudeBox:
             )
         self._record = record
         self._ephemeral = record.ephemeral
+        if self._mode == "reconnect":
+            # The options the box was created with, kept in its session.json.
+            kept = record.defaults.model_dump(exclude_none=True)
+            self._agent = kept.pop("agent", None) or self._agent
+            self._claude = cast(ClaudeOptions, kept)
         if self._template_dir is not None and self._mode == "create":
             # Before the first code call: the box's calls are not handed out until it is open.
             await self.files.upload(self._template_dir)
@@ -220,6 +230,7 @@ class ClaudeBox:
                 "sandbox": self._sandbox,
             },
         )
+        refuse_unreachable_mcp(request.mcp_servers, current.egress_allow, self._record.egress_allow)
         with pool.map_redis_errors():
             client = await pool.redis_client()
             request = await env_travel.send_beside(client, request, current.result_ttl_s)
