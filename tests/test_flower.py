@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from claudebox_pool import ClaudeBox
+from claudebox_pool import ClaudeBox, CodeResult, SessionNotFoundError
 from claudebox_pool.tasks.settings import get_settings
 from tests.conftest import WorkerFactory
 from tests.support.processes import REPO, Worker, free_port, wait_for
@@ -144,7 +144,13 @@ def test_a_finished_task_shows_its_session_and_a_short_prompt_but_no_env_value(
     assert any('type="task-succeeded"' in line and "claudebox.code" in line for line in counted)
 
 
-def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerClient) -> None:
+def tasks_in(flower: FlowerClient, state: str, name: str = "claudebox.code") -> dict[str, Any]:
+    """Flower's task list under its filter for ``state`` (the dashboard's Failed, Started...)."""
+    found: dict[str, Any] = flower.json(f"/api/tasks?state={state}&taskname={name}")
+    return found
+
+
+def test_a_running_task_is_listed_under_started(flower: FlowerClient) -> None:
     workspace = get_settings().sessions_root / "long-one" / "workspace"
 
     async def scenario() -> str:
@@ -155,9 +161,9 @@ def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerC
             task_id = box.running_task_id
             await asyncio.to_thread(
                 wait_for,
-                lambda: state_of(flower, task_id) == "RUNNING",
+                lambda: task_id in tasks_in(flower, "STARTED"),
                 30,
-                "Flower to show the task RUNNING",
+                "Flower to list the running task under Started",
             )
             (workspace / "go").touch()
             await call
@@ -166,3 +172,54 @@ def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerC
     task_id = asyncio.run(scenario())
 
     wait_for(lambda: state_of(flower, task_id) == "SUCCESS", 30, "Flower to see the task end")
+    assert task_id not in tasks_in(flower, "STARTED")
+
+
+def test_a_failed_run_is_a_failed_task_with_a_one_line_reason_and_the_caller_gets_its_result(
+    flower: FlowerClient,
+) -> None:
+    async def scenario() -> CodeResult:
+        async with ClaudeBox(session_id="failing") as box:
+            return await box.code(f"echo partial-{CANARY}; echo boom >&2; exit 3")
+
+    result = asyncio.run(scenario())
+
+    assert (result.success, result.exit_code, result.response) == (False, 3, f"partial-{CANARY}\n")
+    wait_for(lambda: result.task_id in tasks_in(flower, "FAILURE"), 30, "Flower to list it failed")
+    task = flower.json(f"/api/task/info/{result.task_id}")
+    assert task["exception"] == "AgentRunFailedError('agent exited 3: exit code 3: boom')"
+    assert CANARY not in task["exception"] + task["traceback"]
+    assert len(task["traceback"].splitlines()) < 15
+    assert result.task_id not in tasks_in(flower, "SUCCESS")
+    counted = metric_lines(flower, "flower_events_total", 'type="task-failed"', "claudebox.code")
+    assert counted and all(not line.endswith(" 0.0") for line in counted)
+
+
+def test_the_probe_before_creating_a_new_session_is_not_a_failure(flower: FlowerClient) -> None:
+    async def scenario() -> str:
+        try:
+            box = await ClaudeBox.reconnect("probed")
+        except SessionNotFoundError:
+            box = ClaudeBox(session_id="probed")
+        async with box:
+            return (await box.code("echo here")).response
+
+    assert asyncio.run(scenario()) == "here\n"
+
+    def probes() -> dict[str, Any]:
+        opened = flower.json("/api/tasks?taskname=claudebox.open")
+        return {
+            task_id: task
+            for task_id, task in opened.items()
+            if "session=probed" in task["args"] and "mode=reconnect" in task["args"]
+        }
+
+    wait_for(
+        lambda: [task["state"] for task in probes().values()] == ["SUCCESS"],
+        30,
+        "Flower to see the probe succeed",
+    )
+    assert not any(
+        "session=probed" in task["args"]
+        for task in tasks_in(flower, "FAILURE", "claudebox.open").values()
+    )
