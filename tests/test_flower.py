@@ -8,16 +8,8 @@ the tasks it then looks for.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,38 +17,11 @@ import pytest
 from claudebox_pool import ClaudeBox, CodeResult, SessionNotFoundError
 from claudebox_pool.tasks.settings import get_settings
 from tests.conftest import WorkerFactory
-from tests.support.processes import REPO, Worker, free_port, wait_for
+from tests.support.flower import USER, FlowerClient, running_flower
+from tests.support.processes import Worker, wait_for
 
-USER, PASSWORD = "ops", "flower-test-password"
 CANARY = "sk-canary-never-in-flower"
 LONG_PROMPT = "echo hi # " + "x" * 500
-
-
-class FlowerClient:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, str]:
-        request = urllib.request.Request(self.base + path)
-        if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
-
-    def json(self, path: str) -> Any:
-        status, body = self.get(path)
-        assert status == 200, body
-        return json.loads(body)
-
-    def answers(self) -> bool:
-        try:
-            return self.get("/healthcheck")[0] == 200
-        except OSError:
-            return False
 
 
 def metric_lines(flower: FlowerClient, name: str, *labels: str) -> list[str]:
@@ -80,23 +45,8 @@ def worker(start_workers: WorkerFactory) -> Worker:
 
 @pytest.fixture(scope="module")
 def flower(worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerClient]:
-    port = free_port()
     log_path = tmp_path_factory.mktemp("flower") / "flower.log"
-    env = {**os.environ, "CLAUDEBOX_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
-    with log_path.open("wb") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "claudebox_pool.producer.cli", "flower", "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    client = FlowerClient(f"http://127.0.0.1:{port}")
-    try:
-        wait_for(lambda: client.answers() or child.poll() is not None, 60, "Flower to answer")
-        assert child.poll() is None, Path(log_path).read_text()
+    with running_flower(log_path) as client:
         online = f'worker="{worker.hostname}"'
         wait_for(
             lambda: any(
@@ -107,9 +57,6 @@ def flower(worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "Flower to hear the worker",
         )
         yield client
-    finally:
-        os.killpg(child.pid, signal.SIGTERM)
-        child.wait(30)
 
 
 pytestmark = pytest.mark.usefixtures("clean_state")
