@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from claudebox_pool import ClaudeBox, CodeResult, SessionNotFoundError
+from claudebox_pool.tasks import names
 from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers.store import SessionStore
 from tests.conftest import WorkerFactory
 from tests.support.flower import USER, FlowerClient, running_flower
-from tests.support.processes import Worker, wait_for
+from tests.support.processes import RedisServer, Worker, wait_for
 
 CANARY = "sk-canary-never-in-flower"
 LONG_PROMPT = "echo hi # " + "x" * 500
@@ -123,7 +125,7 @@ def test_a_running_task_is_listed_under_started(flower: FlowerClient) -> None:
 
 
 def test_a_failed_run_is_a_failed_task_with_a_one_line_reason_and_the_caller_gets_its_result(
-    flower: FlowerClient,
+    flower: FlowerClient, redis_server: RedisServer
 ) -> None:
     async def scenario() -> CodeResult:
         async with ClaudeBox(session_id="failing") as box:
@@ -140,6 +142,13 @@ def test_a_failed_run_is_a_failed_task_with_a_one_line_reason_and_the_caller_get
     assert result.task_id not in tasks_in(flower, "SUCCESS")
     counted = metric_lines(flower, "flower_events_total", 'type="task-failed"', "claudebox.code")
     assert counted and all(not line.endswith(" 0.0") for line in counted)
+    # Acknowledged, neither retried nor requeued (late acks): it ran once.
+    client = redis_server.client()
+    wait_for(lambda: client.hlen("unacked") == 0, 30, "the failed task's message to be acked")
+    assert client.llen(names.QUEUE) == 0
+    history = SessionStore(get_settings().sessions_root).history("failing")
+    runs = [entry for entry in history if entry.action == "code_execution"]
+    assert [run.context["task_id"] for run in runs] == [result.task_id]
 
 
 def test_the_probe_before_creating_a_new_session_is_not_a_failure(flower: FlowerClient) -> None:
