@@ -36,12 +36,14 @@ from claudebox_pool.producer.batch import (
 from claudebox_pool.producer.canvas import enqueue
 from claudebox_pool.producer.client import ClaudeBox
 from claudebox_pool.producer.doctor import doctor_report
+from claudebox_pool.producer.health import check as pool_health
 from claudebox_pool.producer.moves import move_session
 from claudebox_pool.producer.progress import usage_table
 from claudebox_pool.producer.terminal import show_event
 from claudebox_pool.tasks import names
 from claudebox_pool.tasks.app import app as celery_app
 from claudebox_pool.tasks.errors import (
+    AgentRunFailedError,
     CheckpointNotFoundError,
     ClaudeBoxError,
     DiskFullError,
@@ -94,6 +96,8 @@ EXIT_CODES: dict[type[ClaudeBoxError], int] = {
     DiskFullError: EXIT_SESSION_STATE,
     WrongNodeError: EXIT_SESSION_STATE,
     TaskFailedError: EXIT_TASK_FAILED,
+    # Only met by raw Celery clients: the producer returns the run's result instead.
+    AgentRunFailedError: EXIT_FAILED,
     LockLostError: EXIT_TASK_FAILED,
     SandboxError: EXIT_TASK_FAILED,
 }
@@ -442,6 +446,22 @@ def install_cli() -> None:
     if done.returncode != 0:
         fail(f"npm could not install {package}", EXIT_FAILED)
     out.print(f"installed {package} in {target}")
+
+
+@cli.command()
+def health(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Exit 0 if the pool can take work (Redis answers, a worker is alive), else 3: for probes."""
+    report = pool_health()
+    if as_json:
+        sys.stdout.write(report.model_dump_json() + "\n")
+    elif report.healthy:
+        out.print(f"healthy: Redis answers, {report.workers_alive} worker(s) alive")
+    else:
+        for problem in report.problems:
+            err.print(f"[bold red]unhealthy:[/] {escape(problem)}", highlight=False)
+    raise typer.Exit(0 if report.healthy else EXIT_UNAVAILABLE)
 
 
 @cli.command()

@@ -34,6 +34,7 @@ from claudebox_pool.tasks.models import (
     SandboxOptions,
     SessionRecord,
     TrajectoryTurn,
+    opened,
     parse_payload,
     read_session_json,
     validate_session_id,
@@ -154,7 +155,7 @@ class ClaudeBox:
             request.model_dump(mode="json"),
             timeout_s=pool.settings().lock_wait_s + WAIT_MARGIN_S,
         )
-        record = SessionRecord.model_validate(raw)
+        record = opened(raw)
         if self._workspace_dir is not None and not Path(record.workspace_path).is_relative_to(
             self._workspace_dir
         ):

@@ -37,6 +37,7 @@ from claudebox_pool.tasks import keys, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.connections import async_redis, redacted
 from claudebox_pool.tasks.errors import (
+    AgentRunFailedError,
     ClaudeBoxError,
     NodeUnavailableError,
     PoolUnavailableError,
@@ -302,6 +303,8 @@ def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
     if meta["status"] == states.REVOKED:
         raise TaskFailedError(f"task {task_id} was revoked before it finished")
     exc = app.backend.exception_to_python(meta["result"])
+    if isinstance(exc, AgentRunFailedError):
+        return exc.result  # a failed agent run is the call's result, not an error of the call
     if isinstance(exc, ClaudeBoxError):
         raise exc
     raise TaskFailedError(

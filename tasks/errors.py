@@ -18,8 +18,10 @@
     ├── WrongNodeError               a task reached a node that does not hold its session
     ├── PoolUnavailableError         Redis cannot be reached, or no worker is running
     │   └── NodeUnavailableError     the node holding a session's files is gone
-    └── TaskFailedError              the worker failed the task for a reason of its own
-        └── TaskAttemptsExceededError  the task was delivered too often (it kills workers)
+    ├── TaskFailedError              the worker failed the task for a reason of its own
+    │   └── TaskAttemptsExceededError  the task was delivered too often (it kills workers)
+    └── AgentRunFailedError          a code task's agent run failed; carries its CodeResult
+                                     (the producer returns that result, never raises this)
 
 Every error crosses the queue intact: a worker raises it, Celery stores its type, module and
 constructor arguments, and the producer re-raises the same class. So each constructor takes
@@ -27,6 +29,8 @@ plain values only, and ``args`` holds exactly them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ClaudeBoxError(Exception):
@@ -194,6 +198,26 @@ class TaskAttemptsExceededError(TaskFailedError):
             f"Task {self.task_id} was delivered {self.attempts} times and its worker died each "
             "time; it is failed instead of requeued again (CLAUDEBOX_MAX_ATTEMPTS)"
         )
+
+
+class AgentRunFailedError(ClaudeBoxError):
+    """How a ``code`` task whose agent run failed ends: as a failed task, so that monitors
+    (Flower's Failed filter, its ``task-failed`` counts) see the failure. ``result`` is the
+    run's CodeResult as JSON; the producer gives it back to the caller as the call's result.
+
+    ``str`` and ``repr`` are the one-line ``summary``: they are what Flower and the worker's
+    log show, and the result's output stays out of both."""
+
+    def __init__(self, summary: str, result: dict[str, Any]) -> None:
+        Exception.__init__(self, summary, result)
+        self.summary = summary
+        self.result = result
+
+    def __str__(self) -> str:
+        return self.summary
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.summary!r})"
 
 
 class CheckpointNotFoundError(ClaudeBoxError):

@@ -10,6 +10,7 @@ import pytest
 from claudebox_pool.tasks import errors as task_errors
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import (
+    AgentRunFailedError,
     CheckpointNotFoundError,
     ClaudeBoxError,
     DiskFullError,
@@ -62,6 +63,10 @@ EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
     ),
     NodeUnavailableError: NodeUnavailableError("my-project", "host-b", 95.5),
     WrongNodeError: WrongNodeError("my-project", "host-b", "host-a"),
+    AgentRunFailedError: AgentRunFailedError(
+        "agent exited 1: exit code 1: boom",
+        {"success": False, "exit_code": 1, "response": "partial\nanswer", "error": "boom"},
+    ),
 }
 
 ADVICE: dict[type[ClaudeBoxError], list[str]] = {
@@ -183,3 +188,10 @@ def test_the_readme_shows_the_same_error_tree_as_the_module() -> None:
     tree = "\n".join(line[4:] for line in found.group(1).rstrip("\n").split("\n"))
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"```\n{tree}\n```" in readme
+
+
+def test_a_failed_run_shows_monitors_only_its_one_line_summary() -> None:
+    exc = AgentRunFailedError("agent exited 2: timed out after 5s", {"raw_output": "x" * 5000})
+
+    assert repr(exc) == "AgentRunFailedError('agent exited 2: timed out after 5s')"
+    assert str(exc) == "agent exited 2: timed out after 5s"
