@@ -48,7 +48,7 @@ from claudebox_pool.producer.batch import (
 )
 from claudebox_pool.producer.canvas import enqueue
 from claudebox_pool.producer.client import ClaudeBox
-from claudebox_pool.producer.doctor import doctor_report
+from claudebox_pool.producer.doctor import doctor_report, examine
 from claudebox_pool.producer.moves import move_session
 from claudebox_pool.producer.progress import usage_table
 from claudebox_pool.producer.terminal import show_event
@@ -573,8 +573,14 @@ def logs(
 
 
 @cli.command()
-def doctor() -> None:
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
     """Check Redis, workers, the sandbox runtime and the Claude Code CLI."""
+    if as_json:
+        report = examine()
+        out.print_json(report.model_dump_json())
+        raise typer.Exit(0 if report.ok else EXIT_UNAVAILABLE)
     ok = doctor_report(out)
     raise typer.Exit(0 if ok else EXIT_UNAVAILABLE)
 

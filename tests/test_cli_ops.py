@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -186,6 +187,7 @@ def test_status_shows_slots_queues_and_the_running_task(clean_state: object) -> 
 
     now = wait_for(running, 60, "the task to run")
     claudebox_pool("cancel", task_id)
+    assert now is not None
 
     (task,) = now["running"]
     assert (task["task_id"], task["session_id"], task["agent"]) == (task_id, "watched", "shell")
@@ -226,7 +228,7 @@ def test_tasks_lists_recent_tasks_by_session_and_state(clean_state: object) -> N
     assert len(claudebox_pool("tasks", "--json", "--limit", "1").stdout.splitlines()) == 1
 
 
-def test_logs_of_a_worker_show_its_file_and_name_the_others(tmp_path: Path) -> None:
+def test_logs_of_a_worker_show_its_file_and_name_the_others() -> None:
     directory = logs_dir(get_settings())
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "worker-1.log").write_text("[INFO/MainProcess] ready\n")
@@ -263,3 +265,48 @@ def test_shell_completion_completes_commands() -> None:
     assert "_CLAUDEBOX_POOL_COMPLETE=complete_bash" in script.stdout
     assert "complete" in script.stdout and "claudebox-pool" in script.stdout
     assert completed.stdout.split() == ["status"], completed.stdout + completed.stderr
+
+
+def test_doctor_json_is_the_report() -> None:
+    done = claudebox_pool("doctor", "--json")
+
+    report = json.loads(done.stdout)
+    assert (done.returncode, report["ok"]) == (0, True), done.stderr
+    checks = {check["name"]: check["status"] for check in report["checks"]}
+    assert (checks["redis"], checks["workers"]) == ("ok", "ok")
+    assert report["workers"][0]["runtime"] == "bwrap"
+
+
+def test_piped_submit_prints_each_finished_job_and_progress_while_it_waits(
+    clean_state: object, tmp_path: Path
+) -> None:
+    jobs = tmp_path / "jobs.jsonl"
+    waiting = "for i in $(seq 600); do [ -e go ] && break; sleep 0.1; done; test -e go"
+    lines = [
+        {"id": "quick", "session_id": "piped-1", "prompt": "true"},
+        {"id": "gated", "session_id": "piped-2", "prompt": waiting},
+    ]
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    gate = get_settings().sessions_root / "piped-2" / "workspace" / "go"
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "claudebox_pool.producer.cli", "submit", str(jobs)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "CLAUDEBOX_PROGRESS_INTERVAL_S": "0.2"},
+    )
+    assert submit.stdout is not None
+    seen = []
+    for line in submit.stdout:
+        seen.append(line)
+        if line.startswith("progress: 1/2 jobs, 1 ok, 0 failed"):
+            break
+    gate.touch()
+    rest, stderr = submit.communicate(timeout=120)
+
+    assert submit.returncode == 0, stderr
+    assert seen[-1].startswith("progress: 1/2 jobs"), seen
+    assert any(line.startswith("ok quick (session piped-1, ") for line in seen), seen
+    assert "ok gated (session piped-2, " in rest
+    assert "batch summary" in rest
