@@ -41,7 +41,8 @@ class WorkerStatus(BaseModel):
     heartbeat_age_s: float | None = None
     busy: int = 0
     slots: int | None = None
-    warm: str | None = None
+    warm: int = 0
+    """Sandboxes it keeps warm for sessions now."""
 
 
 class QueueDepth(BaseModel):
@@ -123,7 +124,7 @@ def status() -> PoolStatus:
                 heartbeat_age_s=round(now - beats[hostname], 1) if hostname in beats else None,
                 busy=len(active.get(hostname, [])),
                 slots=slots if isinstance(slots, int) else None,
-                warm=info.warm if info else None,
+                warm=sum(held.worker == hostname for held in warm),
             )
         )
     running = [

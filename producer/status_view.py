@@ -33,7 +33,7 @@ def _age(seconds: float | None) -> str:
 
 
 def status(pool: PoolStatus) -> RenderableType:
-    workers = Table("worker", "node", "state", "busy", "heartbeat", "warm sandboxes", box=None)
+    workers = Table("worker", "node", "state", "busy", "heartbeat", "warm", box=None)
     for worker in pool.workers:
         workers.add_row(
             escape(worker.hostname),
@@ -41,7 +41,7 @@ def status(pool: PoolStatus) -> RenderableType:
             Text(worker.state, style=STATE_STYLES[worker.state]),
             f"{worker.busy}/{worker.slots if worker.slots is not None else '?'}",
             f"{_age(worker.heartbeat_age_s)} ago" if worker.heartbeat_age_s is not None else "-",
-            escape(worker.warm or "-"),
+            str(worker.warm),
         )
     alive = sum(worker.state == "alive" for worker in pool.workers)
     silent = len(pool.workers) - alive

@@ -310,3 +310,14 @@ def test_piped_submit_prints_each_finished_job_and_progress_while_it_waits(
     assert any(line.startswith("ok quick (session piped-1, ") for line in seen), seen
     assert "ok gated (session piped-2, " in rest
     assert "batch summary" in rest
+
+
+def test_status_lists_the_sandbox_a_worker_keeps_warm(clean_state: object) -> None:
+    assert claudebox_pool("code", "kept-warm", "true").returncode == 0
+
+    def warm() -> list[dict[str, Any]]:
+        return [w for w in status()["warm"] if w["session_id"] == "kept-warm"]
+
+    (held,) = wait_for(warm, 30, "the sandbox to be kept warm")
+    (worker,) = [w for w in status()["workers"] if w["hostname"] == held["worker"]]
+    assert worker["warm"] >= 1
