@@ -327,8 +327,8 @@ def code(
         typer.Option(
             "--detach",
             "-d",
-            help="Queue the run, print its task id and return; the run goes on "
-            "(follow it with `logs -f ID`, read it with `result ID`).",
+            help='Queue the run, print its task id (with --json: {"task_id": ...}) and '
+            "return; the run goes on (follow it with `logs -f ID`, read it with `result ID`).",
         ),
     ] = False,
     as_json: Annotated[
@@ -372,7 +372,7 @@ def code(
     live_output = stream and not as_json
     result = run(go())
     if detach:
-        sys.stdout.write(f"{result}\n")
+        sys.stdout.write(json.dumps({"task_id": result}) + "\n" if as_json else f"{result}\n")
         return
     if as_json:
         out.print_json(result.model_dump_json())

@@ -39,6 +39,18 @@ def detached(session_id: str, prompt: str) -> str:
     return task_id
 
 
+def final_result(task_id: str, *options: str) -> subprocess.CompletedProcess[str]:
+    """`result`, once the task has one (it exits 4 before)."""
+
+    def ended() -> subprocess.CompletedProcess[str] | None:
+        done = claudebox_pool("result", task_id, *options)
+        return None if done.returncode == 4 else done
+
+    found = wait_for(ended, 60, f"the result of task {task_id}")
+    assert found is not None
+    return found
+
+
 def status() -> dict[str, Any]:
     done = claudebox_pool("status", "--json")
     assert done.returncode == 0, done.stderr
@@ -100,7 +112,7 @@ def test_detach_returns_at_once_and_logs_follow_the_run_to_its_end(clean_state: 
     stdout, stderr = follower.communicate(timeout=60)
 
     assert (follower.returncode, stdout) == (0, "one\ntwo\n"), stderr
-    assert claudebox_pool("result", task_id).stdout == "one\ntwo\n"
+    assert final_result(task_id).stdout == "one\ntwo\n"
 
 
 def test_env_and_env_file_reach_the_agent_and_are_never_printed(
@@ -162,7 +174,8 @@ def test_an_unknown_task_id_exits_2(verb: str) -> None:
 
 def test_cancel_json_says_whether_it_asked(clean_state: object) -> None:
     finished = task_id_of(claudebox_pool("code", "c", "true").stderr)
-    running = detached("c2", "sleep 60")
+    sent = claudebox_pool("code", "c2", "sleep 60", "--detach", "--json")
+    running = json.loads(sent.stdout)["task_id"]
 
     late = claudebox_pool("cancel", finished, "--json")
     asked = claudebox_pool("cancel", running, "--json")
@@ -175,7 +188,9 @@ def test_cancel_json_says_whether_it_asked(clean_state: object) -> None:
         0,
         {"task_id": running, "cancelled": True},
     )
-    assert json.loads(claudebox_pool("result", running, "--json").stdout)["error"] == "cancelled"
+
+    stopped = final_result(running, "--json")
+    assert (stopped.returncode, json.loads(stopped.stdout)["error"]) == (1, "cancelled")
 
 
 def test_status_shows_slots_queues_and_the_running_task(clean_state: object) -> None:
