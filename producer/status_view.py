@@ -39,7 +39,8 @@ def status(pool: PoolStatus) -> RenderableType:
             escape(worker.hostname),
             escape(worker.node or "-"),
             Text(worker.state, style=STATE_STYLES[worker.state]),
-            f"{worker.busy}/{worker.slots if worker.slots is not None else '?'}",
+            # A silent worker did not say what it runs.
+            f"{worker.busy}/{worker.slots}" if worker.slots is not None else "-",
             f"{_age(worker.heartbeat_age_s)} ago" if worker.heartbeat_age_s is not None else "-",
             str(worker.warm),
         )
