@@ -475,24 +475,45 @@ WATCH_S = 2.0
 @cli.command()
 def status(
     watch: Annotated[
-        bool, typer.Option("--watch", "-w", help="Redraw every 2 seconds until Ctrl-C.")
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Redraw every 2 seconds until Ctrl-C (piped: print each time, with --json "
+            "one document a line).",
+        ),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Workers (alive or silent) and their busy slots, queues, running tasks, warm sandboxes."""
-    if as_json:
-        out.print_json(guarded(ops.status).model_dump_json())
-        return
+
+    def read() -> ops.PoolStatus:
+        # Not `guarded`: there Ctrl-C is an interruption (130), here it is how watching ends.
+        try:
+            return ops.status()
+        except ClaudeBoxError as exc:
+            fail(str(exc), exit_code_for(type(exc)))
+
+    def show(now: ops.PoolStatus) -> None:
+        if as_json:
+            sys.stdout.write(now.model_dump_json() + "\n")
+            sys.stdout.flush()
+        else:
+            out.print(status_view.status(now))
+
     if not watch:
-        out.print(status_view.status(guarded(ops.status)))
+        show(read())
         return
-    try:
-        with Live(status_view.status(guarded(ops.status)), console=out, auto_refresh=False) as view:
-            while True:
+    with contextlib.suppress(KeyboardInterrupt):
+        if out.is_terminal and not as_json:
+            with Live(status_view.status(read()), console=out, auto_refresh=False) as view:
+                while True:
+                    time.sleep(WATCH_S)
+                    view.update(status_view.status(read()), refresh=True)
+        else:
+            while True:  # a pipe cannot be redrawn: one reading after another
+                show(read())
                 time.sleep(WATCH_S)
-                view.update(status_view.status(guarded(ops.status)), refresh=True)
-    except KeyboardInterrupt:
-        return  # Ctrl-C is how watching ends
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -336,3 +337,21 @@ def test_status_lists_the_sandbox_a_worker_keeps_warm(clean_state: object) -> No
     (held,) = wait_for(warm, 30, "the sandbox to be kept warm")
     (worker,) = [w for w in status()["workers"] if w["hostname"] == held["worker"]]
     assert worker["warm"] >= 1
+
+
+def test_status_watch_in_a_pipe_prints_a_document_a_line_until_ctrl_c() -> None:
+    watching = subprocess.Popen(
+        [sys.executable, "-m", "claudebox_pool.producer.cli", "status", "--watch", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert watching.stdout is not None
+    readings = [json.loads(watching.stdout.readline()) for _ in range(2)]
+    watching.send_signal(signal.SIGINT)
+    _, stderr = watching.communicate(timeout=30)
+
+    assert watching.returncode == 0, stderr
+    assert [reading["slots"] for reading in readings] == [2, 2]
+    assert readings[0]["at"] < readings[1]["at"]
