@@ -355,3 +355,30 @@ def test_status_watch_in_a_pipe_prints_a_document_a_line_until_ctrl_c() -> None:
     assert watching.returncode == 0, stderr
     assert [reading["slots"] for reading in readings] == [2, 2]
     assert readings[0]["at"] < readings[1]["at"]
+
+
+def test_logs_follow_a_worker_log_as_it_grows_until_ctrl_c() -> None:
+    directory = logs_dir(get_settings())
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / "worker-2.log"
+    log.write_text("first\n")
+    following = subprocess.Popen(
+        [sys.executable, "-m", "claudebox_pool.producer.cli", "logs", "-f", "--worker", "worker-2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    assert following.stdout is not None
+    try:
+        first = following.stdout.readline()
+        with log.open("a") as more:
+            more.write("second\n")
+        second = following.stdout.readline()
+        following.send_signal(signal.SIGINT)
+        _, stderr = following.communicate(timeout=30)
+    finally:
+        log.unlink()
+
+    assert (first, second) == ("first\n", "second\n")
+    assert following.returncode == 0, stderr
