@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         SessionNotFoundError,
         TaskAttemptsExceededError,
         TaskFailedError,
+        TaskNotFoundError,
         WrongNodeError,
     )
     from claudebox_pool.tasks.lifecycle import Checkpoint
@@ -76,6 +77,7 @@ _HOMES: dict[str, str] = {
     "SessionNotFoundError": _ERRORS,
     "TaskAttemptsExceededError": _ERRORS,
     "TaskFailedError": _ERRORS,
+    "TaskNotFoundError": _ERRORS,
     "WrongNodeError": _ERRORS,
 }
 
@@ -108,6 +110,7 @@ __all__ = [
     "StreamEvent",
     "TaskAttemptsExceededError",
     "TaskFailedError",
+    "TaskNotFoundError",
     "TokenUsage",
     "WrongNodeError",
     "__version__",

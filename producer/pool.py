@@ -327,3 +327,9 @@ async def call_on_every_node(name: str, payload: dict[str, Any], timeout_s: floa
     routes = [Route(names.node_queue(node), node) for node in nodes]
     sent = [(send(name, payload, r.queue), r) for r in routes]
     return list(await asyncio.gather(*(wait(task_id, timeout_s, r) for task_id, r in sent)))
+
+
+def outcome(task_id: str, meta: dict[str, Any]) -> Any:
+    """A finished task's return value from its result's metadata, or its error raised, as
+    :func:`wait` gives them (``claudebox-pool result`` reads a result this way)."""
+    return _outcome(task_id, meta)

@@ -11,6 +11,7 @@
     ├── SessionCorruptedError        session.json or the workspace is missing or unreadable
     ├── SessionBusyError             another task held the session past the wait deadline
     ├── CheckpointNotFoundError      no checkpoint by that name in the session
+    ├── TaskNotFoundError            no task by that id was sent, or it is forgotten
     ├── DiskFullError                the sessions root is over its size limit or the disk is full
     ├── LockLostError                a task lost its session lock; its writes were refused
     ├── SandboxError                 the sandbox could not be started or run
@@ -230,6 +231,18 @@ class CheckpointNotFoundError(ClaudeBoxError):
         return (
             f"Checkpoint '{self.name}' not found in session '{self.session_id}'; list its "
             "checkpoints with box.checkpoints(), or make one with await box.checkpoint(name)"
+        )
+
+
+class TaskNotFoundError(ClaudeBoxError):
+    def __init__(self, task_id: str) -> None:
+        Exception.__init__(self, task_id)
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return (
+            f"No task '{self.task_id}' is known: none was sent by that id, or it ended longer "
+            "ago than CLAUDEBOX_RESULT_TTL_S; list recent ones with `claudebox-pool tasks`"
         )
 
 

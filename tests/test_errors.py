@@ -28,6 +28,7 @@ from claudebox_pool.tasks.errors import (
     SessionNotFoundError,
     TaskAttemptsExceededError,
     TaskFailedError,
+    TaskNotFoundError,
     WrongNodeError,
 )
 
@@ -56,6 +57,7 @@ EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
     TaskFailedError: TaskFailedError("task 1 failed on the worker: KeyError: 'x'"),
     TaskAttemptsExceededError: TaskAttemptsExceededError("5f1c-task-id", 3),
     CheckpointNotFoundError: CheckpointNotFoundError("my-project", "phase1"),
+    TaskNotFoundError: TaskNotFoundError("5f1c2a00-0000-0000-0000-000000000000"),
     DiskFullError: DiskFullError(
         "session 'my-project' cannot run a task: the sessions in /srv/sessions take 5000.0 MB, "
         "over the limit of 4000.0 MB (CLAUDEBOX_MAX_SESSIONS_BYTES)",
@@ -70,6 +72,10 @@ EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
 }
 
 ADVICE: dict[type[ClaudeBoxError], list[str]] = {
+    TaskNotFoundError: [
+        "No task '5f1c2a00-0000-0000-0000-000000000000' is known",
+        "`claudebox-pool tasks`",
+    ],
     NodeUnavailableError: [
         "Session 'my-project' lives on node 'host-b'",
         "no heartbeat for 96s",
