@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         SessionNotFoundError,
         TaskAttemptsExceededError,
         TaskFailedError,
+        TaskNotFoundError,
         WrongNodeError,
     )
     from claudebox_pool.tasks.lifecycle import Checkpoint
@@ -79,6 +80,7 @@ _HOMES: dict[str, str] = {
     "SessionNotFoundError": _ERRORS,
     "TaskAttemptsExceededError": _ERRORS,
     "TaskFailedError": _ERRORS,
+    "TaskNotFoundError": _ERRORS,
     "WrongNodeError": _ERRORS,
 }
 
@@ -112,6 +114,7 @@ __all__ = [
     "StreamEvent",
     "TaskAttemptsExceededError",
     "TaskFailedError",
+    "TaskNotFoundError",
     "TokenUsage",
     "TransferResult",
     "WrongNodeError",

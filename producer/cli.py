@@ -11,21 +11,34 @@ mistake is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, BinaryIO, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
 import claudebox_pool
-from claudebox_pool.producer import flowerconfig, lifecycle, live, local_pool
+from claudebox_pool.producer import (
+    envvars,
+    flowerconfig,
+    lifecycle,
+    live,
+    local_pool,
+    ops,
+    pool_logs,
+    status_view,
+)
 from claudebox_pool.producer.batch import (
     DEFAULT_CONCURRENCY,
     all_succeeded,
@@ -35,14 +48,16 @@ from claudebox_pool.producer.batch import (
 )
 from claudebox_pool.producer.canvas import enqueue
 from claudebox_pool.producer.client import ClaudeBox
-from claudebox_pool.producer.doctor import doctor_report
+from claudebox_pool.producer.doctor import doctor_report, examine
 from claudebox_pool.producer.files import Files
+from claudebox_pool.producer.health import check as pool_health
 from claudebox_pool.producer.moves import move_session
 from claudebox_pool.producer.progress import usage_table
 from claudebox_pool.producer.terminal import show_event
 from claudebox_pool.tasks import names
 from claudebox_pool.tasks.app import app as celery_app
 from claudebox_pool.tasks.errors import (
+    AgentRunFailedError,
     CheckpointNotFoundError,
     ClaudeBoxError,
     DiskFullError,
@@ -58,6 +73,7 @@ from claudebox_pool.tasks.errors import (
     SessionCorruptedError,
     SessionNotFoundError,
     TaskFailedError,
+    TaskNotFoundError,
     WrongNodeError,
 )
 from claudebox_pool.tasks.files import private_dir
@@ -87,6 +103,7 @@ EXIT_CODES: dict[type[ClaudeBoxError], int] = {
     SessionNotFoundError: EXIT_USAGE,
     SessionAlreadyExistsError: EXIT_USAGE,
     CheckpointNotFoundError: EXIT_USAGE,
+    TaskNotFoundError: EXIT_USAGE,
     PoolUnavailableError: EXIT_UNAVAILABLE,
     # A worker that cannot run its configured sandbox cannot serve anything.
     RuntimeUnavailableError: EXIT_UNAVAILABLE,
@@ -95,6 +112,8 @@ EXIT_CODES: dict[type[ClaudeBoxError], int] = {
     DiskFullError: EXIT_SESSION_STATE,
     WrongNodeError: EXIT_SESSION_STATE,
     TaskFailedError: EXIT_TASK_FAILED,
+    # Only met by raw Celery clients: the producer returns the run's result instead.
+    AgentRunFailedError: EXIT_FAILED,
     LockLostError: EXIT_TASK_FAILED,
     SandboxError: EXIT_TASK_FAILED,
 }
@@ -110,12 +129,15 @@ cli = typer.Typer(
     help="ClaudeBox sessions served by a pool of Celery workers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # Plain help (click's): rich's would label every flag `<bool>` as if it took a value.
+    rich_markup_mode=None,
     # Sub-commands inherit these from the root's context.
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 sessions_cli = typer.Typer(
-    help="List, inspect, clean up and reindex sessions.", no_args_is_help=True
+    help="List, inspect, clean up and reindex sessions.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 cli.add_typer(sessions_cli, name="sessions")
 files_cli = typer.Typer(
@@ -295,14 +317,38 @@ def flower(
 @cli.command()
 def code(
     session_id: Annotated[str, typer.Argument(help="Session id (created if it does not exist).")],
-    prompt: Annotated[str, typer.Argument(help="What the agent should do.")],
+    prompt: Annotated[
+        str, typer.Argument(help="What the agent should do; `-` reads it from stdin.")
+    ],
     agent: Annotated[
-        str | None, typer.Option(help="Agent: claude or shell (default CLAUDEBOX_AGENT).")
+        AgentName | None, typer.Option(help="The agent (default CLAUDEBOX_AGENT).")
     ] = None,
     max_turns: Annotated[int | None, typer.Option(help="Agent turns at most (claude).")] = None,
     timeout: Annotated[
         int | None, typer.Option(help="Seconds before the agent is stopped.")
     ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env",
+            "-e",
+            metavar="KEY=VALUE",
+            help="A variable for the agent (repeatable); values are never printed.",
+        ),
+    ] = None,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(help="Variables for the agent from a dotenv file; --env wins over it."),
+    ] = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            "-d",
+            help='Queue the run, print its task id (with --json: {"task_id": ...}) and '
+            "return; the run goes on (follow it with `logs -f ID`, read it with `result ID`).",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the whole result as JSON.")
     ] = False,
@@ -314,10 +360,11 @@ def code(
         ),
     ] = True,
 ) -> None:
-    """Run one prompt in a session, printing the agent's output as it runs (Ctrl-C cancels it)."""
-    if agent not in (None, "claude", "shell"):
-        fail(f"unknown agent {agent!r}: use claude or shell", EXIT_USAGE)
-    chosen: AgentName | None = "claude" if agent == "claude" else "shell" if agent else None
+    """Run one prompt in a session, printing the agent's output as it runs (Ctrl-C cancels it).
+    Its task id goes to stderr first (`task ID`)."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    variables = guarded(lambda: envvars.read(env or [], env_file))
 
     async def go() -> Any:
         validate_session_id(session_id)
@@ -326,16 +373,25 @@ def code(
         except SessionNotFoundError:
             box = ClaudeBox(session_id=session_id)
         async with box:
+            if detach:
+                return await box.start(
+                    prompt, max_turns=max_turns, timeout_s=timeout, agent=agent, env=variables
+                )
             return await box.code(
                 prompt,
                 max_turns=max_turns,
                 timeout_s=timeout,
-                agent=chosen,
+                agent=agent,
+                env=variables,
                 on_output=(lambda event: show_event(event, err)) if live_output else None,
+                on_start=lambda task_id: err.print(f"task {task_id}", highlight=False),
             )
 
     live_output = stream and not as_json
     result = run(go())
+    if detach:
+        sys.stdout.write(json.dumps({"task_id": result}) + "\n" if as_json else f"{result}\n")
+        return
     if as_json:
         out.print_json(result.model_dump_json())
     elif live_output:
@@ -423,18 +479,157 @@ def submit(
 @cli.command()
 def cancel(
     task_id: Annotated[
-        str, typer.Argument(help="Id of a code task (from Flower, or `submit --no-wait`).")
+        str, typer.Argument(help="Id of a code task (from `code`, `tasks` or `status`).")
     ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {"task_id", "cancelled"} as JSON.')
+    ] = False,
 ) -> None:
     """Stop a queued or running code task inside its sandbox; its session stays usable."""
-    if not run(live.cancel(task_id)):
+    guarded(lambda: ops.require_known(task_id))
+    asked = run(live.cancel(task_id))
+    if as_json:
+        sys.stdout.write(json.dumps({"task_id": task_id, "cancelled": asked}) + "\n")
+        raise typer.Exit(0 if asked else EXIT_FAILED)
+    if not asked:
         fail(f"task {task_id} has already finished; there is nothing to cancel", EXIT_FAILED)
     out.print(f"asked task {task_id} to stop; its result will say 'cancelled'")
 
 
+WATCH_S = 2.0
+"""How often `status --watch` reads the pool again."""
+
+
 @cli.command()
-def doctor() -> None:
+def status(
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Redraw every 2 seconds until Ctrl-C (piped: print each time, with --json "
+            "one document a line).",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Workers (alive or silent) and their busy slots, queues, running tasks, warm sandboxes."""
+
+    def read() -> ops.PoolStatus:
+        # Not `guarded`: there Ctrl-C is an interruption (130), here it is how watching ends.
+        try:
+            return ops.status()
+        except ClaudeBoxError as exc:
+            fail(str(exc), exit_code_for(type(exc)))
+
+    def show(now: ops.PoolStatus) -> None:
+        if as_json:
+            sys.stdout.write(now.model_dump_json() + "\n")
+            sys.stdout.flush()
+        else:
+            out.print(status_view.status(now))
+
+    if not watch:
+        show(read())
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        if out.is_terminal and not as_json:
+            with Live(status_view.status(read()), console=out, auto_refresh=False) as view:
+                while True:
+                    time.sleep(WATCH_S)
+                    view.update(status_view.status(read()), refresh=True)
+        else:
+            while True:  # a pipe cannot be redrawn: one reading after another
+                show(read())
+                time.sleep(WATCH_S)
+
+
+@cli.command()
+def tasks(
+    session: Annotated[str | None, typer.Option(help="Only this session's tasks.")] = None,
+    state: Annotated[ops.TaskState | None, typer.Option(help="Only tasks in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Tasks at most.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """Recent tasks, newest first: their state, session and agent."""
+    found = guarded(lambda: ops.recent_tasks(session, state, limit))
+    if as_json:
+        for task in found:
+            sys.stdout.write(task.model_dump_json() + "\n")
+        return
+    out.print(status_view.tasks(found))
+
+
+@cli.command()
+def result(
+    task_id: Annotated[str, typer.Argument(help="A task's id.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole result as JSON.")
+    ] = False,
+) -> None:
+    """A finished task's result: a code task's response (exit 1 if its agent failed).
+    Exits 4 while the task is queued or running."""
+    state, value = guarded(lambda: ops.finished_result(task_id))
+    if state in ("queued", "running"):
+        fail(
+            f"task {task_id} is {state}: no result yet; follow it with "
+            f"`claudebox-pool logs -f {task_id}`",
+            EXIT_SESSION_STATE,
+        )
+    code_result = ops.as_code_result(value)
+    if as_json or code_result is None:
+        out.print_json(json.dumps(value))
+    else:
+        sys.stdout.write(code_result.response)
+        if code_result.response and not code_result.response.endswith("\n"):
+            sys.stdout.write("\n")
+        if not code_result.success:
+            err.print(f"[red]failed:[/] {escape(code_result.error or '')}", highlight=False)
+    raise typer.Exit(EXIT_FAILED if code_result is not None and not code_result.success else 0)
+
+
+@cli.command()
+def logs(
+    task_id: Annotated[
+        str | None, typer.Argument(help="A code task's id (see `tasks` or `status`).")
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep printing output as it comes, until the end."),
+    ] = False,
+    worker: Annotated[
+        str | None,
+        typer.Option(help="Show this process's log of a local pool instead (worker-1, beat...)."),
+    ] = None,
+) -> None:
+    """A code task's output so far (with -f, then as it comes until the task ends), or the log
+    of a process of the pool `up --detach` started."""
+    if worker is not None:
+        if task_id is not None:
+            fail("give a task id or --worker, not both", EXIT_USAGE)
+        path = guarded(lambda: pool_logs.log_file(get_settings(), worker))
+        with contextlib.suppress(KeyboardInterrupt):
+            pool_logs.show(path, follow)
+        return
+    if task_id is None:
+        fail("give a task id (see `claudebox-pool tasks`), or --worker NAME", EXIT_USAGE)
+    guarded(lambda: ops.require_known(task_id))
+    if follow:
+        run(live.follow(task_id, lambda event: show_event(event, err)))
+    else:
+        for event in run(ops.output_so_far(task_id)):
+            show_event(event, err)
+
+
+@cli.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
     """Check Redis, workers, the sandbox runtime and the Claude Code CLI."""
+    if as_json:
+        report = examine()
+        out.print_json(report.model_dump_json())
+        raise typer.Exit(0 if report.ok else EXIT_UNAVAILABLE)
     ok = doctor_report(out)
     raise typer.Exit(0 if ok else EXIT_UNAVAILABLE)
 
@@ -458,6 +653,22 @@ def install_cli() -> None:
     if done.returncode != 0:
         fail(f"npm could not install {package}", EXIT_FAILED)
     out.print(f"installed {package} in {target}")
+
+
+@cli.command()
+def health(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Exit 0 if the pool can take work (Redis answers, a worker is alive), else 3: for probes."""
+    report = pool_health()
+    if as_json:
+        sys.stdout.write(report.model_dump_json() + "\n")
+    elif report.healthy:
+        out.print(f"healthy: Redis answers, {report.workers_alive} worker(s) alive")
+    else:
+        for problem in report.problems:
+            err.print(f"[bold red]unhealthy:[/] {escape(problem)}", highlight=False)
+    raise typer.Exit(0 if report.healthy else EXIT_UNAVAILABLE)
 
 
 @cli.command()
@@ -756,7 +967,8 @@ def main() -> None:
             err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     celery_app.set_current()
     try:
-        cli()
+        # Named, not taken from argv[0]: completion scripts and usage lines say the command.
+        cli(prog_name="claudebox-pool")
     except InvalidSettingError as exc:
         # Settings are read on first use, wherever that is; commands that catch ClaudeBoxError
         # report it themselves with the same line and code.

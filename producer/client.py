@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import closing
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +35,7 @@ from claudebox_pool.tasks.models import (
     SandboxOptions,
     SessionRecord,
     TrajectoryTurn,
+    opened,
     parse_payload,
     read_session_json,
     validate_session_id,
@@ -160,7 +161,7 @@ class ClaudeBox:
             request.model_dump(mode="json"),
             timeout_s=pool.settings().lock_wait_s + WAIT_MARGIN_S,
         )
-        record = SessionRecord.model_validate(raw)
+        record = opened(raw)
         if self._workspace_dir is not None and not Path(record.workspace_path).is_relative_to(
             self._workspace_dir
         ):
@@ -188,18 +189,64 @@ class ClaudeBox:
         disallowed_tools: list[str] | None = None,
         *,
         on_output: OutputCallback | None = None,
+        on_start: Callable[[str], object] | None = None,
         **options: Unpack[CallOptions],
     ) -> CodeResult:
         """Run ``prompt`` in the session; the result says whether the agent succeeded.
 
         The options are documented in :mod:`producer.options`; ``env`` adds to the box's
         environment for this call. ``on_output`` is called with each :class:`StreamEvent`
-        (output lines, tool calls) while the agent runs. Abandoning the call (cancelling the
-        awaiting task, Ctrl-C) cancels the task in the pool too.
+        (output lines, tool calls) while the agent runs; ``on_start`` with the task's id as
+        soon as it is queued. Abandoning the call (cancelling the awaiting task, Ctrl-C)
+        cancels the task in the pool too.
         """
+        request = await self._code_request(
+            prompt, max_turns, allowed_tools, disallowed_tools, options, "code"
+        )
+        current = pool.settings()
+        wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
+        async with self._order:
+            self._task_id, route = await live.send(names.CODE, request.model_dump(mode="json"))
+            try:
+                if on_start is not None:
+                    on_start(self._task_id)
+                raw = await live.wait(self._task_id, wait_s, on_output, route)
+            finally:
+                self._task_id = None
+        return CodeResult.model_validate(raw)
+
+    async def start(
+        self,
+        prompt: str,
+        max_turns: int | None = None,
+        allowed_tools: list[str] | None = None,
+        disallowed_tools: list[str] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> str:
+        """Queue ``prompt`` in the session as :meth:`code` would, and return its task id without
+        waiting: the run goes on without this process (``claudebox-pool code --detach``).
+        Follow it with ``claudebox-pool logs -f ID``, read it with ``claudebox-pool result ID``.
+        """
+        request = await self._code_request(
+            prompt, max_turns, allowed_tools, disallowed_tools, options, "start"
+        )
+        async with self._order:
+            task_id, _ = await live.send(names.CODE, request.model_dump(mode="json"))
+        return task_id
+
+    async def _code_request(
+        self,
+        prompt: str,
+        max_turns: int | None,
+        allowed_tools: list[str] | None,
+        disallowed_tools: list[str] | None,
+        options: CallOptions,
+        method: str,
+    ) -> CodeRequest:
+        """The checked request of one call, its env values stored beside it (``env_travel``)."""
         unknown = options.keys() - CallOptions.__optional_keys__
         if unknown:
-            raise TypeError(f"code() got an unexpected keyword argument {min(unknown)!r}")
+            raise TypeError(f"{method}() got an unexpected keyword argument {min(unknown)!r}")
         if self._record is None:
             raise InvalidRequestError(
                 "this box is not open: use `async with ClaudeBox(...) as box:` or "
@@ -233,15 +280,7 @@ class ClaudeBox:
         refuse_unreachable_mcp(request.mcp_servers, current.egress_allow, self._record.egress_allow)
         with pool.map_redis_errors():
             client = await pool.redis_client()
-            request = await env_travel.send_beside(client, request, current.result_ttl_s)
-        wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
-        async with self._order:
-            self._task_id, route = await live.send(names.CODE, request.model_dump(mode="json"))
-            try:
-                raw = await live.wait(self._task_id, wait_s, on_output, route)
-            finally:
-                self._task_id = None
-        return CodeResult.model_validate(raw)
+            return await env_travel.send_beside(client, request, current.result_ttl_s)
 
     def stream(
         self,

@@ -45,10 +45,6 @@ DROP_WARM: Final = "claudebox_drop_warm"
 """Remote-control command: stop the warm sandbox a worker keeps for a session (it runs in the
 worker's main process, where warm sandboxes are kept)."""
 
-EVENT_RUNNING: Final = "task-running"
-"""Custom Celery event sent when a code task holds its session and starts the agent; monitors
-(Flower) then show the task in state RUNNING, with ``session_id`` and ``agent`` among its fields."""
-
 QUEUE: Final = "claudebox"
 """The queue every worker consumes."""
 

@@ -305,6 +305,12 @@ class Settings(BaseSettings):
         "pool that crashed (exited non-zero or by a signal); it doubles with each crash in a "
         "row, up to `CLAUDEBOX_UP_RESTART_MAX_DELAY_S`.",
     )
+    progress_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often `claudebox-pool submit` prints a progress line when its output "
+        "is not a terminal (a pipe, a CI log); each finished job prints a line too.",
+    )
     up_restart_max_delay_s: float = Field(
         default=60.0,
         gt=0,

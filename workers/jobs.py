@@ -16,7 +16,7 @@ from celery import Task
 
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.app import app
-from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError
+from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError, SessionNotFoundError
 from claudebox_pool.tasks.lifecycle import (
     CheckpointRequest,
     ForkRequest,
@@ -31,6 +31,7 @@ from claudebox_pool.tasks.models import (
     CleanupRequest,
     CodeRequest,
     OpenRequest,
+    SessionMissing,
     TrajectoryRequest,
     parse_payload,
 )
@@ -39,6 +40,7 @@ from claudebox_pool.workers import (
     archive,
     checkpoints,
     disk,
+    failed_runs,
     fanout,
     forks,
     moves,
@@ -66,8 +68,12 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
     if request.mode == "reconnect":
         refuse_if_elsewhere(ctx, request.session_id)
         # Reading session.json needs no lock: it is only ever replaced whole.
-        with registry.noting_corruption(ctx.redis, ctx.store):
-            record = ctx.store.load(request.session_id)
+        try:
+            with registry.noting_corruption(ctx.redis, ctx.store):
+                record = ctx.store.load(request.session_id)
+        except SessionNotFoundError:
+            # The routine probe before a create: an answer, not a failed task in monitors.
+            return SessionMissing(session_id=request.session_id).model_dump(mode="json")
         registry.put_if_corrupted(ctx.redis, record)
         return record.model_dump(mode="json")
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
@@ -84,6 +90,9 @@ def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     sent = parse_payload(CodeRequest, payload)
     result = sessions.code(self, ctx, env_travel.bring_back(ctx.redis, sent))
     env_travel.forget(ctx.redis, sent)
+    if not result.success:
+        # A failed task in monitors; the producer still gets the result (workers.failed_runs).
+        raise failed_runs.failed(self, result)
     return result.model_dump(mode="json")
 
 
