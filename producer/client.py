@@ -29,6 +29,7 @@ from claudebox_pool.tasks.models import (
     CleanupResult,
     CodeRequest,
     CodeResult,
+    OpenMode,
     OpenRequest,
     SandboxOptions,
     SessionRecord,
@@ -86,7 +87,7 @@ class ClaudeBox:
         self._egress_allow = tuple(egress_allow or ())
         self._agent: AgentName = agent or pool.settings().agent
         self._workspace_dir = Path(workspace_dir).expanduser() if workspace_dir else None
-        self._mode: str = "create"
+        self._mode: OpenMode = "create"
         self._record: SessionRecord | None = None
         self._order = asyncio.Lock()
         self._task_id: str | None = None
@@ -136,7 +137,7 @@ class ClaudeBox:
         await pool.ensure_workers()
         request = OpenRequest(
             session_id=self._session_id,
-            mode="reconnect" if self._mode == "reconnect" else "create",
+            mode=self._mode,
             ephemeral=self._ephemeral,
             sandbox=self._sandbox,
             budget_usd=self._budget_usd,
@@ -261,6 +262,50 @@ class ClaudeBox:
         box._mode = "reconnect"
         return _Reconnect(box)
 
+    @classmethod
+    def get_or_create(
+        cls,
+        session_id: str,
+        *,
+        cpus: int | None = None,
+        memory_mib: int | None = None,
+        disk_size_gb: int | None = None,
+        env: dict[str, str] | None = None,
+        template: str | None = None,
+        workspace_dir: str | Path | None = None,
+        agent: AgentName | None = None,
+        budget_usd: float | None = None,
+        egress_allow: list[str] | None = None,
+        template_session: str | None = None,
+        inputs: dict[str, str] | None = None,
+        **claude: Unpack[ClaudeOptions],
+    ) -> _Reconnect:
+        """The persistent session ``session_id``, created with these options if it does not
+        exist yet: ``async with ClaudeBox.get_or_create(id) as box`` or ``box = await ...``.
+
+        Race-free: the worker decides under the session's lock, so of many producers calling
+        it at once for one id exactly one creates the session and all of them get it. An
+        existing session keeps the sandbox, budget, egress and inputs it was created with; the
+        call options (``env``, ``agent``, the Claude options) apply to this box's calls.
+        """
+        box = cls(
+            session_id,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            disk_size_gb=disk_size_gb,
+            env=env,
+            template=template,
+            workspace_dir=workspace_dir,
+            agent=agent,
+            budget_usd=budget_usd,
+            egress_allow=egress_allow,
+            template_session=template_session,
+            inputs=inputs,
+            **claude,
+        )
+        box._mode = "get_or_create"
+        return _Reconnect(box)
+
     @staticmethod
     def list_sessions() -> list[SessionRecord]:
         """Every session of the pool (ephemeral ones included), oldest first.
@@ -335,7 +380,8 @@ class ClaudeBox:
 
 
 class _Reconnect:
-    """What ``ClaudeBox.reconnect`` returns: awaitable, and an async context manager."""
+    """What ``ClaudeBox.reconnect`` and ``get_or_create`` return: awaitable, and an async
+    context manager."""
 
     def __init__(self, box: ClaudeBox) -> None:
         self._box = box

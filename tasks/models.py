@@ -136,11 +136,16 @@ class SandboxOptions(_Message):
     template: str | None = Field(default=None, description="Sandbox image (boxlite runtime).")
 
 
+OpenMode = Literal["create", "reconnect", "get_or_create"]
+"""``get_or_create``: the session as it is if it exists, else a new one; decided under the
+session's lock, so that of many producers opening one id at once exactly one creates it."""
+
+
 class OpenRequest(_Message):
-    """Create a session (``create``) or check that it exists (``reconnect``)."""
+    """Create a session (``create``), check that it exists (``reconnect``), or either."""
 
     session_id: SessionId
-    mode: Literal["create", "reconnect"]
+    mode: OpenMode
     ephemeral: bool = False
     sandbox: SandboxOptions = SandboxOptions()
     budget_usd: float | None = Field(default=None, gt=0)

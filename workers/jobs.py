@@ -69,6 +69,8 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
         registry.put_if_corrupted(ctx.redis, record)
         return record.model_dump(mode="json")
     with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        if request.mode == "get_or_create" and (found := sessions.existing(ctx, request)):
+            return found.model_dump(mode="json")
         if request.template_session is None:
             return sessions.create_session(ctx, request, lock).model_dump(mode="json")
         template = forks.other(request.template_session, lock)
