@@ -12,6 +12,7 @@ import asyncio
 import uuid
 from collections.abc import Generator
 from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, Unpack
@@ -20,11 +21,12 @@ from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
 from claudebox_pool.producer.options import CallOptions, ClaudeOptions
-from claudebox_pool.tasks import env_travel, names
+from claudebox_pool.tasks import env_travel, names, registry
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
 from claudebox_pool.tasks.lifecycle import Checkpoint
 from claudebox_pool.tasks.models import (
+    SESSION_ID_PATTERN,
     CleanupRequest,
     CleanupResult,
     CodeRequest,
@@ -33,12 +35,13 @@ from claudebox_pool.tasks.models import (
     OpenRequest,
     SandboxOptions,
     SessionRecord,
+    SessionStatus,
     TrajectoryTurn,
     parse_payload,
     read_session_json,
     validate_session_id,
 )
-from claudebox_pool.tasks.registry import read_all
+from claudebox_pool.tasks.registry import STATUSES, read_all
 from claudebox_pool.tasks.settings import AgentName
 
 EPHEMERAL_PREFIX = "ephemeral-"
@@ -318,6 +321,42 @@ class ClaudeBox:
         with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
             records = read_all(client)
         return [seen for record in records if (seen := _as_seen_here(record)) is not None]
+
+    @staticmethod
+    async def alist_sessions(
+        prefix: str | None = None,
+        status: SessionStatus | None = None,
+        older_than: float | timedelta | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[SessionRecord]:
+        """Registered sessions in session-id order, filtered and paged by Redis, without
+        blocking the event loop and without reading the whole registry.
+
+        ``prefix``: ids starting with it; ``status``: of that status; ``older_than``: last
+        updated longer ago than that (seconds or a timedelta); ``limit``: at most that many;
+        ``after``: the cursor, the last session id of the previous page (the next page starts
+        at the first id after it). A page shorter than ``limit`` is the last one. Records are
+        the registry's, not checked against a disk (``list_sessions`` does that).
+        """
+        if prefix is not None and not SESSION_ID_PATTERN.fullmatch(prefix):
+            raise InvalidRequestError(
+                f"prefix={prefix!r} cannot begin a session id (letters, digits, '-' and '_')"
+            )
+        if limit is not None and limit < 1:
+            raise InvalidRequestError(f"limit={limit} must be at least 1")
+        if status is not None and status not in STATUSES:
+            raise InvalidRequestError(f"status={status!r} is none of {', '.join(STATUSES)}")
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        with pool.map_redis_errors():
+            return await registry.page(
+                await pool.redis_client(),
+                prefix=prefix,
+                status=status,
+                older_than_s=seconds,
+                limit=limit,
+                after=None if after is None else validate_session_id(after),
+            )
 
     @staticmethod
     async def cleanup_session(
