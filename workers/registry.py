@@ -54,7 +54,7 @@ return #ARGV - 1
 """
 
 
-def _stage(pipe: Pipeline, record: SessionRecord) -> None:
+def stage(pipe: Pipeline, record: SessionRecord) -> None:
     """The writes of one record: its entry and every index of it (tasks.registry), queued on a
     MULTI pipeline so that readers see all of them or none."""
     session_id = record.session_id
@@ -69,7 +69,7 @@ def _stage(pipe: Pipeline, record: SessionRecord) -> None:
 
 def put(client: redis.Redis, record: SessionRecord) -> None:
     pipe = client.pipeline()
-    _stage(pipe, record)
+    stage(pipe, record)
     pipe.execute()
 
 
@@ -157,7 +157,7 @@ def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:
             put_corrupted(client, store, exc)
             corrupted.append(session_id)
             continue
-        _stage(pipe, record)
+        stage(pipe, record)
         on_disk.add(session_id)
         if len(on_disk) % REINDEX_BATCH == 0:
             pipe.execute()
