@@ -31,6 +31,7 @@ from claudebox_pool.tasks.models import (
     CleanupResult,
     CodeRequest,
     CodeResult,
+    HistoryEntry,
     OpenMode,
     OpenRequest,
     SandboxOptions,
@@ -401,6 +402,19 @@ class ClaudeBox:
         (docs/trajectory.schema.json describes one turn)."""
         async with self._order:
             return await lifecycle.trajectory(self._session_id)
+
+    async def history(self, limit: int | None = None) -> list[HistoryEntry]:
+        """The session's history (history.jsonl), oldest first: its last ``limit`` entries, or
+        all; after this box's earlier calls. Read on the session's node, so it works from a
+        machine that cannot see the workers' disk."""
+        async with self._order:
+            return (await lifecycle.view(self._session_id, limit)).history
+
+    async def metadata(self) -> SessionRecord:
+        """The session's record as its session.json holds it now, after this box's earlier
+        calls (read on the session's node)."""
+        async with self._order:
+            return (await lifecycle.view(self._session_id, 0)).record
 
     def checkpoints(self) -> list[str]:
         """The names of the session's checkpoints, oldest first."""

@@ -35,6 +35,7 @@ from claudebox_pool.tasks.lifecycle import Checkpoint
 from claudebox_pool.tasks.models import (
     CleanupResult,
     CodeResult,
+    HistoryEntry,
     SessionRecord,
     SessionStatus,
     TrajectoryTurn,
@@ -346,6 +347,12 @@ class ClaudeBox:
 
     def restore(self, name: str) -> Checkpoint:
         return _LOOP.run(self._box.restore(name))
+
+    def history(self, limit: int | None = None) -> list[HistoryEntry]:
+        return _LOOP.run(self._box.history(limit))
+
+    def metadata(self) -> SessionRecord:
+        return _LOOP.run(self._box.metadata())
 
     def checkpoints(self) -> list[str]:
         return self._box.checkpoints()

@@ -453,6 +453,21 @@ def parse_payload(model: type[ModelT], payload: object) -> ModelT:
         raise InvalidRequestError(f"malformed {model.__name__}: {where}: {first['msg']}") from None
 
 
+class HistoryRequest(_Message):
+    """A session's record and its last ``limit`` history entries (None: all of them)."""
+
+    session_id: SessionId
+    limit: int | None = Field(default=None, ge=0)
+    enqueued_at: float = Field(default_factory=time.time)
+
+
+class SessionView(BaseModel):
+    """A session as its node's disk holds it: session.json and history.jsonl, oldest first."""
+
+    record: SessionRecord
+    history: list[HistoryEntry]
+
+
 class TrajectoryRequest(_Message):
     """One page of a session's trajectory: the turns from ``offset`` on."""
 

@@ -28,6 +28,8 @@ ADOPT: Final = "claudebox.adopt"
 """Bind a session whose files were copied onto this node to it (`claudebox-pool sessions move`)."""
 TRAJECTORY: Final = "claudebox.trajectory"
 """Read one page of a session's conversation from the CLI's transcript in its agent home."""
+HISTORY: Final = "claudebox.history"
+"""Read a session's session.json and history.jsonl on its node, for a producer anywhere."""
 
 DROP_WARM: Final = "claudebox_drop_warm"
 """Remote-control command: stop the warm sandbox a worker keeps for a session (it runs in the

@@ -30,7 +30,9 @@ from claudebox_pool.tasks.models import (
     AdoptRequest,
     CleanupRequest,
     CodeRequest,
+    HistoryRequest,
     OpenRequest,
+    SessionView,
     TrajectoryRequest,
     parse_payload,
 )
@@ -100,6 +102,20 @@ def trajectory_page(payload: dict[str, Any]) -> dict[str, Any]:
     request, ctx = parse_payload(TrajectoryRequest, payload), context()
     refuse_if_elsewhere(ctx, request.session_id)
     return trajectory.page(ctx, request).model_dump(mode="json")
+
+
+@app.task(name=names.HISTORY, throws=(ClaudeBoxError,))
+def session_history(payload: dict[str, Any]) -> dict[str, Any]:
+    # No lock: session.json is only ever replaced whole, history.jsonl only appended to (and a
+    # torn last line is skipped).
+    request, ctx = parse_payload(HistoryRequest, payload), context()
+    refuse_if_elsewhere(ctx, request.session_id)
+    with registry.noting_corruption(ctx.redis, ctx.store):
+        record = ctx.store.load(request.session_id)
+        entries = ctx.store.history(request.session_id)
+    if request.limit is not None:
+        entries = entries[len(entries) - request.limit :] if request.limit else []
+    return SessionView(record=record, history=entries).model_dump(mode="json")
 
 
 # --- checkpoints, forks, archives, moves ------------------------------------------------------
