@@ -61,7 +61,12 @@ from claudebox_pool.tasks.errors import (
 )
 from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.lifecycle import megabytes
-from claudebox_pool.tasks.models import ReindexResult, SessionView, validate_session_id
+from claudebox_pool.tasks.models import (
+    ReindexResult,
+    SessionStatus,
+    SessionView,
+    validate_session_id,
+)
 from claudebox_pool.tasks.settings import (
     CLAUDE_CLI_VERSION,
     AgentName,
@@ -473,9 +478,21 @@ def down(
 @sessions_cli.command("list")
 def sessions_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+    prefix: Annotated[str | None, typer.Option(help="Only ids starting with this.")] = None,
+    status: Annotated[
+        SessionStatus | None, typer.Option(help="Only sessions of this status.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many (a page).")] = None,
+    after: Annotated[
+        str | None, typer.Option(help="Start after this id: the last one of the previous page.")
+    ] = None,
 ) -> None:
-    """List every session of the pool."""
-    records = guarded(ClaudeBox.list_sessions)
+    """List every session of the pool, oldest first; with a filter or a page option, those
+    matching, in id order, filtered and paged by Redis."""
+    if prefix is None and status is None and limit is None and after is None:
+        records = guarded(ClaudeBox.list_sessions)
+    else:
+        records = run(ClaudeBox.alist_sessions(prefix, status, None, limit, after))
     if as_json:
         for record in records:
             sys.stdout.write(record.model_dump_json() + "\n")

@@ -4,6 +4,7 @@ step by the workers' writers and rebuilt by a reindex."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,7 @@ from claudebox_pool import ClaudeBox, ClaudeBoxError
 from claudebox_pool.tasks import keys, registry
 from claudebox_pool.tasks.models import SessionRecord, SessionStatus
 from claudebox_pool.workers import registry as writers
+from tests.support.processes import claudebox_pool
 
 STATUS_CYCLE: tuple[SessionStatus, ...] = ("created", "running", "stopped", "corrupted")
 
@@ -140,3 +142,14 @@ def test_bad_filters_are_refused_before_redis_is_asked(
 ) -> None:
     with pytest.raises(ClaudeBoxError, match=problem):
         listed(**filters)
+
+
+def test_the_cli_lists_a_page(pool_env: dict[str, str], clean_state: redis.Redis) -> None:
+    records = registered(clean_state)
+    betas = [r.session_id for r in records if r.session_id.startswith("beta")]
+    first = claudebox_pool("sessions", "list", "--prefix", "beta", "--limit", "3", "--json")
+    assert first.returncode == 0, first.stderr
+    page = [json.loads(line)["session_id"] for line in first.stdout.splitlines()]
+    second = claudebox_pool("sessions", "list", "--prefix", "beta", "--after", page[-1], "--json")
+    assert page + [json.loads(line)["session_id"] for line in second.stdout.splitlines()] == betas
+    assert page == betas[:3]
