@@ -40,7 +40,13 @@ if TYPE_CHECKING:
         WrongNodeError,
     )
     from claudebox_pool.tasks.lifecycle import Checkpoint
-    from claudebox_pool.tasks.models import CleanupResult, CodeResult, SessionRecord, TokenUsage
+    from claudebox_pool.tasks.models import (
+        CleanupResult,
+        CodeResult,
+        HistoryEntry,
+        SessionRecord,
+        TokenUsage,
+    )
     from claudebox_pool.tasks.streaming import StreamEvent
 
 _ERRORS = "claudebox_pool.tasks.errors"
@@ -56,6 +62,7 @@ _HOMES: dict[str, str] = {
     "Checkpoint": "claudebox_pool.tasks.lifecycle",
     "CleanupResult": "claudebox_pool.tasks.models",
     "CodeResult": "claudebox_pool.tasks.models",
+    "HistoryEntry": "claudebox_pool.tasks.models",
     "SessionRecord": "claudebox_pool.tasks.models",
     "TokenUsage": "claudebox_pool.tasks.models",
     "StreamEvent": "claudebox_pool.tasks.streaming",
@@ -88,6 +95,7 @@ __all__ = [
     "CodeResult",
     "CodeStream",
     "DiskFullError",
+    "HistoryEntry",
     "InvalidRequestError",
     "InvalidSessionIdError",
     "InvalidSettingError",
