@@ -73,6 +73,9 @@ def test_the_whole_api_blocks_inside_a_running_event_loop(
             seen.append(box.checkpoints())
         again = ClaudeBox.get_or_create("nb")
         seen.append(again.code("cat a.txt").response.strip())
+        # Not a method of the sync class: reached through the generic wrapper, made blocking.
+        seen.append([r.session_id for r in again.alist_sessions(prefix="nb")])
+        seen.append([e.action for e in again.history()][-1])
         again.close()
         seen.append([r.session_id for r in ClaudeBox.list_sessions_paged(prefix="n")])
         return seen
@@ -85,6 +88,8 @@ def test_the_whole_api_blocks_inside_a_running_event_loop(
         "one",
         ["first"],
         "one",
+        ["nb"],
+        "code_execution",
         ["nb"],
     ]
 
