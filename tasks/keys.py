@@ -3,7 +3,7 @@
 The whole keyspace, under one prefix so that it can be listed or cleared without touching
 Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
 
-    claudebox:sessions                hash   session id -> SessionInfo JSON (the registry)
+    claudebox:sessions                hash   session id -> SessionRecord JSON, defaults left out
     claudebox:sessions:updated        zset   session id scored by updated_at (epoch seconds)
     claudebox:sessions:ids            zset   every registered session id, score 0 (lex order)
     claudebox:sessions:status:<st>    zset   the ids of status <st>, score 0 (lex order)
