@@ -70,7 +70,12 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
             record = ctx.store.load(request.session_id)
         registry.put_if_corrupted(ctx.redis, record)
         return record.model_dump(mode="json")
-    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+    # Get-or-create racing a creator on another node finds the session bound there once it
+    # holds the lock: that is its answer (``sessions.existing``), not a wrong node.
+    check_node = request.mode != "get_or_create"
+    with session_lock(
+        self, ctx, request.session_id, request.enqueued_at, check_node=check_node
+    ) as lock:
         if request.mode == "get_or_create" and (found := sessions.existing(ctx, request)):
             return found.model_dump(mode="json")
         if request.template_session is None:
