@@ -63,7 +63,14 @@ class _Loop:
                 "(an on_output callback?); it would wait for itself. Use the async client "
                 "(claudebox_pool.ClaudeBox) there"
             )
-        return asyncio.run_coroutine_threadsafe(work, loop).result()
+        future = asyncio.run_coroutine_threadsafe(work, loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Ctrl-C while waiting: the call is abandoned on the loop too, which cancels its
+            # task in the pool as the async client does (a no-op when the call itself raised).
+            future.cancel()
+            raise
 
     def _started(self) -> asyncio.AbstractEventLoop:
         with self._starting:

@@ -4,6 +4,7 @@ plain script, and from a thread whose event loop is running (a notebook's)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import pytest
 import redis
 
 from claudebox_pool.sync import ClaudeBox
+from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.streaming import StreamEvent
-from tests.support.processes import REPO, Worker
+from tests.support.processes import REPO, Worker, wait_for
 
 # The guide's "Persistent Session (First Time)" and "Basic Reconnection" examples, with the sync
 # client: no asyncio, no await. The shell agent runs the prompts.
@@ -102,3 +104,40 @@ def test_a_blocking_call_from_the_clients_own_loop_fails_at_once(
 
     with ClaudeBox() as box, pytest.raises(RuntimeError, match="own event loop"):
         box.code("echo hi", on_output=on_output)
+
+
+INTERRUPTED_SCRIPT = """
+from claudebox_pool.sync import ClaudeBox
+
+box = ClaudeBox(session_id="interrupted").__enter__()
+print("open", flush=True)
+try:
+    box.code("sleep 60")
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+box.close()
+"""
+
+
+def test_ctrl_c_in_a_blocking_call_cancels_its_task(
+    pool: list[Worker], clean_state: redis.Redis, pool_env: dict[str, str]
+) -> None:
+    script = subprocess.Popen(
+        [sys.executable, "-c", INTERRUPTED_SCRIPT],
+        cwd=REPO,
+        env=pool_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert script.stdout is not None and script.stdout.readline() == "open\n"
+        lock = keys.session_lock("interrupted")
+        wait_for(lambda: clean_state.exists(lock), 60, "the call to take the session's lock")
+        script.send_signal(signal.SIGINT)
+        out, err = script.communicate(timeout=60)
+    finally:
+        script.kill()
+    assert (script.returncode, out) == (0, "interrupted\n"), err
+    # The agent's 60-second sleep was stopped: the lock went well before it would have ended.
+    wait_for(lambda: not clean_state.exists(lock), 20, "the cancelled call to let the lock go")
