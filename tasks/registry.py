@@ -11,8 +11,9 @@ cursor, so its cost depends on the page, never on how many sessions there are.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Final, get_args
+from typing import Any, Final, get_args
 
 import redis
 import redis.asyncio
@@ -122,24 +123,28 @@ async def page(
         first = f"({after}"
     before = "" if older_than_s is None else repr(time.time() - older_than_s)
     walked = keys.registry_ids() if status is None else keys.registry_status(status)
-    found: list[SessionRecord] = []
-    cursor: str | None = first
-    while cursor is not None and (limit is None or len(found) < limit):
-        wanted = PAGE_CALL_IDS if limit is None else min(PAGE_CALL_IDS, limit - len(found))
-        reply = await client.eval(
-            _PAGE,
-            3,
-            walked,
-            keys.registry_by_updated(),
-            keys.registry(),
-            cursor,
-            last,
-            wanted,
-            before,
-            PAGE_CALL_SCAN,
+
+    def call(cursor: str, had: int) -> asyncio.Future[Any]:
+        wanted = PAGE_CALL_IDS if limit is None else min(PAGE_CALL_IDS, limit - had)
+        keys_and_args = (walked, keys.registry_by_updated(), keys.registry(), cursor, last)
+        return asyncio.ensure_future(
+            client.eval(_PAGE, 3, *keys_and_args, wanted, before, PAGE_CALL_SCAN)
         )
-        entries: bytes = reply[1]
-        found.extend(record for raw in entries.split(b"\n") if (record := parse(raw)) is not None)
-        went_to = text(reply[0])
-        cursor = f"({went_to}" if went_to else None
+
+    found: list[SessionRecord] = []
+    pending = call(first, 0)
+    try:
+        while True:
+            reply = await pending
+            went_to = text(reply[0])
+            raws = reply[1].split(b"\n") if reply[1] else []
+            more = bool(went_to) and (limit is None or len(found) + len(raws) < limit)
+            if more:
+                # Asked before this reply is parsed, so that Redis walks on meanwhile.
+                pending = call(f"({went_to}", len(found) + len(raws))
+            found.extend(record for raw in raws if (record := parse(raw)) is not None)
+            if not more:
+                break
+    finally:
+        pending.cancel()  # a no-op once awaited; else the caller was cancelled mid-listing
     return found
