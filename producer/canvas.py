@@ -36,6 +36,7 @@ from claudebox_pool.producer import journal, pool, routing
 from claudebox_pool.producer.batch import Job, JobResult, by_session, plan
 from claudebox_pool.producer.client import ClaudeBox
 from claudebox_pool.producer.journal import Sent
+from claudebox_pool.producer.options import refuse_unreachable_mcp
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import SessionAlreadyExistsError, SessionNotFoundError
@@ -65,6 +66,10 @@ async def enqueue(
     todo = [job for job in plan(jobs) if job.id not in finished]
     if not todo:
         return []
+    for job in todo:
+        # Checked before any session is opened: a batch gives its sessions no hosts of their
+        # own, so the workers' allow-list is the whole list (for a job's named session too).
+        refuse_unreachable_mcp(job.mcp_servers, pool.settings().egress_allow)
     await pool.ensure_workers()
     groups = by_session(todo)
     opened = await asyncio.gather(*(_open(session_jobs[0]) for session_jobs in groups.values()))

@@ -188,6 +188,11 @@ def exec_celery(
     os.execvpe(argv[0], argv, {**kept, **(env or {})})
 
 
+def _banner_off_in_json() -> list[str]:
+    """Celery's --quiet where logs are JSON lines: its start banner is not one."""
+    return ["--quiet"] if get_settings().log_format == "json" else []
+
+
 @cli.command()
 def worker(
     concurrency: Annotated[
@@ -206,8 +211,10 @@ def worker(
     )
 
     choice = guarded(lambda: choose(get_settings().runtime))
-    err.print(f"runtime: {choice.reason}", highlight=False)
+    if get_settings().log_format == "text":  # the worker logs it too; JSON logs hold only JSON
+        err.print(f"runtime: {choice.reason}", highlight=False)
     arguments = [
+        *_banner_off_in_json(),
         "-A",
         "claudebox_pool.workers.app",
         "worker",
@@ -234,6 +241,7 @@ def beat(loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INF
     schedule = private_dir(settings.home / "run") / "celerybeat-schedule"
     exec_celery(
         [
+            *_banner_off_in_json(),
             "-A",
             "claudebox_pool.tasks.app",
             "beat",

@@ -15,18 +15,19 @@ from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, Unpack
+from typing import Any, Self, Unpack, cast
 
 from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
-from claudebox_pool.producer.options import CallOptions, ClaudeOptions
+from claudebox_pool.producer.options import CallOptions, ClaudeOptions, refuse_unreachable_mcp
 from claudebox_pool.tasks import env_travel, names, registry
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
 from claudebox_pool.tasks.lifecycle import Checkpoint
 from claudebox_pool.tasks.models import (
     SESSION_ID_PATTERN,
+    BoxDefaults,
     CleanupRequest,
     CleanupResult,
     CodeRequest,
@@ -90,6 +91,9 @@ class ClaudeBox:
         self._budget_usd = budget_usd
         self._egress_allow = tuple(egress_allow or ())
         self._agent: AgentName = agent or pool.settings().agent
+        # Kept in session.json for a producer that reconnects; mcp_servers (tokens) are not.
+        kept = {name: value for name, value in claude.items() if name != "mcp_servers"}
+        self._defaults = parse_payload(BoxDefaults, {"agent": agent, **kept})
         self._workspace_dir = Path(workspace_dir).expanduser() if workspace_dir else None
         self._mode: OpenMode = "create"
         self._record: SessionRecord | None = None
@@ -148,6 +152,7 @@ class ClaudeBox:
             egress_allow=self._egress_allow,
             template_session=self._template_session,
             inputs=self._inputs,
+            defaults=self._defaults,
         )
         raw = await pool.call(
             names.OPEN,
@@ -165,6 +170,13 @@ class ClaudeBox:
             )
         self._record = record
         self._ephemeral = record.ephemeral
+        if self._mode != "create":
+            # The options the box was created with, kept in its session.json; those given to
+            # get_or_create win over them (a reconnect gives none).
+            kept = record.defaults.model_dump(exclude_none=True)
+            stored_agent = kept.pop("agent", None)
+            self._agent = self._defaults.agent or stored_agent or self._agent
+            self._claude = cast(ClaudeOptions, {**kept, **self._claude})
 
     async def code(
         self,
@@ -216,6 +228,7 @@ class ClaudeBox:
                 "sandbox": self._sandbox,
             },
         )
+        refuse_unreachable_mcp(request.mcp_servers, current.egress_allow, self._record.egress_allow)
         with pool.map_redis_errors():
             client = await pool.redis_client()
             request = await env_travel.send_beside(client, request, current.result_ttl_s)
@@ -289,8 +302,9 @@ class ClaudeBox:
 
         Race-free: the worker decides under the session's lock, so of many producers calling
         it at once for one id exactly one creates the session and all of them get it. An
-        existing session keeps the sandbox, budget, egress and inputs it was created with; the
-        call options (``env``, ``agent``, the Claude options) apply to this box's calls.
+        existing session keeps the sandbox, budget, egress and inputs it was created with; its
+        calls take the options it was created with (``agent``, the Claude options), under the
+        ones given here, and ``env`` as given here.
         """
         box = cls(
             session_id,

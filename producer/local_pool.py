@@ -11,7 +11,8 @@ Each process runs in a process group of its own, so that a Ctrl-C in the termina
 shutdown (running tasks finish, queued ones stay in Redis), and the Redis it started last, once
 nothing needs it. A second Ctrl-C turns that into a cold shutdown: running tasks are stopped
 and go back to the queue. In the foreground the processes' output is one stream, each line
-prefixed with its process's name; with ``--detach`` it goes to ``<home>/run/logs/<name>.log``.
+prefixed with its process's name; with ``--detach`` it goes to ``<home>/run/logs/<name>.log``,
+rotated by size (``producer.logfiles``).
 
 ``up`` supervises what it started, restarting what crashes (``supervisor``); ``up --detach``
 starts that supervisor in a session of its own and returns once the pool is ready. The
@@ -271,7 +272,13 @@ def up(
     try:
         pool = _start(
             settings,
-            Launcher(out, logs_dir(settings) if detach else None),
+            Launcher(
+                out,
+                logs_dir(settings) if detach else None,
+                settings.log_max_bytes,
+                settings.log_backups,
+                settings.log_format == "json",
+            ),
             workers,
             concurrency,
             flower_port,
@@ -322,7 +329,11 @@ def _start(
         for index in range(1, workers + 1):
             name = f"w{index}@{host}"
             argv = _cli("worker", "--concurrency", str(concurrency), "--hostname", name)
-            pool.celery.append(Child(f"worker-{index}", argv, _child_env(settings)))
+            env = _child_env(settings)
+            if settings.metrics_port:
+                # One port a worker: each serves its own metrics.
+                env["CLAUDEBOX_METRICS_PORT"] = str(settings.metrics_port + index - 1)
+            pool.celery.append(Child(f"worker-{index}", argv, env))
             pool.state.worker_names.append(name)
         beat_env = _child_env(settings, WORKER_ONLY_ENV + FLOWER_ONLY_ENV)
         pool.celery.append(Child("beat", _cli("beat"), beat_env))

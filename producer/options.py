@@ -14,10 +14,15 @@ None too.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypedDict, cast
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from claudebox_pool.tasks.allowlist import AllowList
+from claudebox_pool.tasks.errors import InvalidRequestError
+from claudebox_pool.tasks.models import McpRemoteServer, McpServer, McpServerName
 from claudebox_pool.tasks.settings import AgentName
 
 PermissionMode = Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"]
@@ -51,6 +56,10 @@ class ClaudeOptions(TypedDict, total=False):
     """More directories the agent may use, absolute paths inside the sandbox (``--add-dir``)."""
     include_partial_messages: bool | None
     """Partial text reaches ``box.stream()`` as it is generated."""
+    mcp_servers: dict[str, dict[str, Any]] | None
+    """MCP servers, name to config as the Claude Agent SDK takes them: ``{"command", "args",
+    "env"}`` (stdio, run inside the sandbox) or ``{"type": "http" | "sse", "url", "headers"}``,
+    whose host must be on the egress allow-list (claude's ``--mcp-config``, strict)."""
 
 
 class CallOptions(ClaudeOptions, total=False):
@@ -99,6 +108,7 @@ class OptionFields(BaseModel):
     settings: dict[str, Any] | None = None
     add_dirs: list[str] = Field(default_factory=list)
     include_partial_messages: bool | None = None
+    mcp_servers: dict[McpServerName, McpServer] | None = None
     max_turns: int | None = Field(default=None, gt=0)
     allowed_tools: list[str] = Field(default_factory=list)
     disallowed_tools: list[str] = Field(default_factory=list)
@@ -106,3 +116,21 @@ class OptionFields(BaseModel):
     def code_options(self) -> CodeOptions:
         """These fields, as the keywords of a code call."""
         return cast(CodeOptions, {name: getattr(self, name) for name in OptionFields.model_fields})
+
+
+def refuse_unreachable_mcp(
+    servers: Mapping[str, McpServer] | None, *egress_allow: Iterable[str]
+) -> None:
+    """InvalidRequestError naming the host of an http or sse MCP server that the egress
+    allow-list (the union of ``egress_allow``) would not let the sandbox reach: refused here,
+    before queueing, rather than failing inside the agent's run."""
+    allow = AllowList.of(*egress_allow)
+    for name, server in (servers or {}).items():
+        if isinstance(server, McpRemoteServer) and not allow.allows_url(server.url):
+            # The name and port alone: a URL's user:password part must not reach a message.
+            parts = urlsplit(server.url)
+            host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+            raise InvalidRequestError(
+                f"MCP server {name!r} is at {host}, which is not on the egress allow-list; add "
+                f"it to CLAUDEBOX_EGRESS_ALLOW or to ClaudeBox(egress_allow=[{host!r}])"
+            )

@@ -22,6 +22,8 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.text import Text
 
+from claudebox_pool.producer.logfiles import RotatingLog, copy_lines
+
 COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "bright_red")
 SUPERVISE_POLL_S = 0.2
 
@@ -95,35 +97,39 @@ class Launcher:
     out: Console
     logs: Path | None
     """Where each process's output goes, ``<name>.log``; None: to ``out``, line by line."""
+    max_bytes: int = 0
+    """Size at which a log file is rotated (:mod:`producer.logfiles`); 0: never."""
+    backups: int = 1
+    json_lines: bool = False
+    """Whether log files hold JSON lines only (``CLAUDEBOX_LOG_FORMAT=json``)."""
     pumps: list[threading.Thread] = field(default_factory=list)
     colours: Iterator[str] = field(default_factory=lambda: itertools.cycle(COLOURS))
 
     def start(
         self, name: str, argv: list[str], env: dict[str, str] | None = None, umask: int = -1
     ) -> Member:
-        output: IO[bytes] | int = subprocess.PIPE
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            umask=umask,
+        )
+        assert proc.stdout is not None
         if self.logs is not None:
             self.logs.mkdir(parents=True, exist_ok=True)
-            output = (self.logs / f"{name}.log").open("ab")
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-                umask=umask,
+            log = RotatingLog(
+                self.logs / f"{name}.log", self.max_bytes, self.backups, self.json_lines
             )
-        finally:
-            if not isinstance(output, int):
-                output.close()
-        if proc.stdout is not None:
+            pump = threading.Thread(target=copy_lines, args=(proc.stdout, log), daemon=True)
+        else:
             pump = threading.Thread(
                 target=self._pump, args=(name, proc.stdout, next(self.colours)), daemon=True
             )
-            pump.start()
-            self.pumps.append(pump)
+        pump.start()
+        self.pumps.append(pump)
         return Member(name, proc.pid, start_ticks(proc.pid), proc)
 
     def _pump(self, name: str, stream: IO[bytes], colour: str) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from celery import Celery
 
-from claudebox_pool.tasks import names
+# logs: its Celery signal handlers set the log format of every worker and beat.
+from claudebox_pool.tasks import logs, names  # noqa: F401
 from claudebox_pool.tasks.monitoring import RedactedTask, RedactingAMQP
 from claudebox_pool.tasks.schedule import beat_schedule
 from claudebox_pool.tasks.settings import Settings, get_settings

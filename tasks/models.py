@@ -12,8 +12,18 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+)
 
 from claudebox_pool.tasks.errors import (
     ClaudeBoxError,
@@ -136,6 +146,30 @@ class SandboxOptions(_Message):
     template: str | None = Field(default=None, description="Sandbox image (boxlite runtime).")
 
 
+class BoxDefaults(_Message):
+    """The options a box was created with, kept in its session.json, so that a producer that
+    reconnects later calls with them too (``producer.options.ClaudeOptions`` describes them).
+
+    ``mcp_servers`` and ``env`` are not kept: their values hold tokens as often as not, and
+    session.json and the registry are read by anyone who lists sessions.
+    """
+
+    agent: AgentName | None = None
+    model: str | None = Field(default=None, min_length=1)
+    fallback_model: str | None = Field(default=None, min_length=1)
+    system_prompt: str | None = None
+    append_system_prompt: str | None = None
+    json_schema: dict[str, Any] | None = None
+    permission_mode: (
+        Literal["acceptEdits", "auto", "bypassPermissions", "manual", "dontAsk", "plan"] | None
+    ) = None
+    effort: Literal["low", "medium", "high", "xhigh", "max"] | None = None
+    agents: dict[str, dict[str, Any]] | None = None
+    settings: dict[str, Any] | None = None
+    add_dirs: list[str] | None = None
+    include_partial_messages: bool | None = None
+
+
 OpenMode = Literal["create", "reconnect", "get_or_create"]
 """``get_or_create``: the session as it is if it exists, else a new one; decided under the
 session's lock, so that of many producers opening one id at once exactly one creates it."""
@@ -152,6 +186,7 @@ class OpenRequest(_Message):
     egress_allow: tuple[str, ...] = ()
     template_session: SessionId | None = None
     inputs: dict[InputName, SessionId] = Field(default_factory=dict)
+    defaults: BoxDefaults = BoxDefaults()
     enqueued_at: float = Field(default_factory=time.time)
 
 
@@ -175,6 +210,45 @@ def _sandbox_dir(path: str) -> str:
     return path
 
 
+class McpStdioServer(_Message):
+    """An MCP server the CLI starts inside the sandbox and speaks to over stdin and stdout."""
+
+    type: Literal["stdio"] = "stdio"
+    command: str = Field(min_length=1, description="The program, as the sandbox sees it.")
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+def _web_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"MCP server url {url!r} must be an http:// or https:// URL with a host")
+    return url
+
+
+class McpRemoteServer(_Message):
+    """An MCP server the CLI reaches over HTTP (``http``: streamable HTTP; ``sse``), through
+    the egress proxy: its host must be on the session's egress allow-list."""
+
+    type: Literal["http", "sse"]
+    url: Annotated[str, AfterValidator(_web_url)]
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+def _mcp_kind(value: Any) -> str:
+    kind = value.get("type", "stdio") if isinstance(value, dict) else value.type
+    return "remote" if kind in ("http", "sse") else str(kind)
+
+
+McpServer = Annotated[
+    Annotated[McpStdioServer, Tag("stdio")] | Annotated[McpRemoteServer, Tag("remote")],
+    Discriminator(_mcp_kind),
+]
+"""One MCP server's config, as the Claude Agent SDK's ``mcp_servers`` holds it."""
+McpServerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+"""The agent sees a server's tools as ``mcp__<name>__<tool>``."""
+
+
 class CodeRequest(_Message):
     session_id: SessionId
     prompt: str
@@ -195,6 +269,7 @@ class CodeRequest(_Message):
     settings: dict[str, Any] | None = None
     add_dirs: tuple[Annotated[str, AfterValidator(_sandbox_dir)], ...] = ()
     include_partial_messages: bool | None = None
+    mcp_servers: dict[McpServerName, McpServer] | None = None
     env: dict[str, str] = Field(default_factory=dict)
     env_ref: str | None = Field(
         default=None,
@@ -340,6 +415,7 @@ class SessionRecord(BaseModel):
     checkpoints: list[str] = Field(default_factory=list)
     claude_session_id: str | None = None
     sandbox: SandboxOptions = SandboxOptions()
+    defaults: BoxDefaults = BoxDefaults()
     node: str = ""
     fence: int = 0
     sandbox_uid: int | None = None

@@ -52,9 +52,12 @@ CLI_BETAS = (
     "advanced-tool-use-2025-11-20",
     "effort-2025-11-24",
     "thinking-display-updates-2026-08-18",
+    "afk-mode-2026-01-31",
+    "dangerous-tool-use-2026-09-03",
 )
 """The `anthropic-beta` values that CLI release sends (measured with the scripted model server
-of `tests/support/model_server.py`): the model gateway's default allow-list."""
+of `tests/support/model_server.py`; the last two only with `--permission-mode plan` or `auto`):
+the model gateway's default allow-list."""
 
 
 class ModelPrice(BaseModel):
@@ -226,6 +229,23 @@ class Settings(BaseSettings):
         gt=0,
         description="Most bytes of names a result and history list in `files_created`.",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="Log records of workers and beat: `text` (Celery's line, its message on one "
+        "line with control characters escaped) or `json` (one JSON object a line).",
+    )
+    log_max_bytes: int = Field(
+        default=10_000_000,
+        ge=0,
+        description="Size at which `up --detach` rotates a process's log file to `<name>.log.1` "
+        "(0: never).",
+    )
+    log_backups: int = Field(
+        default=5,
+        ge=1,
+        description="Rotated log files `up --detach` keeps of each process (`<name>.log.1` "
+        "is the newest).",
+    )
     stream_max_bytes: int = Field(
         default=8_000_000,
         gt=0,
@@ -303,6 +323,18 @@ class Settings(BaseSettings):
         default=16,
         gt=0,
         description="Most warm sandboxes one worker keeps; past it the longest idle is stopped.",
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port on which each worker serves its Prometheus metrics (`/metrics`); "
+        "unset or 0: no metrics. `up --workers N` gives its workers this port and the next N-1.",
+    )
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="Address the workers' metrics server binds; `0.0.0.0` in a container whose "
+        "port only the internal network reaches.",
     )
     claude_cli: Path | None = Field(
         default=None,

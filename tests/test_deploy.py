@@ -3,11 +3,13 @@ for what a production pool needs (passwords, persistence, one beat, warm shutdow
 
 Tools: the Compose specification's JSON schema (vendored by check-jsonschema), the Kubernetes
 OpenAPI schemas (kubernetes-validate), hadolint for the Dockerfile, `systemd-analyze verify`
-for the units and `kubectl kustomize` for the overlays (each of the last two where installed).
+for the units and `kubectl kustomize` for the overlays (each of the last two where installed),
+and Grafana's own dashboard models (grafana-foundation-sdk) for the dashboard.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,8 +21,14 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from grafana_foundation_sdk.cog.encoder import JSONEncoder as GrafanaEncoder
+from grafana_foundation_sdk.cog.plugins import register_default_plugins
+from grafana_foundation_sdk.models.dashboard import Dashboard as GrafanaDashboard
 
-from claudebox_pool.tasks.settings import CLAUDE_CLI_VERSION, Settings
+from claudebox_pool.tasks.connections import sync_redis
+from claudebox_pool.tasks.settings import CLAUDE_CLI_VERSION, Settings, get_settings
+from claudebox_pool.workers.metrics import PoolCollector, Recorded
+from claudebox_pool.workers.store import SessionStore
 from tests.support.processes import REPO
 
 DEPLOY = REPO / "deploy"
@@ -303,3 +311,123 @@ def test_systemd_units_read_secrets_from_a_file_and_stop_warm() -> None:
     assert "KillMode=mixed" in worker
     stop = re.search(r"TimeoutStopSec=(\S+)", worker)
     assert stop is not None and duration_s(stop.group(1)) > STOP_AFTER_S
+
+
+# Monitoring: the workers' metrics, Prometheus and the Grafana dashboard
+
+DASHBOARD = DEPLOY / "grafana" / "claudebox.json"
+METRIC = re.compile(r"\bclaudebox_[a-z0-9_]+\b")
+SAMPLE_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "gauge": ("",),
+}
+
+
+def dashboard() -> Manifest:
+    loaded: Manifest = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def lost(original: Any, loaded: Any, path: str = "") -> list[str]:
+    """Where ``loaded`` misses or changes something of ``original``, as paths."""
+    if isinstance(original, dict):
+        if not isinstance(loaded, dict):
+            return [path]
+        return [
+            where
+            for key, value in original.items()
+            for where in (
+                lost(value, loaded[key], f"{path}.{key}") if key in loaded else [f"{path}.{key}"]
+            )
+        ]
+    if isinstance(original, list):
+        if not isinstance(loaded, list) or len(original) != len(loaded):
+            return [path]
+        return [
+            where
+            for index, (a, b) in enumerate(zip(original, loaded, strict=True))
+            for where in lost(a, b, f"{path}[{index}]")
+        ]
+    return [] if original == loaded else [f"{path}: {original!r} became {loaded!r}"]
+
+
+def not_in_grafanas_schema(board: Manifest) -> list[str]:
+    """What Grafana's own dashboard models (grafana-foundation-sdk, generated from Grafana's
+    schemas, with its panel and Prometheus query types) do not carry: they load what they know
+    and drop the rest, so a key the schema lacks, misspelt or misplaced, is listed."""
+    register_default_plugins()
+    loaded = json.loads(json.dumps(GrafanaDashboard.from_json(board), cls=GrafanaEncoder))
+    return lost(board, loaded)
+
+
+def queries(board: Manifest) -> list[str]:
+    return [target["expr"] for panel in board["panels"] for target in panel.get("targets", [])]
+
+
+def defined_samples(settings: Settings) -> dict[str, set[str]]:
+    """Each metric family the workers serve, with the names its samples carry."""
+    families = [family for metric in vars(Recorded()).values() for family in metric.collect()]
+    store = SessionStore(settings.sessions_root)
+    collector = PoolCollector(settings, sync_redis(settings), store, lambda: {"idle": 0})
+    families += list(collector.collect())
+    return {
+        family.name: {family.name + suffix for suffix in SAMPLE_SUFFIXES[family.type]}
+        for family in families
+    }
+
+
+def test_the_grafana_dashboard_loads_into_grafanas_dashboard_schema_whole() -> None:
+    board = dashboard()
+    misspelt = json.loads(DASHBOARD.read_text().replace('"gridPos"', '"gridpos"', 1))
+    misplaced = json.loads(DASHBOARD.read_text().replace('"legendFormat"', '"legend"', 1))
+
+    assert not_in_grafanas_schema(board) == []
+    # The check does catch a wrong key, in a panel and in a Prometheus query.
+    assert not_in_grafanas_schema(misspelt) != []
+    assert not_in_grafanas_schema(misplaced) != []
+    assert {panel["type"] for panel in board["panels"]} <= {"row", "timeseries", "stat"}
+    assert {
+        target["datasource"]["type"]
+        for panel in board["panels"]
+        for target in panel.get("targets", [])
+    } == {"prometheus"}
+
+
+def test_every_dashboard_query_reads_metrics_the_workers_serve_and_every_metric_has_a_panel(
+    pool_env: dict[str, str],
+) -> None:
+    served = defined_samples(get_settings())
+    samples = set().union(*served.values())
+    read = {name for expr in queries(dashboard()) for name in METRIC.findall(expr)}
+
+    assert read - samples == set()
+    assert {family for family, names in served.items() if not names & read} == set()
+
+
+def test_metrics_ports_stay_on_the_internal_networks() -> None:
+    services = compose()["services"]
+    worker = services["worker"]
+    port = int(worker["environment"]["CLAUDEBOX_METRICS_PORT"])
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    config = by_kind(resources(DEPLOY / "k8s" / "base"), "ConfigMap", "claudebox-config")
+
+    assert "ports" not in worker and worker["expose"] == [str(port)]
+    assert jobs["claudebox-workers"]["dns_sd_configs"] == [
+        {"names": ["worker"], "type": "A", "port": port, "refresh_interval": "30s"}
+    ]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        assert [p.split(":")[0] for p in services[name]["ports"]] == ["127.0.0.1"]
+    assert int(config["data"]["CLAUDEBOX_METRICS_PORT"]) == port
+    for overlay in OVERLAYS:
+        manifests = resources(DEPLOY / "k8s" / overlay)
+        [worker_container] = [c for c in containers(manifests) if c["name"] == "worker"]
+        assert {"name": "metrics", "containerPort": port} in worker_container["ports"]
+        kind = "Deployment" if overlay == "shared" else "StatefulSet"
+        pod = by_kind(manifests, kind, "claudebox-worker")["spec"]["template"]["metadata"]
+        assert pod["annotations"]["prometheus.io/port"] == str(port)
+        service = by_kind(manifests, "Service", "claudebox-worker-metrics")["spec"]
+        assert service.get("type", "ClusterIP") == "ClusterIP"
+        assert service["ports"] == [{"name": "metrics", "port": port, "targetPort": "metrics"}]

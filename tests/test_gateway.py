@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from claudebox_pool.tasks.allowlist import AllowList, Target
 from claudebox_pool.tasks.settings import CLI_BETAS
 from claudebox_pool.workers.gateway import (
     DEFAULT_PRICES,
@@ -31,7 +32,6 @@ from claudebox_pool.workers.gateway import (
     bridged_argv,
     sandbox_env,
 )
-from claudebox_pool.workers.gateway.allowlist import AllowList, Target
 from claudebox_pool.workers.gateway.policy import RequestPolicy
 from claudebox_pool.workers.gateway.pricing import price_for
 from claudebox_pool.workers.gateway.usage import StreamMeter

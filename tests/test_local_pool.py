@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -198,3 +199,35 @@ def flower_status(port: int, credentials: str | None) -> int:
         return exc.code
     except OSError:
         return 0
+
+
+def free_port_pair() -> int:
+    """A port that is free with the next one, below the ephemeral range (where a connection's
+    own port could take the second at any time)."""
+    for first in range(20_000, 32_000, 2):
+        with socket.socket() as one, socket.socket() as two:
+            try:
+                one.bind(("127.0.0.1", first))
+                two.bind(("127.0.0.1", first + 1))
+            except OSError:
+                continue
+            return first
+    raise RuntimeError("no two free ports in a row")
+
+
+def test_up_gives_each_worker_a_metrics_port_of_its_own(local_pool: LocalPool) -> None:
+    first = free_port_pair()
+    local_pool.env["CLAUDEBOX_METRICS_PORT"] = str(first)
+
+    started = local_pool.run("up", "--detach", "--workers", "2", "--concurrency", "1")
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        for port in (first, first + 1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+                assert 'claudebox_queue_depth{queue="claudebox"} 0.0' in page.read().decode()
+    finally:
+        stopped = local_pool.run("down")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert not (local_pool.home / ".claudebox" / "run" / "metrics").exists() or not any(
+        (local_pool.home / ".claudebox" / "run" / "metrics").iterdir()
+    )

@@ -13,11 +13,11 @@ import redis
 from claudebox_pool.producer import canvas
 from claudebox_pool.producer.batch import read_jobs
 from claudebox_pool.producer.client import ClaudeBox
-from claudebox_pool.producer.options import CallOptions, CodeOptions, OptionFields
-from claudebox_pool.tasks import env_travel, names
+from claudebox_pool.producer.options import CallOptions, ClaudeOptions, CodeOptions, OptionFields
+from claudebox_pool.tasks import env_travel, keys, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import InvalidRequestError
-from claudebox_pool.tasks.models import CodeRequest
+from claudebox_pool.tasks.models import BoxDefaults, CodeRequest
 from tests.conftest import WorkerFactory
 
 LIMITS = ["max_turns", "allowed_tools", "disallowed_tools"]
@@ -104,3 +104,68 @@ def test_a_raw_message_over_the_prompt_limit_is_refused_by_the_worker(
             await asyncio.to_thread(result.get, timeout=60)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        (
+            "jobs.jsonl",
+            '{"id": "a", "prompt": "p", "mcp_servers": {"fs": {"command": "x", "argz": []}}}\n',
+        ),
+        ("jobs.yaml", "- id: a\n  prompt: p\n  mcp_servers:\n    web: {type: http, url: 7}\n"),
+    ],
+)
+def test_a_misspelt_or_mistyped_mcp_server_in_a_jobs_file_is_refused(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    jobs = tmp_path / name
+    jobs.write_text(text)
+
+    with pytest.raises(InvalidRequestError, match="mcp_servers"):
+        read_jobs(jobs)
+
+
+def test_a_jobs_mcp_servers_travel_beside_the_message(
+    tmp_path: Path, pool_env: dict[str, str], clean_state: redis.Redis
+) -> None:
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        "- id: a\n  prompt: p\n  mcp_servers:\n"
+        "    fs: {command: node, args: [server.js], env: {TOKEN: OTTER}}\n"
+    )
+    [job] = read_jobs(jobs)
+
+    step = asyncio.run(canvas._code_step(job, "s-1", "task-1", "claudebox"))
+
+    sent = CodeRequest.model_validate(step.args[0])
+    assert "OTTER" not in str(step.args)
+    (server,) = (env_travel.bring_back(clean_state, sent).mcp_servers or {}).values()
+    assert server.model_dump() == {
+        "type": "stdio",
+        "command": "node",
+        "args": ("server.js",),
+        "env": {"TOKEN": "OTTER"},
+    }
+
+
+def test_a_batch_with_an_mcp_server_off_the_egress_list_is_refused_before_anything_is_queued(
+    pool_env: dict[str, str], clean_state: redis.Redis
+) -> None:
+    far = {"far": {"type": "sse", "url": "https://mcp.example.net:8443/sse"}}
+    jobs: list[dict[str, Any]] = [
+        {"id": "a", "prompt": "p"},
+        {"id": "b", "prompt": "p", "mcp_servers": far},
+    ]
+
+    with pytest.raises(InvalidRequestError, match=r"'far' is at mcp\.example\.net:8443"):
+        asyncio.run(canvas.enqueue(jobs))
+    assert ClaudeBox.list_sessions() == []
+    assert clean_state.llen(names.QUEUE) == 0
+    assert list(clean_state.scan_iter(keys.task_env("*"))) == []
+
+
+def test_a_boxs_claude_options_but_its_mcp_servers_are_kept_for_a_reconnecting_producer() -> None:
+    kept = ClaudeOptions.__optional_keys__ - {"mcp_servers"}
+
+    assert kept | {"agent"} == set(BoxDefaults.model_fields)

@@ -7,7 +7,8 @@ consume its node's own queue too (``affinity``), and adds two things to every wo
 heartbeat in Redis (of the worker and of its node), so that producers can tell no worker is
 running instead of waiting forever, and at which what a dead worker held (its unacked tasks,
 its own queue) is handed back (``warm.rescue``); a reconciliation of the session
-registry with the disk at start; and the keeper of its warm sandboxes (``warm.setup``).
+registry with the disk at start; the keeper of its warm sandboxes (``warm.setup``); and, with
+``CLAUDEBOX_METRICS_PORT``, its Prometheus metrics (``metrics``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.models import WorkerInfo
 from claudebox_pool.tasks.settings import Settings, find_cli, unknown_variables
-from claudebox_pool.workers import affinity, broker, jobs, registry, shutdown  # noqa: F401
+from claudebox_pool.workers import affinity, broker, jobs, metrics, registry, shutdown  # noqa: F401
 from claudebox_pool.workers.agents.claude import cli_version
 from claudebox_pool.workers.context import context
 from claudebox_pool.workers.runtimes import limits, seccomp
@@ -108,6 +109,28 @@ def containment(runtime: str, settings: Settings) -> list[str]:
     return ["none: the local runtime runs commands as plain host processes"]
 
 
+@signals.worker_init.connect
+def serve_metrics(**_: Any) -> None:
+    # In the main process before the pool forks: every child inherits the metrics directory.
+    ctx = context()
+    metrics.serve(ctx.settings, ctx.redis, ctx.store, _warm_held)
+
+
+def _warm_held() -> dict[str, int]:
+    keeper = warm_setup.keeper()
+    return keeper.held() if keeper is not None else {}
+
+
+@signals.worker_process_shutdown.connect
+def forget_process_metrics(pid: int | None = None, **_: Any) -> None:
+    metrics.process_exited(pid if pid is not None else os.getpid())
+
+
+@signals.worker_shutdown.connect
+def stop_metrics(**_: Any) -> None:
+    metrics.stop()
+
+
 @signals.worker_process_shutdown.connect
 def stop_gateway(**_: Any) -> None:
     """Remove the gateway's sockets with the pool process that served them."""
@@ -127,6 +150,8 @@ def reconcile(sender: Any = None, **_: Any) -> None:
     info = describe(hostname)
     log.info("runtime: %s", info.runtime_reason)
     log.info("claude CLI: %s (%s)", info.claude_cli or "not found", info.claude_version or "-")
+    # Said here, not when the server starts: Celery's logging is set up after worker_init.
+    log.info("metrics: %s", metrics.url() or "not served (CLAUDEBOX_METRICS_PORT)")
     ctx.redis.hset(keys.worker_info(), hostname, info.model_dump_json())
     try:
         result = registry.reindex(ctx.redis, ctx.store)

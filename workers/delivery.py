@@ -26,7 +26,7 @@ from claudebox_pool.tasks.errors import (
     SessionBusyError,
     TaskAttemptsExceededError,
 )
-from claudebox_pool.workers import disk, outage, registry
+from claudebox_pool.workers import disk, metrics, outage, registry
 from claudebox_pool.workers.affinity import refuse_if_elsewhere
 from claudebox_pool.workers.context import WorkerContext
 from claudebox_pool.workers.lock import SessionLock
@@ -88,7 +88,10 @@ def session_lock(
     """Hold the session's lock; with ``check_node``, refuse a session bound to another node.
     A session found corrupted meanwhile is listed as such; a disk found full is a DiskFullError."""
     lock = SessionLock(ctx.redis, session_id, ctx.settings.lock_ttl_s)
-    if not lock.acquire(LOCK_POLL_S):
+    asked = time.monotonic()
+    acquired = lock.acquire(LOCK_POLL_S)
+    metrics.record_lock_wait(time.monotonic() - asked, acquired)
+    if not acquired:
         waited = time.time() - enqueued_at
         remaining = ctx.settings.lock_wait_s - waited
         if remaining <= 0:

@@ -87,11 +87,11 @@ class Passage:
                 )
             port = self.lease.tcp_address[1]
             env = self._env(invocation, sandbox_env(port, sandbox.gateway_host))
-            return Invocation(list(invocation.argv), env)
+            return Invocation(list(invocation.argv), env, invocation.stdin)
         port = DEFAULT_PORT if sandbox.private_network else _free_port()
         guest_socket = f"{sandbox.path_of(self.mount)}/{SOCKET_NAME}"
         env = self._env(invocation, sandbox_env(port))
-        return Invocation(bridged_argv(invocation.argv, guest_socket, port), env)
+        return Invocation(bridged_argv(invocation.argv, guest_socket, port), env, invocation.stdin)
 
     def _env(self, invocation: Invocation, gateway_env: dict[str, str]) -> dict[str, str]:
         env = {**invocation.env, **gateway_env}

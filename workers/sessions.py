@@ -18,6 +18,7 @@ from typing import Any
 from celery import Task
 from redis.exceptions import RedisError
 
+from claudebox_pool.tasks import logs
 from claudebox_pool.tasks.errors import (
     ClaudeBoxError,
     DiskFullError,
@@ -38,7 +39,16 @@ from claudebox_pool.tasks.models import (
     utc_now,
 )
 from claudebox_pool.tasks.registry import read_one
-from claudebox_pool.workers import archive, caps, disk, identity, inputs, outage, registry
+from claudebox_pool.workers import (
+    archive,
+    caps,
+    disk,
+    identity,
+    inputs,
+    metrics,
+    outage,
+    registry,
+)
 from claudebox_pool.workers.agents.base import AgentOutcome
 from claudebox_pool.workers.cancel import CancelWatch, cancelled_before_start, record_cancelled
 from claudebox_pool.workers.context import WorkerContext
@@ -68,6 +78,7 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
             "(CLAUDEBOX_MAX_PROMPT_BYTES); put large inputs in the workspace instead"
         )
     with (
+        metrics.counting_errors(request.agent),
         counted_delivery(ctx, task_id) as attempt,
         session_lock(task, ctx, request.session_id, request.enqueued_at) as lock,
         OutputPublisher(ctx.redis, task_id, request.agent, ctx.settings) as output,
@@ -77,13 +88,19 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
             result = cancelled_before_start(ctx.store, request, task_id, lock)
         else:
             announce_running(task, request)
+
+            def on_line(stream: str, line: str) -> None:
+                logs.agent_output(request.session_id, stream, line)
+                output.on_line(stream, line)
+
             result = run_code(
-                ctx, request, lock, task_id, attempt, on_line=output.on_line, cancel=watch.stop
+                ctx, request, lock, task_id, attempt, on_line=on_line, cancel=watch.stop
             )
             # The flag may come just as the agent ends by itself: then nothing was stopped.
             if watch.requested and (result.error or "").startswith("cancelled"):
                 record_cancelled(ctx.store, request.session_id, task_id, lock)
         output.end(result)
+    metrics.record_run(request.agent, result)
     return result
 
 
@@ -125,6 +142,7 @@ def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) 
         budget_usd=request.budget_usd,
         egress_allow=list(request.egress_allow),
         inputs=dict(request.inputs),
+        defaults=request.defaults,
         node=ctx.node,
         fence=lock.fence,
         sandbox_uid=uid,
@@ -195,6 +213,7 @@ def run_code(
     record, spec = _mark_running(ctx, request, record, lock, task_id, attempt)
     run = _run_agent(ctx, request, record, spec, lock, on_line, cancel)
     _record_run(ctx, request, record, run, lock, task_id)
+    metrics.record_usage(run.outcome.usage, run.outcome.events)
     return _result(ctx, request, run, task_id)
 
 
@@ -283,7 +302,12 @@ def _run_agent(
                 if way_out is not None:
                     invocation = way_out.wrap(invocation, sandbox)
                 executed = sandbox.exec(
-                    invocation.argv, invocation.env, timeout_s, on_line=on_line, cancel=watch.stop
+                    invocation.argv,
+                    invocation.env,
+                    timeout_s,
+                    on_line=on_line,
+                    cancel=watch.stop,
+                    stdin=invocation.stdin,
                 )
             outcome = _contained(agent.outcome(executed, timeout_s), executed, watch)
         except FileNotFoundError as exc:

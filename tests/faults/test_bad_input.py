@@ -113,6 +113,22 @@ def test_a_prompt_over_the_size_limit_is_refused_before_it_is_queued(
     assert history("big-prompt") == before
 
 
+def test_a_raw_message_of_50_mb_is_refused_by_the_worker_at_the_default_limit(
+    pool: list[Worker], clean_state: redis.Redis
+) -> None:
+    # Sent around the producer, as anything holding the broker URL could: the worker checks too.
+    open_session("raw-huge")
+    before = history("raw-huge")
+    payload = {"session_id": "raw-huge", "prompt": "x" * (50 << 20), "agent": "shell"}
+
+    task_id = producer_pool.send(names.CODE, payload)
+    del payload
+
+    with pytest.raises(InvalidRequestError, match=f"{50 << 20} bytes, over the limit of 1000000"):
+        asyncio.run(producer_pool.wait(task_id, 120))
+    assert history("raw-huge") == before
+
+
 @pytest.mark.parametrize("damage", ["not json", "truncated"])
 def test_a_corrupted_session_json_is_reported_and_left_as_it_is(
     damage: str, pool: list[Worker], clean_state: redis.Redis

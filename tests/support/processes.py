@@ -133,7 +133,9 @@ class Worker:
         log_dir: Path,
         concurrency: int = 1,
         queues: tuple[str, ...] = (names.QUEUE,),
+        loglevel: str = "INFO",
     ) -> None:
+        self.loglevel = loglevel
         self.hostname = f"w-{uuid.uuid4().hex[:8]}@test"
         self.env = dict(env)
         self.log_path = log_dir / f"{self.hostname.split('@')[0]}.log"
@@ -159,7 +161,7 @@ class Worker:
                 "--queues",
                 ",".join(self.queues),
                 "--loglevel",
-                "INFO",
+                self.loglevel,
                 "--without-gossip",
                 "--without-mingle",
             ],

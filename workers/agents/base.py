@@ -21,6 +21,8 @@ BASE_ENV = {
 class Invocation:
     argv: list[str]
     env: dict[str, str]
+    stdin: bytes | None = None
+    """What the command reads on its standard input (None: nothing, it reads end of file)."""
 
 
 @dataclass

@@ -1,15 +1,18 @@
 """The ``claude`` agent: the real Claude Code CLI, run headless inside the sandbox.
 
-The command is an argv, never a shell string. The CLI's own home (``~/.claude``, where it keeps
-transcripts keyed by the working directory) is the session's agent home, so every ``code`` call
-after the first resumes the conversation with ``--resume`` from the same cwd. The CLI binary is
-bound read-only into the sandbox at :data:`CLI_GUEST_DIR`. The model credential never enters
-the sandbox: the CLI reaches the model through the worker's gateway (``workers.model_access``).
+The command is an argv, never a shell string; the prompt goes to the CLI's stdin. The CLI's
+own home (``~/.claude``, where it keeps transcripts keyed by the working directory) is the
+session's agent home, so every ``code`` call after the first resumes the conversation with
+``--resume`` from the same cwd. The CLI binary is bound read-only into the sandbox at
+:data:`CLI_GUEST_DIR`. The model credential never enters the sandbox: the CLI reaches the
+model through the worker's gateway (``workers.model_access``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from claudebox_pool.workers.agents.base import (
     Invocation,
 )
 from claudebox_pool.workers.agents.stream import parse
-from claudebox_pool.workers.runtimes.base import ExecResult, Mount, Sandbox
+from claudebox_pool.workers.runtimes.base import ExecResult, Mount, Sandbox, SandboxSpec
 
 CLI_GUEST_DIR = "/opt/claude-code"
 CLI_ENV = {
@@ -45,15 +48,43 @@ def cli_version(cli: Path) -> str | None:
     return words[0] if done.returncode == 0 and words else None
 
 
-def build_argv(cli: str, request: CodeRequest, resume: str | None) -> list[str]:
-    argv = [
-        cli,
-        "-p",
-        "--output-format",
-        "stream-json",
-        "--verbose",
-        "--dangerously-skip-permissions",
-    ]
+MCP_CONFIG_NAME = ".claudebox-mcp.json"
+"""The call's MCP servers, written into the agent home for ``--mcp-config``: in a file (mode
+0600, the sandbox's owner) rather than argv, where any host user could read their secrets."""
+
+
+def write_mcp_config(request: CodeRequest, spec: SandboxSpec) -> bool:
+    """Write the request's MCP config into the session's agent home, or remove one a former
+    call left; whether there is one now. The agent home is the sandbox's to plant links in:
+    the file is made anew, never followed."""
+    home = os.open(spec.home, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(MCP_CONFIG_NAME, dir_fd=home)
+        if not request.mcp_servers:
+            return False
+        servers = {
+            name: server.model_dump(mode="json") for name, server in request.mcp_servers.items()
+        }
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(MCP_CONFIG_NAME, flags, 0o600, dir_fd=home)
+        with os.fdopen(fd, "w") as config:
+            if spec.identity is not None:
+                os.fchown(fd, spec.identity.uid, spec.identity.gid)
+            json.dump({"mcpServers": servers}, config)
+        return True
+    finally:
+        os.close(home)
+
+
+def build_argv(
+    cli: str, request: CodeRequest, resume: str | None, mcp_config: str | None = None
+) -> list[str]:
+    argv = [cli, "-p", "--output-format", "stream-json", "--verbose"]
+    # --dangerously-skip-permissions overrides --permission-mode (the CLI reports
+    # bypassPermissions whatever mode is asked for): a mode asked for is passed instead of it.
+    if request.permission_mode is None:
+        argv.append("--dangerously-skip-permissions")
     if request.max_turns is not None:
         argv += ["--max-turns", str(request.max_turns)]
     for tool in request.allowed_tools:
@@ -85,11 +116,15 @@ def build_argv(cli: str, request: CodeRequest, resume: str | None) -> list[str]:
         argv += ["--add-dir", directory]
     if request.include_partial_messages:
         argv.append("--include-partial-messages")
+    if mcp_config is not None:
+        # Strict: the servers of this call alone, none from settings or a .mcp.json on disk.
+        argv += ["--mcp-config", mcp_config, "--strict-mcp-config"]
     if resume:
         argv += ["--resume", resume]
-    # "--" ends the options: a prompt starting with "-" is text, and the variadic
-    # --allowedTools/--add-dir lists cannot swallow it.
-    return [*argv, "--", request.prompt]
+    # The prompt is not here: -p with no positional reads it from stdin, where any size up to
+    # CLAUDEBOX_MAX_PROMPT_BYTES fits (one argv string over 128 KB fails with E2BIG). "--" ends
+    # the options all the same, so that nothing after them is ever read as one.
+    return [*argv, "--"]
 
 
 class ClaudeAgent(Agent):
@@ -115,7 +150,11 @@ class ClaudeAgent(Agent):
         cli_mount = self.mounts()[0]
         cli = f"{sandbox.path_of(cli_mount)}/{self.cli.name}"
         env = {**BASE_ENV, **CLI_ENV, "HOME": sandbox.home, **request.env}
-        return Invocation(build_argv(cli, request, session.claude_session_id), env)
+        mcp_config = (
+            f"{sandbox.home}/{MCP_CONFIG_NAME}" if write_mcp_config(request, sandbox.spec) else None
+        )
+        argv = build_argv(cli, request, session.claude_session_id, mcp_config)
+        return Invocation(argv, env, stdin=request.prompt.encode())
 
     def outcome(self, result: ExecResult, timeout_s: float) -> AgentOutcome:
         summary = parse(result.stdout)

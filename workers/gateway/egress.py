@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from claudebox_pool.workers.gateway.allowlist import AllowList, Target, parse_authority
+from claudebox_pool.tasks.allowlist import DEFAULT_PORTS, AllowList, Target, parse_authority
 from claudebox_pool.workers.gateway.lease import Ledger
 from claudebox_pool.workers.gateway.relay import relay, request_headers
 from claudebox_pool.workers.gateway.wire import HttpConnection, Request, anthropic_error
@@ -28,7 +28,6 @@ from claudebox_pool.workers.gateway.wire import HttpConnection, Request, anthrop
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 _PIPE_READ_SIZE = 64 * 1024
 
 
@@ -69,7 +68,7 @@ class EgressProxy:
     async def forward(self, http: HttpConnection, request: Request, ledger: Ledger) -> bool:
         """Pass on an absolute-form request; False if the connection must close after it."""
         parts = urlsplit(request.target)
-        default_port = _DEFAULT_PORTS[parts.scheme.lower()]
+        default_port = DEFAULT_PORTS[parts.scheme.lower()]
         target = parse_authority(parts.netloc, default_port)
         if target is None:
             await _bad_target(http, request.target)

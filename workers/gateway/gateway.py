@@ -25,7 +25,7 @@ from typing import Any, Self, TypeVar
 import h11
 import httpx
 
-from claudebox_pool.workers.gateway.allowlist import AllowList
+from claudebox_pool.tasks.allowlist import AllowList
 from claudebox_pool.workers.gateway.bridge import SOCKET_NAME
 from claudebox_pool.workers.gateway.credential import Credential
 from claudebox_pool.workers.gateway.egress import EgressProxy, is_absolute_form

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from claudebox_pool.workers.gateway.allowlist import AllowList
+from claudebox_pool.tasks.allowlist import AllowList
 from claudebox_pool.workers.gateway.usage import Tokens, Usage
 
 Event = tuple[str, dict[str, Any]]

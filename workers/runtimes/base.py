@@ -132,11 +132,15 @@ class Sandbox(ABC):
         timeout_s: float,
         on_line: LineSink | None = None,
         cancel: threading.Event | None = None,
+        *,
+        stdin: bytes | None = None,
     ) -> ExecResult:
         """Run ``argv`` in the sandbox, cwd at the workspace; never raises for a non-zero exit.
 
         Output is read from both pipes as it comes; at ``timeout_s`` or when ``cancel`` is set
-        the command and everything it started are killed.
+        the command and everything it started are killed. ``stdin`` is written to the
+        command's standard input, then closed (None: it reads end of file at once); a prompt
+        travels there, as argv holds no argument over 128 KB.
         """
 
     def tmp_bytes(self) -> int:

@@ -270,8 +270,20 @@ def _acquire_home(sdk: Any, root: Path) -> tuple[Path, Any]:
     )
 
 
-def box_command(box: Any, argv: Sequence[str], env: Mapping[str, str]) -> Command:
-    """A :data:`Command` running ``argv`` in ``box`` with its cwd at the workspace."""
+def box_command(
+    box: Any, argv: Sequence[str], env: Mapping[str, str], stdin: bytes | None = None
+) -> Command:
+    """A :data:`Command` running ``argv`` in ``box`` with its cwd at the workspace, ``stdin``
+    sent to its standard input (boxlite's ``Execution.stdin()``), then closed."""
+
+    async def feed(execution: Any) -> None:
+        if stdin is None:
+            return
+        # A command that exits before reading it all is no error here; its exit status tells.
+        with contextlib.suppress(_sdk().BoxliteError):
+            writer = execution.stdin()
+            await writer.send_input(stdin)
+            await writer.close()
 
     async def pump(stream: Any, name: str, output: Output) -> None:
         async for chunk in stream:
@@ -287,6 +299,7 @@ def box_command(box: Any, argv: Sequence[str], env: Mapping[str, str]) -> Comman
         pumps = asyncio.gather(
             pump(execution.stdout(), "stdout", output),
             pump(execution.stderr(), "stderr", output),
+            feed(execution),
             return_exceptions=True,
         )
         waiter = asyncio.ensure_future(execution.wait())
@@ -333,8 +346,10 @@ class BoxliteSandbox(Sandbox):
         timeout_s: float,
         on_line: LineSink | None = None,
         cancel: threading.Event | None = None,
+        *,
+        stdin: bytes | None = None,
     ) -> ExecResult:
-        command = box_command(self.box, argv, env)
+        command = box_command(self.box, argv, env, stdin)
         try:
             return supervise(self.runtime.loop, command, timeout_s, on_line, cancel)
         except _sdk().BoxliteError as exc:

@@ -154,6 +154,8 @@ class BwrapSandbox(Sandbox):
         timeout_s: float,
         on_line: LineSink | None = None,
         cancel: threading.Event | None = None,
+        *,
+        stdin: bytes | None = None,
     ) -> ExecResult:
         settings = get_settings()
         self._confinement = confinement = limits.confine(self.spec, settings, limits.COLD)
@@ -173,6 +175,7 @@ class BwrapSandbox(Sandbox):
                     preexec=started.preexec,
                     pass_fds=(*leased.pass_fds, *(() if program is None else (program,))),
                     tick=leased.tick,
+                    stdin=stdin,
                 )
             except subprocess.SubprocessError as exc:
                 raise SandboxError(

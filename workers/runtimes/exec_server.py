@@ -7,7 +7,8 @@ runs one command per request on it, one at a time:
 
 - request: ``{"argv", "env", "cwd"}`` with two file descriptors attached (the write ends of the
   caller's stdout and stderr pipes), so output goes straight from the command to the worker
-  with no copy in between; reply ``{"exit": code}`` when the command has ended.
+  with no copy in between; reply ``{"exit": code}`` when the command has ended. An optional
+  ``"stdin"`` (base64) is written to the command's standard input, which is then closed.
 - during a run, ``{"op": "kill"}`` (a deadline or a cancel) or the socket's end kills it.
 - a request may carry ``lease_s``: the seconds left of its holder's session lock. Unless a
   ``{"op": "renew", "lease_s"}`` frame extends it in time, the command is killed when the lease
@@ -27,6 +28,7 @@ and that many bytes of JSON; descriptors ride on the frame's first byte.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -36,6 +38,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -98,22 +101,40 @@ def kill_the_rest() -> None:
 def _start(request: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes] | int:
     """The started command, or the exit code of a command that could not start."""
     stdout, stderr = fds
+    stdin = request.get("stdin")
     try:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             request["argv"],
             env=request["env"],
             cwd=request["cwd"],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=stdout,
             stderr=stderr,
             start_new_session=True,
         )
+        if stdin is not None:
+            # From a thread: a command that prints before it reads must not stall this server.
+            data = base64.b64decode(stdin)
+            threading.Thread(target=feed_stdin, args=(proc.stdin, data), daemon=True).start()
+        return proc
     except OSError as exc:
         os.write(stderr, f"{request['argv'][0]}: {exc.strerror or exc}\n".encode())
         return EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def feed_stdin(pipe: Any, data: bytes) -> None:
+    """Write ``data`` to a command's stdin and close it; a command that stops reading early
+    is no error here (its exit status says what happened)."""
+    # The server runs with SIGPIPE's default action: blocked in this thread alone, a write to a
+    # command gone is EPIPE here, and the signal dies pending with the thread.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPIPE})
+    with contextlib.suppress(OSError):
+        pipe.write(data)
+    with contextlib.suppress(OSError):
+        pipe.close()
 
 
 EXITED, LEASE_OUT, GO_ON, STOP, DEAF = "exited", "lease out", "go on", "stop", "deaf"

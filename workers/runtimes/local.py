@@ -35,8 +35,10 @@ class LocalSandbox(Sandbox):
         timeout_s: float,
         on_line: LineSink | None = None,
         cancel: threading.Event | None = None,
+        *,
+        stdin: bytes | None = None,
     ) -> ExecResult:
-        return run_process(argv, env, self.workdir, timeout_s, on_line, cancel)
+        return run_process(argv, env, self.workdir, timeout_s, on_line, cancel, stdin=stdin)
 
 
 class LocalRuntime(Runtime):

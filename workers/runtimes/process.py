@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink
+from claudebox_pool.workers.runtimes.exec_server import feed_stdin
 from claudebox_pool.workers.runtimes.output import READ_BYTES, OutputLimits, StreamReader
 
 
@@ -86,17 +87,19 @@ def run_process(
     preexec: Callable[[], None] | None = None,
     pass_fds: Sequence[int] = (),
     tick: Callable[[], None] | None = None,
+    stdin: bytes | None = None,
 ) -> ExecResult:
     """``preexec`` runs in the child before exec (a sandbox's setup: its cgroup, rlimits, binds,
     then the privilege drop); ``pass_fds`` are inherited by the command (bwrap's ``--seccomp``
     program, a cold sandbox's lease pipe); ``tick`` is called every watch period while the
-    command runs (a lease's renewals passed on)."""
+    command runs (a lease's renewals passed on); ``stdin`` is written to the command's standard
+    input from a thread of its own, so that a command printing before it reads cannot stall."""
     started = time.monotonic()
     proc = subprocess.Popen(
         list(argv),
         env=dict(env),
         cwd=cwd,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -110,6 +113,9 @@ def run_process(
         threading.Thread(target=_pump, args=(pipe, reader, on_line), daemon=True)
         for pipe, reader in ((proc.stdout, out), (proc.stderr, err))
     ]
+    if stdin is not None:
+        assert proc.stdin is not None
+        pumps.append(threading.Thread(target=feed_stdin, args=(proc.stdin, stdin), daemon=True))
     for pump in pumps:
         pump.start()
     stopped: list[str] = []

@@ -8,6 +8,7 @@ thread is started per command, where a cold run needs three (two pipe readers, a
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import select
@@ -60,11 +61,13 @@ def run_remote(
     cancel: threading.Event | None = None,
     limits: OutputLimits | None = None,
     lease: Callable[[], float | None] | None = None,
+    stdin: bytes | None = None,
 ) -> ExecResult:
     """Run ``argv`` in the sandbox behind ``control``; SandboxGoneError if it is not there.
 
     With ``lease`` (the seconds its caller may still run it, as ``workers.lock.lease_left``),
-    the sandbox kills the command by itself unless it hears of each renewal in time.
+    the sandbox kills the command by itself unless it hears of each renewal in time. ``stdin``
+    rides in the request, for the server to write to the command's standard input.
     """
     started = time.monotonic()
     pipes = [os.pipe(), os.pipe()]
@@ -76,6 +79,8 @@ def run_remote(
         ends = [write_end for _, write_end in pipes]
         try:
             request: dict[str, Any] = {"argv": list(argv), "env": dict(env), "cwd": cwd}
+            if stdin is not None:
+                request["stdin"] = base64.b64encode(stdin).decode()
             left = lease() if lease is not None else None
             if left is not None:
                 request["lease_s"] = left

@@ -11,6 +11,7 @@ pool child cannot tell the two servers apart.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import select
@@ -62,6 +63,7 @@ def _run(
             float(request.get("timeout_s") or DEFAULT_TIMEOUT_S),
             on_line=write,
             cancel=cancel,
+            stdin=None if request.get("stdin") is None else base64.b64decode(request["stdin"]),
         )
     finally:
         for fd in fds:

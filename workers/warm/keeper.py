@@ -50,10 +50,11 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
-from claudebox_pool.tasks import keys
+from claudebox_pool.tasks import keys, logs
 from claudebox_pool.tasks.connections import text
 from claudebox_pool.tasks.errors import SandboxError
 from claudebox_pool.tasks.settings import Settings
+from claudebox_pool.workers import metrics
 from claudebox_pool.workers.runtimes import limits, seccomp
 from claudebox_pool.workers.runtimes.base import Runtime, Sandbox, SandboxSpec
 from claudebox_pool.workers.runtimes.exec_server import recv_frame, send_frame
@@ -279,7 +280,14 @@ class Keeper:
             return Reply(dropped=dropped), None
         return Reply(sessions=self.sessions()), None
 
+    def held(self) -> dict[str, int]:
+        """The warm sandboxes by state: ``leased`` to a task now, or ``idle``."""
+        with self._lock:
+            leased = sum(warm.leased_by is not None for warm in self._warm.values())
+            return {"idle": len(self._warm) - leased, "leased": leased}
+
     def _acquire(self, spec: WarmSpec, pid: int) -> Warm:
+        asked = time.monotonic()
         session_id = spec.session_id
         with self._lock:
             warm = self._warm.get(session_id)
@@ -303,6 +311,7 @@ class Keeper:
         warm.leased_by = pid
         if created:
             self._claim(session_id)  # a reused one's key was set at its release, and outlives it
+        metrics.record_sandbox_start(time.monotonic() - asked, created)
         return warm
 
     def _release(self, session_id: str, pid: int, healthy: bool) -> None:
@@ -371,16 +380,26 @@ class Keeper:
         try:
             started = self._command(sandbox, server_end.fileno(), program)
             started.confine(confinement)
-            return subprocess.Popen(
+            process = subprocess.Popen(
                 started.argv,
                 env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
                 cwd="/",
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                # Not the worker's own stderr, which is its log: the sandbox could write there.
+                stderr=subprocess.PIPE,
                 pass_fds=(server_end.fileno(), *(() if program is None else (program,))),
                 start_new_session=True,
                 preexec_fn=started.preexec,
-            ), confinement
+            )
+            assert process.stderr is not None
+            threading.Thread(
+                target=logs.sandbox_stderr,
+                args=(spec.session_id, process.stderr),
+                name=f"stderr-{spec.session_id}",
+                daemon=True,
+            ).start()
+            return process, confinement
         except subprocess.SubprocessError as exc:
             confinement.close()
             raise OSError(f"its setup failed before bwrap started ({exc})") from exc

@@ -66,6 +66,8 @@ class WarmSandbox(Sandbox):
         timeout_s: float,
         on_line: LineSink | None = None,
         cancel: threading.Event | None = None,
+        *,
+        stdin: bytes | None = None,
     ) -> ExecResult:
         if self._healthy:
             self._confinement.mark()
@@ -79,6 +81,7 @@ class WarmSandbox(Sandbox):
                     on_line,
                     cancel,
                     lease=lock.lease_left,
+                    stdin=stdin,
                 )
             except SandboxGoneError as exc:
                 log.warning("warm sandbox of %s lost: %s", self.spec.session_id, exc)
@@ -92,7 +95,7 @@ class WarmSandbox(Sandbox):
                 f"the sandbox of session '{self.spec.session_id}' stopped before the command "
                 "started; run the call again"
             )
-        return self._cold(self.spec).exec(argv, env, timeout_s, on_line, cancel)
+        return self._cold(self.spec).exec(argv, env, timeout_s, on_line, cancel, stdin=stdin)
 
     def tmp_bytes(self) -> int:
         return self._confinement.tmp_bytes()

@@ -1,4 +1,5 @@
-"""Which hosts a sandbox may reach through the egress proxy.
+"""Which hosts a sandbox may reach through the egress proxy (the workers' gateway enforces it;
+the producer reads it too, to refuse an MCP server it would not let through before queueing).
 
 An entry is ``host:port`` (that port only) or a bare ``host`` (its scheme's default port: 443
 for ``CONNECT`` and ``https://``, 80 for ``http://``). Hosts match exactly, case-insensitively;
@@ -10,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+DEFAULT_PORTS = {"http": 80, "https": 443}
+"""The port of a URL that names none, by scheme."""
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,10 @@ class AllowList:
         if target in self.exact:
             return True
         return target.port == default_port and target.host in self.default_port_hosts
+
+    def allows_url(self, url: str) -> bool:
+        """Whether an ``http://`` or ``https://`` URL's host and port are on the list."""
+        parts = urlsplit(url)
+        default_port = DEFAULT_PORTS.get(parts.scheme.lower())
+        target = None if default_port is None else parse_authority(parts.netloc, default_port)
+        return target is not None and self.allows(target, default_port or 0)
