@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         SessionNotFoundError,
         TaskAttemptsExceededError,
         TaskFailedError,
+        TaskNotFoundError,
         WrongNodeError,
     )
     from claudebox_pool.tasks.lifecycle import Checkpoint
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
         TokenUsage,
     )
     from claudebox_pool.tasks.streaming import StreamEvent
+    from claudebox_pool.tasks.workspace_files import FileInfo, TransferResult
 
 _ERRORS = "claudebox_pool.tasks.errors"
 _HOMES: dict[str, str] = {
@@ -66,6 +68,8 @@ _HOMES: dict[str, str] = {
     "SessionRecord": "claudebox_pool.tasks.models",
     "TokenUsage": "claudebox_pool.tasks.models",
     "StreamEvent": "claudebox_pool.tasks.streaming",
+    "FileInfo": "claudebox_pool.tasks.workspace_files",
+    "TransferResult": "claudebox_pool.tasks.workspace_files",
     "CheckpointNotFoundError": _ERRORS,
     "ClaudeBoxError": _ERRORS,
     "DiskFullError": _ERRORS,
@@ -83,6 +87,7 @@ _HOMES: dict[str, str] = {
     "SessionNotFoundError": _ERRORS,
     "TaskAttemptsExceededError": _ERRORS,
     "TaskFailedError": _ERRORS,
+    "TaskNotFoundError": _ERRORS,
     "WrongNodeError": _ERRORS,
 }
 
@@ -95,6 +100,7 @@ __all__ = [
     "CodeResult",
     "CodeStream",
     "DiskFullError",
+    "FileInfo",
     "HistoryEntry",
     "InvalidRequestError",
     "InvalidSessionIdError",
@@ -116,7 +122,9 @@ __all__ = [
     "StreamEvent",
     "TaskAttemptsExceededError",
     "TaskFailedError",
+    "TaskNotFoundError",
     "TokenUsage",
+    "TransferResult",
     "WrongNodeError",
     "__version__",
     "enqueue",

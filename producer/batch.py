@@ -65,6 +65,7 @@ from claudebox_pool.tasks.errors import (
     SessionNotFoundError,
 )
 from claudebox_pool.tasks.models import SessionId, UsageByModel
+from claudebox_pool.tasks.workspace_files import TransferResult
 
 DEFAULT_CONCURRENCY = 16
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -291,6 +292,8 @@ async def submit(
     starts: Mapping[str, Start] | None = None,
     record_send: Callable[[Sent], None] | None = None,
     export: Path | None = None,
+    download: Path | None = None,
+    on_download: Callable[[str, TransferResult | ClaudeBoxError], None] | None = None,
 ) -> list[JobResult]:
     """Run a batch and return one result per job, in the jobs' order.
 
@@ -299,7 +302,10 @@ async def submit(
     (``journal.starts``) gives the key each job is first sent under (else a new batch id's),
     and ``record_send`` is called with each send before it goes out (``journal.Journal``).
     ``export`` is a directory that gets ``<job id>.jsonl``, the trajectory of each job that ran
-    (its turns of the session's conversation, docs/trajectory.schema.json).
+    (its turns of the session's conversation, docs/trajectory.schema.json). ``download`` is
+    a directory that gets ``<session id>/``: after a session's last job, the files its jobs
+    created or changed (modified since its first job of the batch started, by the worker's
+    clock); ``on_download`` is told of each session's download, or of why it failed.
     """
     checked = plan(jobs)
     if retry < 0 or concurrency < 1:
@@ -318,6 +324,8 @@ async def submit(
         {**first, **(starts or {})},
         record_send or (lambda sent: None),
         export,
+        download,
+        on_download or (lambda session_id, outcome: None),
     ).run()
 
 
@@ -332,9 +340,17 @@ class _Batch:
         starts: Mapping[str, Start],
         record_send: Callable[[Sent], None],
         export: Path | None = None,
+        download: Path | None = None,
+        on_download: Callable[[str, TransferResult | ClaudeBoxError], None] = (
+            lambda session_id, outcome: None
+        ),
     ) -> None:
         self.jobs = jobs
         self.export = export
+        self.download = download
+        self.on_download = on_download
+        self.first_task: dict[str, str] = {}
+        """Each session's first task of this batch (its key to the session), for downloads."""
         self.retry = retry
         self.observer = observer
         self.starts = starts
@@ -381,6 +397,9 @@ class _Batch:
                         # Before the box closes: closing removes an ephemeral session.
                         await self._export(box, result)
                     self._finish(result)
+                if box is not None:
+                    # Before the box closes: closing removes an ephemeral session.
+                    await self._download(key, box)
         except ClaudeBoxError as exc:
             for job in todo:
                 if not self.results[job.id].done():
@@ -397,6 +416,17 @@ class _Batch:
             "".join(turn.model_dump_json() + "\n" for turn in turns), encoding="utf-8"
         )
 
+    async def _download(self, key: str, box: ClaudeBox) -> None:
+        first = self.first_task.get(key)
+        if self.download is None or first is None:
+            return
+        try:
+            done = await box.files.download(self.download / box.session_id, since_task=first)
+        except ClaudeBoxError as exc:
+            self.on_download(box.session_id, exc)
+        else:
+            self.on_download(box.session_id, done)
+
     async def _failed_dependency(self, job: Job) -> str | None:
         for name in job.depends_on:
             if not (await self.results[name]).success:
@@ -411,6 +441,8 @@ class _Batch:
             self.observer.session_state(key, "running" if attempt == 1 else "retrying", job.id)
             self.record_send(sent)
             result = await _attempt(box, job, attempt, sent.key, resent)
+            if result.task_id:
+                self.first_task.setdefault(key, result.task_id)
             if result.success or attempt > self.retry:
                 return result
             attempt += 1
@@ -501,9 +533,11 @@ async def run_batch(
     retry: int = 0,
     resume: Path | None = None,
     export: Path | None = None,
+    download: Path | None = None,
     console: Console,
-) -> list[JobResult]:
-    """``claudebox-pool submit --wait``: run the file's jobs with a live display."""
+) -> tuple[list[JobResult], list[str]]:
+    """``claudebox-pool submit --wait``: run the file's jobs with a live display; the results,
+    and what went wrong downloading sessions' files (``download``)."""
     jobs = plan(read_jobs(jobs_file))
     earlier = latest_results(resume) if resume is not None else {}
     done = {job_id: result for job_id, result in earlier.items() if result.success}
@@ -515,6 +549,7 @@ async def run_batch(
     # Read before written: --resume may name the results file itself.
     output = ResultsFile(results_file, [done[job.id] for job in jobs if job.id in done])
     sends = journal.Journal(journal.path_of(results_file), sent)
+    fetched: list[tuple[str, TransferResult | ClaudeBoxError]] = []
     try:
         with BatchProgress(console, jobs, done, record=output.write) as progress:
             results = await submit(
@@ -526,12 +561,24 @@ async def run_batch(
                 starts=starts,
                 record_send=sends.record,
                 export=export,
+                download=download,
+                on_download=lambda session_id, outcome: fetched.append((session_id, outcome)),
             )
     finally:
         sends.close()
     console.print(summary(results))
     console.print(f"results written to {results_file}")
-    return results
+    failures = []
+    for session_id, outcome in sorted(fetched, key=lambda each: each[0]):
+        if isinstance(outcome, ClaudeBoxError):
+            failures.append(f"session '{session_id}': its files were not downloaded: {outcome}")
+        else:
+            console.print(
+                f"downloaded {outcome.files} files ({outcome.bytes} bytes) of session "
+                f"'{session_id}' into {download and download / session_id}",
+                highlight=False,
+            )
+    return results, failures
 
 
 def all_succeeded(results: Sequence[JobResult]) -> bool:

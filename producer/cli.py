@@ -11,21 +11,34 @@ mistake is one line on stderr, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, BinaryIO, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
 import claudebox_pool
-from claudebox_pool.producer import flowerconfig, lifecycle, live, local_pool
+from claudebox_pool.producer import (
+    envvars,
+    flowerconfig,
+    lifecycle,
+    live,
+    local_pool,
+    ops,
+    pool_logs,
+    status_view,
+)
 from claudebox_pool.producer.batch import (
     DEFAULT_CONCURRENCY,
     all_succeeded,
@@ -35,13 +48,16 @@ from claudebox_pool.producer.batch import (
 )
 from claudebox_pool.producer.canvas import enqueue
 from claudebox_pool.producer.client import ClaudeBox
-from claudebox_pool.producer.doctor import doctor_report
+from claudebox_pool.producer.doctor import doctor_report, examine
+from claudebox_pool.producer.files import Files
+from claudebox_pool.producer.health import check as pool_health
 from claudebox_pool.producer.moves import move_session
 from claudebox_pool.producer.progress import usage_table
 from claudebox_pool.producer.terminal import show_event
 from claudebox_pool.tasks import names
 from claudebox_pool.tasks.app import app as celery_app
 from claudebox_pool.tasks.errors import (
+    AgentRunFailedError,
     CheckpointNotFoundError,
     ClaudeBoxError,
     DiskFullError,
@@ -57,6 +73,7 @@ from claudebox_pool.tasks.errors import (
     SessionCorruptedError,
     SessionNotFoundError,
     TaskFailedError,
+    TaskNotFoundError,
     WrongNodeError,
 )
 from claudebox_pool.tasks.files import private_dir
@@ -91,6 +108,7 @@ EXIT_CODES: dict[type[ClaudeBoxError], int] = {
     SessionNotFoundError: EXIT_USAGE,
     SessionAlreadyExistsError: EXIT_USAGE,
     CheckpointNotFoundError: EXIT_USAGE,
+    TaskNotFoundError: EXIT_USAGE,
     PoolUnavailableError: EXIT_UNAVAILABLE,
     # A worker that cannot run its configured sandbox cannot serve anything.
     RuntimeUnavailableError: EXIT_UNAVAILABLE,
@@ -99,6 +117,8 @@ EXIT_CODES: dict[type[ClaudeBoxError], int] = {
     DiskFullError: EXIT_SESSION_STATE,
     WrongNodeError: EXIT_SESSION_STATE,
     TaskFailedError: EXIT_TASK_FAILED,
+    # Only met by raw Celery clients: the producer returns the run's result instead.
+    AgentRunFailedError: EXIT_FAILED,
     LockLostError: EXIT_TASK_FAILED,
     SandboxError: EXIT_TASK_FAILED,
 }
@@ -114,14 +134,22 @@ cli = typer.Typer(
     help="ClaudeBox sessions served by a pool of Celery workers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # Plain help (click's): rich's would label every flag `<bool>` as if it took a value.
+    rich_markup_mode=None,
     # Sub-commands inherit these from the root's context.
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 sessions_cli = typer.Typer(
-    help="List, inspect, clean up and reindex sessions.", no_args_is_help=True
+    help="List, inspect, clean up and reindex sessions.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 cli.add_typer(sessions_cli, name="sessions")
+files_cli = typer.Typer(
+    help="Read, write, list and remove a session's workspace files from any machine.",
+    no_args_is_help=True,
+)
+cli.add_typer(files_cli, name="files")
 
 # Piped output (a log, a CI job) is not cut to 80 columns: tables keep their ids and paths.
 out = Console(width=None if sys.stdout.isatty() else 200)
@@ -294,14 +322,38 @@ def flower(
 @cli.command()
 def code(
     session_id: Annotated[str, typer.Argument(help="Session id (created if it does not exist).")],
-    prompt: Annotated[str, typer.Argument(help="What the agent should do.")],
+    prompt: Annotated[
+        str, typer.Argument(help="What the agent should do; `-` reads it from stdin.")
+    ],
     agent: Annotated[
-        str | None, typer.Option(help="Agent: claude or shell (default CLAUDEBOX_AGENT).")
+        AgentName | None, typer.Option(help="The agent (default CLAUDEBOX_AGENT).")
     ] = None,
     max_turns: Annotated[int | None, typer.Option(help="Agent turns at most (claude).")] = None,
     timeout: Annotated[
         int | None, typer.Option(help="Seconds before the agent is stopped.")
     ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env",
+            "-e",
+            metavar="KEY=VALUE",
+            help="A variable for the agent (repeatable); values are never printed.",
+        ),
+    ] = None,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(help="Variables for the agent from a dotenv file; --env wins over it."),
+    ] = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            "-d",
+            help='Queue the run, print its task id (with --json: {"task_id": ...}) and '
+            "return; the run goes on (follow it with `logs -f ID`, read it with `result ID`).",
+        ),
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the whole result as JSON.")
     ] = False,
@@ -313,10 +365,11 @@ def code(
         ),
     ] = True,
 ) -> None:
-    """Run one prompt in a session, printing the agent's output as it runs (Ctrl-C cancels it)."""
-    if agent not in (None, "claude", "shell"):
-        fail(f"unknown agent {agent!r}: use claude or shell", EXIT_USAGE)
-    chosen: AgentName | None = "claude" if agent == "claude" else "shell" if agent else None
+    """Run one prompt in a session, printing the agent's output as it runs (Ctrl-C cancels it).
+    Its task id goes to stderr first (`task ID`)."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    variables = guarded(lambda: envvars.read(env or [], env_file))
 
     async def go() -> Any:
         validate_session_id(session_id)
@@ -325,16 +378,25 @@ def code(
         except SessionNotFoundError:
             box = ClaudeBox(session_id=session_id)
         async with box:
+            if detach:
+                return await box.start(
+                    prompt, max_turns=max_turns, timeout_s=timeout, agent=agent, env=variables
+                )
             return await box.code(
                 prompt,
                 max_turns=max_turns,
                 timeout_s=timeout,
-                agent=chosen,
+                agent=agent,
+                env=variables,
                 on_output=(lambda event: show_event(event, err)) if live_output else None,
+                on_start=lambda task_id: err.print(f"task {task_id}", highlight=False),
             )
 
     live_output = stream and not as_json
     result = run(go())
+    if detach:
+        sys.stdout.write(json.dumps({"task_id": result}) + "\n" if as_json else f"{result}\n")
+        return
     if as_json:
         out.print_json(result.model_dump_json())
     elif live_output:
@@ -368,6 +430,13 @@ def submit(
         Path | None,
         typer.Option(help="Write each job's trajectory to DIR/<job id>.jsonl (needs --wait)."),
     ] = None,
+    download: Annotated[
+        Path | None,
+        typer.Option(
+            help="After each session's last job, fetch the files its jobs created or changed "
+            "into DIR/<session id>/ (needs --wait).",
+        ),
+    ] = None,
     wait: Annotated[
         bool,
         typer.Option(
@@ -379,9 +448,9 @@ def submit(
 ) -> None:
     """Run a batch: jobs of one session in file order, sessions in parallel, live progress."""
     if not wait:
-        if retry or concurrency is not None or export is not None:
+        if retry or concurrency is not None or export is not None or download is not None:
             fail(
-                "--retry, --concurrency and --export need --wait "
+                "--retry, --concurrency, --export and --download need --wait "
                 "(without it Celery runs the batch)",
                 EXIT_USAGE,
             )
@@ -395,7 +464,7 @@ def submit(
             highlight=False,
         )
         return
-    outcome = run(
+    outcome, not_downloaded = run(
         run_batch(
             jobs_file,
             results,
@@ -403,27 +472,169 @@ def submit(
             retry=retry,
             resume=resume,
             export=export,
+            download=download,
             console=out,
         )
     )
-    raise typer.Exit(0 if all_succeeded(outcome) else EXIT_FAILED)
+    for problem in not_downloaded:
+        err.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
+    raise typer.Exit(0 if all_succeeded(outcome) and not not_downloaded else EXIT_FAILED)
 
 
 @cli.command()
 def cancel(
     task_id: Annotated[
-        str, typer.Argument(help="Id of a code task (from Flower, or `submit --no-wait`).")
+        str, typer.Argument(help="Id of a code task (from `code`, `tasks` or `status`).")
     ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print {"task_id", "cancelled"} as JSON.')
+    ] = False,
 ) -> None:
     """Stop a queued or running code task inside its sandbox; its session stays usable."""
-    if not run(live.cancel(task_id)):
+    guarded(lambda: ops.require_known(task_id))
+    asked = run(live.cancel(task_id))
+    if as_json:
+        sys.stdout.write(json.dumps({"task_id": task_id, "cancelled": asked}) + "\n")
+        raise typer.Exit(0 if asked else EXIT_FAILED)
+    if not asked:
         fail(f"task {task_id} has already finished; there is nothing to cancel", EXIT_FAILED)
     out.print(f"asked task {task_id} to stop; its result will say 'cancelled'")
 
 
+WATCH_S = 2.0
+"""How often `status --watch` reads the pool again."""
+
+
 @cli.command()
-def doctor() -> None:
+def status(
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch",
+            "-w",
+            help="Redraw every 2 seconds until Ctrl-C (piped: print each time, with --json "
+            "one document a line).",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Workers (alive or silent) and their busy slots, queues, running tasks, warm sandboxes."""
+
+    def read() -> ops.PoolStatus:
+        # Not `guarded`: there Ctrl-C is an interruption (130), here it is how watching ends.
+        try:
+            return ops.status()
+        except ClaudeBoxError as exc:
+            fail(str(exc), exit_code_for(type(exc)))
+
+    def show(now: ops.PoolStatus) -> None:
+        if as_json:
+            sys.stdout.write(now.model_dump_json() + "\n")
+            sys.stdout.flush()
+        else:
+            out.print(status_view.status(now))
+
+    if not watch:
+        show(read())
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        if out.is_terminal and not as_json:
+            with Live(status_view.status(read()), console=out, auto_refresh=False) as view:
+                while True:
+                    time.sleep(WATCH_S)
+                    view.update(status_view.status(read()), refresh=True)
+        else:
+            while True:  # a pipe cannot be redrawn: one reading after another
+                show(read())
+                time.sleep(WATCH_S)
+
+
+@cli.command()
+def tasks(
+    session: Annotated[str | None, typer.Option(help="Only this session's tasks.")] = None,
+    state: Annotated[ops.TaskState | None, typer.Option(help="Only tasks in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Tasks at most.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """Recent tasks, newest first: their state, session and agent."""
+    found = guarded(lambda: ops.recent_tasks(session, state, limit))
+    if as_json:
+        for task in found:
+            sys.stdout.write(task.model_dump_json() + "\n")
+        return
+    out.print(status_view.tasks(found))
+
+
+@cli.command()
+def result(
+    task_id: Annotated[str, typer.Argument(help="A task's id.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole result as JSON.")
+    ] = False,
+) -> None:
+    """A finished task's result: a code task's response (exit 1 if its agent failed).
+    Exits 4 while the task is queued or running."""
+    state, value = guarded(lambda: ops.finished_result(task_id))
+    if state in ("queued", "running"):
+        fail(
+            f"task {task_id} is {state}: no result yet; follow it with "
+            f"`claudebox-pool logs -f {task_id}`",
+            EXIT_SESSION_STATE,
+        )
+    code_result = ops.as_code_result(value)
+    if as_json or code_result is None:
+        out.print_json(json.dumps(value))
+    else:
+        sys.stdout.write(code_result.response)
+        if code_result.response and not code_result.response.endswith("\n"):
+            sys.stdout.write("\n")
+        if not code_result.success:
+            err.print(f"[red]failed:[/] {escape(code_result.error or '')}", highlight=False)
+    raise typer.Exit(EXIT_FAILED if code_result is not None and not code_result.success else 0)
+
+
+@cli.command()
+def logs(
+    task_id: Annotated[
+        str | None, typer.Argument(help="A code task's id (see `tasks` or `status`).")
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Keep printing output as it comes, until the end."),
+    ] = False,
+    worker: Annotated[
+        str | None,
+        typer.Option(help="Show this process's log of a local pool instead (worker-1, beat...)."),
+    ] = None,
+) -> None:
+    """A code task's output so far (with -f, then as it comes until the task ends), or the log
+    of a process of the pool `up --detach` started."""
+    if worker is not None:
+        if task_id is not None:
+            fail("give a task id or --worker, not both", EXIT_USAGE)
+        path = guarded(lambda: pool_logs.log_file(get_settings(), worker))
+        with contextlib.suppress(KeyboardInterrupt):
+            pool_logs.show(path, follow)
+        return
+    if task_id is None:
+        fail("give a task id (see `claudebox-pool tasks`), or --worker NAME", EXIT_USAGE)
+    guarded(lambda: ops.require_known(task_id))
+    if follow:
+        run(live.follow(task_id, lambda event: show_event(event, err)))
+    else:
+        for event in run(ops.output_so_far(task_id)):
+            show_event(event, err)
+
+
+@cli.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
     """Check Redis, workers, the sandbox runtime and the Claude Code CLI."""
+    if as_json:
+        report = examine()
+        out.print_json(report.model_dump_json())
+        raise typer.Exit(0 if report.ok else EXIT_UNAVAILABLE)
     ok = doctor_report(out)
     raise typer.Exit(0 if ok else EXIT_UNAVAILABLE)
 
@@ -447,6 +658,22 @@ def install_cli() -> None:
     if done.returncode != 0:
         fail(f"npm could not install {package}", EXIT_FAILED)
     out.print(f"installed {package} in {target}")
+
+
+@cli.command()
+def health(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Exit 0 if the pool can take work (Redis answers, a worker is alive), else 3: for probes."""
+    report = pool_health()
+    if as_json:
+        sys.stdout.write(report.model_dump_json() + "\n")
+    elif report.healthy:
+        out.print(f"healthy: Redis answers, {report.workers_alive} worker(s) alive")
+    else:
+        for problem in report.problems:
+            err.print(f"[bold red]unhealthy:[/] {escape(problem)}", highlight=False)
+    raise typer.Exit(0 if report.healthy else EXIT_UNAVAILABLE)
 
 
 @cli.command()
@@ -684,6 +911,87 @@ def sessions_move(
     )
 
 
+# --- files in and out, from any machine ---------------------------------------------------------
+
+SessionArg = Annotated[str, typer.Argument(help="Session id.")]
+WorkspacePathArg = Annotated[str, typer.Argument(help="Path relative to the workspace.")]
+
+
+@files_cli.command("get")
+def files_get(
+    session_id: SessionArg,
+    path: WorkspacePathArg,
+    local: Annotated[
+        str, typer.Argument(help="Local file to write ('-': stdout; default: its name here).")
+    ] = "",
+) -> None:
+    """Copy a workspace file to this machine, streamed."""
+    files = guarded(lambda: Files(session_id))
+    target = local or PurePosixPath(path).name
+    if not target:
+        fail(f"{path!r} names no file; give the workspace file to copy", EXIT_USAGE)
+    if target == "-":
+        run(files.read_to(path, sys.stdout.buffer))
+        sys.stdout.flush()
+        return
+    size = run(files.read_to(path, Path(target)))
+    err.print(f"{path} -> {target} ({size} bytes)", highlight=False)
+
+
+@files_cli.command("put")
+def files_put(
+    session_id: SessionArg,
+    local: Annotated[str, typer.Argument(help="Local file to send ('-': stdin).")],
+    path: WorkspacePathArg,
+) -> None:
+    """Copy a file of this machine into the workspace (parent directories made), streamed."""
+    files = guarded(lambda: Files(session_id))
+    source: str | BinaryIO = sys.stdin.buffer if local == "-" else local
+    size = run(files.write_from(source, path))
+    err.print(f"{local} -> {path} ({size} bytes)", highlight=False)
+
+
+@files_cli.command("ls")
+def files_ls(
+    session_id: SessionArg,
+    path: Annotated[str, typer.Argument(help="Directory relative to the workspace.")] = ".",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+) -> None:
+    """List a workspace directory."""
+    files = guarded(lambda: Files(session_id))
+    entries = run(files.list(path))
+    if as_json:
+        for entry in entries:
+            sys.stdout.write(entry.model_dump_json() + "\n")
+        return
+    table = Table("name", "size", "modified")
+    for entry in entries:
+        shown = entry.name + ("/" if entry.is_dir else "") + (" @" if entry.is_symlink else "")
+        table.add_row(shown, str(entry.size), entry.modified[:19])
+    out.print(table)
+
+
+@files_cli.command("rm")
+def files_rm(session_id: SessionArg, path: WorkspacePathArg) -> None:
+    """Remove a workspace file, link or directory tree."""
+    files = guarded(lambda: Files(session_id))
+    run(files.remove(path))
+
+
+@cli.command()
+def download(
+    session_id: SessionArg,
+    directory: Annotated[Path, typer.Argument(help="Local directory to write into (made).")],
+    path: Annotated[str, typer.Option(help="Workspace directory to download.")] = ".",
+) -> None:
+    """Copy a session's workspace (or a directory of it) to this machine, streamed as tar."""
+    files = guarded(lambda: Files(session_id))
+    done = run(files.download(directory, path))
+    err.print(f"{done.files} files ({done.bytes} bytes) -> {directory}", highlight=False)
+    for name in done.skipped:
+        err.print(f"left out {name} (a link leading out of the workspace, or not a file)")
+
+
 def main() -> None:
     # `worker` turns into a Celery worker, which logs these itself once it starts.
     if sys.argv[1:2] != ["worker"]:
@@ -691,7 +999,8 @@ def main() -> None:
             err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     celery_app.set_current()
     try:
-        cli()
+        # Named, not taken from argv[0]: completion scripts and usage lines say the command.
+        cli(prog_name="claudebox-pool")
     except InvalidSettingError as exc:
         # Settings are read on first use, wherever that is; commands that catch ClaudeBoxError
         # report it themselves with the same line and code.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any, Self, Unpack, cast
 
 from claudebox_pool.producer import lifecycle, live, pool
+from claudebox_pool.producer.files import Files
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
 from claudebox_pool.producer.options import CallOptions, ClaudeOptions, refuse_unreachable_mcp
@@ -39,12 +40,14 @@ from claudebox_pool.tasks.models import (
     SessionRecord,
     SessionStatus,
     TrajectoryTurn,
+    opened,
     parse_payload,
     read_session_json,
     validate_session_id,
 )
 from claudebox_pool.tasks.registry import STATUSES, read_all
 from claudebox_pool.tasks.settings import AgentName
+from claudebox_pool.tasks.workspace_files import TransferResult
 
 EPHEMERAL_PREFIX = "ephemeral-"
 META_DIR = ".claudebox"
@@ -72,6 +75,7 @@ class ClaudeBox:
         egress_allow: list[str] | None = None,
         template_session: str | None = None,
         inputs: dict[str, str] | None = None,
+        template_dir: str | Path | None = None,
         **claude: Unpack[ClaudeOptions],
     ) -> None:
         unknown = claude.keys() - ClaudeOptions.__optional_keys__
@@ -102,6 +106,9 @@ class ClaudeBox:
         self._template_session = lifecycle.template_of(self._session_id, template_session)
         self._inputs = lifecycle.validated_inputs(inputs)
         self._lease = Lease(self._session_id)
+        self._template_dir = _local_dir(template_dir) if template_dir is not None else None
+        self.files = Files(self._session_id, self._order)
+        """The workspace's files, from any machine (:class:`producer.files.Files`)."""
 
     @property
     def session_id(self) -> str:
@@ -159,7 +166,7 @@ class ClaudeBox:
             request.model_dump(mode="json"),
             timeout_s=pool.settings().lock_wait_s + WAIT_MARGIN_S,
         )
-        record = SessionRecord.model_validate(raw)
+        record = opened(raw)
         if self._workspace_dir is not None and not Path(record.workspace_path).is_relative_to(
             self._workspace_dir
         ):
@@ -177,6 +184,9 @@ class ClaudeBox:
             stored_agent = kept.pop("agent", None)
             self._agent = self._defaults.agent or stored_agent or self._agent
             self._claude = cast(ClaudeOptions, {**kept, **self._claude})
+        if self._template_dir is not None and self._mode == "create":
+            # Before the first code call: the box's calls are not handed out until it is open.
+            await self.files.upload(self._template_dir)
 
     async def code(
         self,
@@ -186,18 +196,64 @@ class ClaudeBox:
         disallowed_tools: list[str] | None = None,
         *,
         on_output: OutputCallback | None = None,
+        on_start: Callable[[str], object] | None = None,
         **options: Unpack[CallOptions],
     ) -> CodeResult:
         """Run ``prompt`` in the session; the result says whether the agent succeeded.
 
         The options are documented in :mod:`producer.options`; ``env`` adds to the box's
         environment for this call. ``on_output`` is called with each :class:`StreamEvent`
-        (output lines, tool calls) while the agent runs. Abandoning the call (cancelling the
-        awaiting task, Ctrl-C) cancels the task in the pool too.
+        (output lines, tool calls) while the agent runs; ``on_start`` with the task's id as
+        soon as it is queued. Abandoning the call (cancelling the awaiting task, Ctrl-C)
+        cancels the task in the pool too.
         """
+        request = await self._code_request(
+            prompt, max_turns, allowed_tools, disallowed_tools, options, "code"
+        )
+        current = pool.settings()
+        wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
+        async with self._order:
+            self._task_id, route = await live.send(names.CODE, request.model_dump(mode="json"))
+            try:
+                if on_start is not None:
+                    on_start(self._task_id)
+                raw = await live.wait(self._task_id, wait_s, on_output, route)
+            finally:
+                self._task_id = None
+        return CodeResult.model_validate(raw)
+
+    async def start(
+        self,
+        prompt: str,
+        max_turns: int | None = None,
+        allowed_tools: list[str] | None = None,
+        disallowed_tools: list[str] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> str:
+        """Queue ``prompt`` in the session as :meth:`code` would, and return its task id without
+        waiting: the run goes on without this process (``claudebox-pool code --detach``).
+        Follow it with ``claudebox-pool logs -f ID``, read it with ``claudebox-pool result ID``.
+        """
+        request = await self._code_request(
+            prompt, max_turns, allowed_tools, disallowed_tools, options, "start"
+        )
+        async with self._order:
+            task_id, _ = await live.send(names.CODE, request.model_dump(mode="json"))
+        return task_id
+
+    async def _code_request(
+        self,
+        prompt: str,
+        max_turns: int | None,
+        allowed_tools: list[str] | None,
+        disallowed_tools: list[str] | None,
+        options: CallOptions,
+        method: str,
+    ) -> CodeRequest:
+        """The checked request of one call, its env values stored beside it (``env_travel``)."""
         unknown = options.keys() - CallOptions.__optional_keys__
         if unknown:
-            raise TypeError(f"code() got an unexpected keyword argument {min(unknown)!r}")
+            raise TypeError(f"{method}() got an unexpected keyword argument {min(unknown)!r}")
         if self._record is None:
             raise InvalidRequestError(
                 "this box is not open: use `async with ClaudeBox(...) as box:` or "
@@ -231,15 +287,7 @@ class ClaudeBox:
         refuse_unreachable_mcp(request.mcp_servers, current.egress_allow, self._record.egress_allow)
         with pool.map_redis_errors():
             client = await pool.redis_client()
-            request = await env_travel.send_beside(client, request, current.result_ttl_s)
-        wait_s = current.task_time_limit_s + current.lock_wait_s + WAIT_MARGIN_S
-        async with self._order:
-            self._task_id, route = await live.send(names.CODE, request.model_dump(mode="json"))
-            try:
-                raw = await live.wait(self._task_id, wait_s, on_output, route)
-            finally:
-                self._task_id = None
-        return CodeResult.model_validate(raw)
+            return await env_travel.send_beside(client, request, current.result_ttl_s)
 
     def stream(
         self,
@@ -430,6 +478,16 @@ class ClaudeBox:
         async with self._order:
             return (await lifecycle.view(self._session_id, 0)).record
 
+    async def upload(self, local_dir: str | Path, to: str = ".") -> TransferResult:
+        """Copy a directory of this machine into the workspace (directory ``to``), streamed
+        as tar; links leading out of it are left out. In order with the box's calls."""
+        return await self.files.upload(local_dir, to)
+
+    async def download(self, to: str | Path, path: str = ".") -> TransferResult:
+        """Copy workspace directory ``path`` into the local directory ``to``, streamed as tar;
+        links leading out of the workspace are left out. In order with the box's calls."""
+        return await self.files.download(to, path)
+
     def checkpoints(self) -> list[str]:
         """The names of the session's checkpoints, oldest first."""
         return lifecycle.checkpoints(self._session_id)
@@ -466,6 +524,16 @@ class _Reconnect:
         tb: TracebackType | None,
     ) -> None:
         await self._box.__aexit__(exc_type, exc, tb)
+
+
+def _local_dir(path: str | Path) -> Path:
+    local = Path(path).expanduser()
+    if not local.is_dir():
+        raise InvalidRequestError(
+            f"template_dir={str(path)!r} is not a directory on this machine; name a directory "
+            "whose files the new session should start with"
+        )
+    return local
 
 
 def _as_seen_here(record: SessionRecord) -> SessionRecord | None:

@@ -8,64 +8,54 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import redis
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.connections import redacted, sync_redis, text
 from claudebox_pool.tasks.models import WorkerInfo
 from claudebox_pool.tasks.settings import Settings, find_cli, get_settings
 
-OK = "[green]ok[/]"
-BAD = "[red]no[/]"
-WARN = "[yellow]warn[/]"
+Status = Literal["ok", "warn", "no", "info"]
+SHOWN: dict[Status, str] = {
+    "ok": "[green]ok[/] ",
+    "no": "[red]no[/] ",
+    "warn": "[yellow]warn[/] ",
+    "info": "",
+}
 CLI_PACKAGE = "@anthropic-ai/claude-code"
+
+
+class Check(BaseModel):
+    name: str
+    status: Status
+    detail: str
+
+
+class DoctorReport(BaseModel):
+    """What ``claudebox-pool doctor`` found; ``ok`` when the pool can run work."""
+
+    ok: bool
+    checks: list[Check]
+    workers: list[WorkerInfo]
+    """The alive workers that have described themselves."""
+    undescribed: list[str] = []
+    """Alive workers that have not described themselves yet."""
 
 
 def doctor_report(out: Console) -> bool:
     """Print each check; True when the pool can run work."""
-    settings = get_settings()
-    out.print(f"sessions root      {settings.sessions_root}")
-    out.print(f"default agent      {settings.agent}")
-    out.print(f"runtime setting    {settings.runtime}")
-    for tool, why in (
-        ("redis-server", "for `claudebox-pool up` (apt-get install redis-server)"),
-        ("bwrap", "for the bwrap sandbox (apt-get install bubblewrap)"),
-        ("socat", "for the model gateway bridge (apt-get install socat)"),
-        ("npm", "for `claudebox-pool install-cli`"),
-    ):
-        found = shutil.which(tool)
-        out.print(f"{tool:<18} {OK if found else BAD} {found or why}", highlight=False)
-    out.print(f"{'node':<18} {node_check(settings)}", highlight=False)
-
-    client = sync_redis(settings)
-    url = redacted(settings.broker_url)
-    try:
-        client.ping()
-    except (redis.RedisError, OSError) as exc:
-        out.print(f"redis              {BAD} {url}: {exc}", highlight=False)
-        return False
-    out.print(f"redis              {OK} {url}", highlight=False)
-
-    since = time.time() - settings.worker_alive_s
-    members: list[bytes] = client.zrangebyscore(keys.workers(), since, "+inf")  # type: ignore[assignment]
-    alive = [text(name) for name in members]
-    if not alive:
-        out.print(f"workers            {BAD} none running: start one with `claudebox-pool worker`")
-        return False
-    out.print(f"workers            {OK} {len(alive)} alive")
-    for name in alive:
-        raw = client.hget(keys.worker_info(), name)
-        try:
-            info = WorkerInfo.model_validate_json(raw) if raw else None
-        except ValidationError:
-            info = None
-        if info is None:
-            out.print(f"  {name}: (no details yet)")
-            continue
+    report = examine()
+    for check in report.checks:
+        out.print(f"{check.name:<18} {SHOWN[check.status]}{escape(check.detail)}", highlight=False)
+    for name in report.undescribed:
+        out.print(f"  {name}: (no details yet)")
+    for info in report.workers:
+        name = info.hostname
         cli = (
             f"claude {info.claude_version} at {info.claude_cli}"
             if info.claude_cli
@@ -80,10 +70,60 @@ def doctor_report(out: Console) -> bool:
             out.print(f"  {' ' * len(name)}  warm sandboxes: {info.warm}", highlight=False)
         for line in info.containment:
             out.print(f"  {' ' * len(name)}  limit: {line}", highlight=False)
-    return True
+    return report.ok
 
 
-def node_check(settings: Settings) -> str:
+def examine() -> DoctorReport:
+    """Check the tools, Redis and the workers."""
+    settings = get_settings()
+    checks = [
+        Check(name="sessions root", status="info", detail=str(settings.sessions_root)),
+        Check(name="default agent", status="info", detail=settings.agent),
+        Check(name="runtime setting", status="info", detail=settings.runtime),
+    ]
+    for tool, why in (
+        ("redis-server", "for `claudebox-pool up` (apt-get install redis-server)"),
+        ("bwrap", "for the bwrap sandbox (apt-get install bubblewrap)"),
+        ("socat", "for the model gateway bridge (apt-get install socat)"),
+        ("npm", "for `claudebox-pool install-cli`"),
+    ):
+        found = shutil.which(tool)
+        checks.append(Check(name=tool, status="ok" if found else "no", detail=found or why))
+    status, detail = node_check(settings)
+    checks.append(Check(name="node", status=status, detail=detail))
+
+    client = sync_redis(settings)
+    url = redacted(settings.broker_url)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        checks.append(Check(name="redis", status="no", detail=f"{url}: {exc}"))
+        return DoctorReport(ok=False, checks=checks, workers=[])
+    checks.append(Check(name="redis", status="ok", detail=url))
+
+    since = time.time() - settings.worker_alive_s
+    members: list[bytes] = client.zrangebyscore(keys.workers(), since, "+inf")  # type: ignore[assignment]
+    alive = [text(name) for name in members]
+    if not alive:
+        detail = "none running: start one with `claudebox-pool worker`"
+        checks.append(Check(name="workers", status="no", detail=detail))
+        return DoctorReport(ok=False, checks=checks, workers=[])
+    checks.append(Check(name="workers", status="ok", detail=f"{len(alive)} alive"))
+    workers, undescribed = [], []
+    for name in alive:
+        raw = client.hget(keys.worker_info(), name)
+        try:
+            info = WorkerInfo.model_validate_json(raw) if raw else None
+        except ValidationError:
+            info = None
+        if info is None:
+            undescribed.append(name)
+        else:
+            workers.append(info)
+    return DoctorReport(ok=True, checks=checks, workers=workers, undescribed=undescribed)
+
+
+def node_check(settings: Settings) -> tuple[Status, str]:
     """Node's version against the engine the Claude Code CLI's package declares. A mismatch is
     a warning: npm installs the CLI anyway (EBADENGINE) and its native binary runs."""
     cli = find_cli(settings)
@@ -92,17 +132,17 @@ def node_check(settings: Settings) -> str:
     version = node_version()
     if not isinstance(engine, str):
         what = "Claude Code CLI declares no Node engine" if cli else "Claude Code CLI not found"
-        return f"{version or 'not found'} ({what})"
+        return "info", f"{version or 'not found'} ({what})"
     declared = f"Claude Code {package.get('version', '?') if package else '?'} declares {engine}"
     fix = "install a Node.js in that range (nodejs.org, or nvm)"
     if version is None:
-        return f"{WARN} not found; {declared}: {fix}"
+        return "warn", f"not found; {declared}: {fix}"
     matches = satisfies(version, engine)
     if matches is None:
-        return f"{version}; {declared} (a range doctor cannot check)"
+        return "info", f"{version}; {declared} (a range doctor cannot check)"
     if matches:
-        return f"{OK} {version}; {declared}"
-    return f"{WARN} {version}, but {declared}: the CLI runs here but is unsupported; {fix}"
+        return "ok", f"{version}; {declared}"
+    return "warn", f"{version}, but {declared}: the CLI runs here but is unsupported; {fix}"
 
 
 def cli_package(cli: Path) -> dict[str, Any] | None:

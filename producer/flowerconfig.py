@@ -11,7 +11,8 @@ Flower at start, and Flower's control API (sending tasks, which runs commands in
 revoking and terminating them; shutting down, restarting and resizing workers; rate limits,
 time limits and queues) answers 403 unless ``CLAUDEBOX_FLOWER_CONTROL_API`` turns it on.
 Flower reads its routes from one list (``flower.urls.handlers``) when it builds its app, after
-reading this file, so the control routes are swapped for a refusal in that list.
+reading this file, so the control routes are swapped for a refusal in that list, and
+``/health``, the pool's health, is added to it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ tasks_columns = "name,uuid,state,args,received,started,runtime,worker"
 task_runtime_metric_buckets = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]
 """Buckets of ``flower_task_runtime_seconds`` for agent runs of seconds to an hour (Flower's
 defaults end at 10 s)."""
+
+HEALTH_ROUTE = r"/health"
+"""The pool's health (``producer.health``), served beside Flower's ``/healthcheck``, which says
+only that Flower answers."""
 
 HIDDEN = "[hidden: sent without claudebox-pool's display text]"
 CONTROL_ROUTES = (
@@ -101,6 +106,30 @@ def _lock_down() -> None:
             urls.handlers[index] = (pattern, ControlApiOff)
 
 
+def _serve_health() -> None:
+    # Imported here, as in _lock_down: only the Flower process has tornado loaded.
+    import asyncio
+
+    import tornado.web
+    from flower import urls
+
+    from claudebox_pool.producer.health import check
+
+    class PoolHealth(tornado.web.RequestHandler):
+        """``/health``: 200 when the pool can take work, 503 saying why not (producer.health).
+        Without authentication, like Flower's ``/healthcheck``: probes carry no credentials,
+        and the report holds no secret (URLs are shown with their password hidden)."""
+
+        async def get(self) -> None:
+            # In a thread: an unanswering Redis would hold Flower's event loop for the timeout.
+            report = await asyncio.to_thread(check)
+            self.set_status(200 if report.healthy else 503)
+            self.finish(report.model_dump(mode="json"))
+
+    urls.handlers.insert(0, (HEALTH_ROUTE, PoolHealth))
+
+
 # Flower executes this file with flower.command already loaded; anywhere else it is imported.
 if "flower.command" in sys.modules:
     _lock_down()
+    _serve_health()

@@ -37,6 +37,7 @@ from claudebox_pool.tasks import keys, names
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.connections import async_redis, redacted
 from claudebox_pool.tasks.errors import (
+    AgentRunFailedError,
     ClaudeBoxError,
     NodeUnavailableError,
     PoolUnavailableError,
@@ -296,12 +297,22 @@ async def _wait(task_id: str, timeout_s: float, deadline: float, route: Route) -
             raw = message["data"] if message else await client.get(key)
 
 
+def raise_if_failed(task_id: str, raw: bytes | None) -> None:
+    """Raise the task's error if ``raw``, its stored result, says it failed; else nothing."""
+    if raw is not None:
+        meta = app.backend.decode_result(raw)
+        if meta["status"] in states.READY_STATES and meta["status"] != states.SUCCESS:
+            _outcome(task_id, meta)
+
+
 def _outcome(task_id: str, meta: dict[str, Any]) -> Any:
     if meta["status"] == states.SUCCESS:
         return meta["result"]
     if meta["status"] == states.REVOKED:
         raise TaskFailedError(f"task {task_id} was revoked before it finished")
     exc = app.backend.exception_to_python(meta["result"])
+    if isinstance(exc, AgentRunFailedError):
+        return exc.result  # a failed agent run is the call's result, not an error of the call
     if isinstance(exc, ClaudeBoxError):
         raise exc
     raise TaskFailedError(
@@ -324,3 +335,9 @@ async def call_on_every_node(name: str, payload: dict[str, Any], timeout_s: floa
     routes = [Route(names.node_queue(node), node) for node in nodes]
     sent = [(send(name, payload, r.queue), r) for r in routes]
     return list(await asyncio.gather(*(wait(task_id, timeout_s, r) for task_id, r in sent)))
+
+
+def outcome(task_id: str, meta: dict[str, Any]) -> Any:
+    """A finished task's return value from its result's metadata, or its error raised, as
+    :func:`wait` gives them (``claudebox-pool result`` reads a result this way)."""
+    return _outcome(task_id, meta)

@@ -4,11 +4,14 @@ The display redraws a few times a second: one line for the whole batch (a bar, j
 and failed, elapsed time) and a table with each session's state (waiting, opening, running,
 retrying, done, failed), its jobs done of its total, and its current job. Sessions that are at
 work are listed first; beyond :data:`MAX_ROWS` the rest are counted, not listed. On a terminal
-the display is replaced by the summary at the end; elsewhere (a CI log) only the summary shows.
+the display is replaced by the summary at the end. Elsewhere (a pipe, a CI log) nothing can be
+redrawn: a line is printed per finished job, and a progress line every
+``CLAUDEBOX_PROGRESS_INTERVAL_S``, so that a long batch never looks stuck.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from claudebox_pool.tasks.models import TokenUsage, merged_usage, usage_total
+from claudebox_pool.tasks.settings import get_settings
 
 if TYPE_CHECKING:
     from claudebox_pool.producer.batch import Job, JobResult
@@ -76,6 +80,9 @@ class BatchProgress:
                 view.ok += 1
         self._session_of = {job.id: job.session_key for job in jobs}
         self._live = Live(self, console=console, refresh_per_second=4, transient=True)
+        self._piped = not console.is_terminal
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="progress", daemon=True)
 
     def session_state(self, session: str, state: str, job_id: str | None = None) -> None:
         view = self.sessions[session]
@@ -89,6 +96,28 @@ class BatchProgress:
             view.ok += 1
         else:
             view.failed += 1
+        if self._piped:
+            outcome = Text("ok", style="green") if result.success else Text("failed", style="red")
+            line = Text.assemble(
+                outcome,
+                f" {result.id} (session {result.session_id}, {result.duration_s:.1f}s)",
+                "" if result.success else f": {_first_line(result.error)}",
+            )
+            self.console.print(line, highlight=False)
+
+    def progress_line(self) -> str:
+        views = list(self.sessions.values())
+        ok = sum(view.ok for view in views)
+        failed = sum(view.failed for view in views)
+        at_work = sum(view.state in ("running", "retrying", "opening") for view in views)
+        return (
+            f"progress: {ok + failed}/{self.total} jobs, {ok} ok, {failed} failed, "
+            f"{at_work} sessions at work, {time.monotonic() - self.started:.0f}s"
+        )
+
+    def _tick(self) -> None:
+        while not self._stop.wait(get_settings().progress_interval_s):
+            self.console.print(self.progress_line(), highlight=False, markup=False)
 
     def __rich__(self) -> RenderableType:
         views = list(self.sessions.values())
@@ -120,7 +149,10 @@ class BatchProgress:
         return Group(header, table)
 
     def __enter__(self) -> Self:
-        self._live.start()
+        if self._piped:
+            self._ticker.start()
+        else:
+            self._live.start()
         return self
 
     def __exit__(
@@ -129,7 +161,11 @@ class BatchProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._live.stop()
+        if self._piped:
+            self._stop.set()
+            self._ticker.join()
+        else:
+            self._live.stop()
 
 
 def summary(results: Sequence[JobResult]) -> RenderableType:

@@ -10,8 +10,8 @@ whose own thread runs an event loop (Jupyter) blocks that loop for the call's le
 of deadlocking. The one thing that cannot work, a blocking call from the client's own loop
 (an ``on_output`` callback calling the sync API), raises RuntimeError at once.
 
-The main API has typed methods here. Anything else the async box offers (``box.files``,
-``box.upload``...) is reached through :meth:`ClaudeBox.__getattr__`: coroutine functions
+The main API has typed methods here. Anything else the async box offers (``box.files``:
+``box.files.read(path)``...) is reached through :meth:`ClaudeBox.__getattr__`: coroutine functions
 become blocking functions, async iterators iterators, and other objects are wrapped the
 same way, so additions to the async client appear here without edits.
 """
@@ -42,6 +42,7 @@ from claudebox_pool.tasks.models import (
 )
 from claudebox_pool.tasks.settings import AgentName
 from claudebox_pool.tasks.streaming import StreamEvent
+from claudebox_pool.tasks.workspace_files import TransferResult
 
 T = TypeVar("T")
 
@@ -186,6 +187,7 @@ class ClaudeBox:
         egress_allow: list[str] | None = None,
         template_session: str | None = None,
         inputs: dict[str, str] | None = None,
+        template_dir: str | Path | None = None,
         **claude: Unpack[ClaudeOptions],
     ) -> None:
         self._box = AsyncClaudeBox(
@@ -201,6 +203,7 @@ class ClaudeBox:
             egress_allow=egress_allow,
             template_session=template_session,
             inputs=inputs,
+            template_dir=template_dir,
             **claude,
         )
 
@@ -354,6 +357,12 @@ class ClaudeBox:
 
     def restore(self, name: str) -> Checkpoint:
         return _LOOP.run(self._box.restore(name))
+
+    def upload(self, local_dir: str | Path, to: str = ".") -> TransferResult:
+        return _LOOP.run(self._box.upload(local_dir, to))
+
+    def download(self, to: str | Path, path: str = ".") -> TransferResult:
+        return _LOOP.run(self._box.download(to, path))
 
     def history(self, limit: int | None = None) -> list[HistoryEntry]:
         return _LOOP.run(self._box.history(limit))

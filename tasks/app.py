@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 # logs: its Celery signal handlers set the log format of every worker and beat.
-from claudebox_pool.tasks import logs, names  # noqa: F401
+from claudebox_pool.tasks import logs, names, task_records  # noqa: F401
 from claudebox_pool.tasks.monitoring import RedactedTask, RedactingAMQP
 from claudebox_pool.tasks.schedule import beat_schedule
 from claudebox_pool.tasks.settings import Settings, get_settings
@@ -83,3 +83,13 @@ app = Celery("claudebox", amqp=RedactingAMQP, task_cls=RedactedTask)
 # Read on the app's first use, not at import: a command's --help works with a bad setting, and
 # the error comes where the command can report it.
 app.add_defaults(lambda: celery_config(get_settings()))
+
+
+def _record_sent(headers: dict[str, Any], body: Any, routing_key: str = "", **_: Any) -> None:
+    """Every task this process sends is recorded for `claudebox-pool tasks` (``task_records``)."""
+    record = task_records.from_message(headers or {}, body, routing_key or None)
+    if record is not None:
+        task_records.write(app.backend.client, record, get_settings().result_ttl_s)
+
+
+signals.after_task_publish.connect(_record_sent)

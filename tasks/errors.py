@@ -11,6 +11,7 @@
     ├── SessionCorruptedError        session.json or the workspace is missing or unreadable
     ├── SessionBusyError             another task held the session past the wait deadline
     ├── CheckpointNotFoundError      no checkpoint by that name in the session
+    ├── TaskNotFoundError            no task by that id was sent, or it is forgotten
     ├── DiskFullError                the sessions root is over its size limit or the disk is full
     ├── LockLostError                a task lost its session lock; its writes were refused
     ├── SandboxError                 the sandbox could not be started or run
@@ -18,8 +19,10 @@
     ├── WrongNodeError               a task reached a node that does not hold its session
     ├── PoolUnavailableError         Redis cannot be reached, or no worker is running
     │   └── NodeUnavailableError     the node holding a session's files is gone
-    └── TaskFailedError              the worker failed the task for a reason of its own
-        └── TaskAttemptsExceededError  the task was delivered too often (it kills workers)
+    ├── TaskFailedError              the worker failed the task for a reason of its own
+    │   └── TaskAttemptsExceededError  the task was delivered too often (it kills workers)
+    └── AgentRunFailedError          a code task's agent run failed; carries its CodeResult
+                                     (the producer returns that result, never raises this)
 
 Every error crosses the queue intact: a worker raises it, Celery stores its type, module and
 constructor arguments, and the producer re-raises the same class. So each constructor takes
@@ -27,6 +30,8 @@ plain values only, and ``args`` holds exactly them.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class ClaudeBoxError(Exception):
@@ -196,6 +201,26 @@ class TaskAttemptsExceededError(TaskFailedError):
         )
 
 
+class AgentRunFailedError(ClaudeBoxError):
+    """How a ``code`` task whose agent run failed ends: as a failed task, so that monitors
+    (Flower's Failed filter, its ``task-failed`` counts) see the failure. ``result`` is the
+    run's CodeResult as JSON; the producer gives it back to the caller as the call's result.
+
+    ``str`` and ``repr`` are the one-line ``summary``: they are what Flower and the worker's
+    log show, and the result's output stays out of both."""
+
+    def __init__(self, summary: str, result: dict[str, Any]) -> None:
+        Exception.__init__(self, summary, result)
+        self.summary = summary
+        self.result = result
+
+    def __str__(self) -> str:
+        return self.summary
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.summary!r})"
+
+
 class CheckpointNotFoundError(ClaudeBoxError):
     def __init__(self, session_id: str, name: str) -> None:
         Exception.__init__(self, session_id, name)
@@ -206,6 +231,18 @@ class CheckpointNotFoundError(ClaudeBoxError):
         return (
             f"Checkpoint '{self.name}' not found in session '{self.session_id}'; list its "
             "checkpoints with box.checkpoints(), or make one with await box.checkpoint(name)"
+        )
+
+
+class TaskNotFoundError(ClaudeBoxError):
+    def __init__(self, task_id: str) -> None:
+        Exception.__init__(self, task_id)
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return (
+            f"No task '{self.task_id}' is known: none was sent by that id, or it ended longer "
+            "ago than CLAUDEBOX_RESULT_TTL_S; list recent ones with `claudebox-pool tasks`"
         )
 
 

@@ -21,6 +21,10 @@ Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
     claudebox:cancel:<task id>        string set to ask a queued or running task to stop, TTL
     claudebox:warm:<session>          string the worker keeping the session's sandbox warm, TTL
     claudebox:env:<token>             string a queued code task's env values (JSON), TTL
+    claudebox:tasks                   zset   task id scored by when it was sent (recent tasks)
+    claudebox:task:<task id>          string what a sent task is (TaskRecord JSON), TTL
+    claudebox:transfer:<token>        list   a file transfer's chunks in order (tasks.transfer), TTL
+    claudebox:transfer:<token>:credit list   one item a chunk the receiver took: room to send, TTL
 
 Two keys of kombu's Redis transport are read too (its defaults, which tasks/app.py keeps)::
 
@@ -111,3 +115,19 @@ def warm(session_id: str) -> str:
 
 def task_env(token: str) -> str:
     return f"{PREFIX}env:{token}"
+
+
+def recent_tasks() -> str:
+    return f"{PREFIX}tasks"
+
+
+def task_record(task_id: str) -> str:
+    return f"{PREFIX}task:{task_id}"
+
+
+def transfer_data(token: str) -> str:
+    return f"{PREFIX}transfer:{token}"
+
+
+def transfer_credit(token: str) -> str:
+    return f"{PREFIX}transfer:{token}:credit"

@@ -30,6 +30,7 @@ from claudebox_pool.tasks.errors import (
     InvalidRequestError,
     InvalidSessionIdError,
     SessionCorruptedError,
+    SessionNotFoundError,
 )
 from claudebox_pool.tasks.settings import AgentName
 
@@ -452,6 +453,23 @@ class SessionRecord(BaseModel):
                 "corruption": Corruption(path=error.path, problem=error.problem),
             }
         )
+
+
+class SessionMissing(_Message):
+    """The open task's answer to a reconnect when no session has that id. Reconnecting and
+    creating on a miss is routine (``claudebox-pool code``, batches, session pools), so the
+    miss is a task that succeeded, not one monitors count as failed; the producer turns it
+    into SessionNotFoundError (:func:`opened`)."""
+
+    missing: Literal[True] = True
+    session_id: SessionId
+
+
+def opened(raw: Any) -> SessionRecord:
+    """The record an open task returned; SessionNotFoundError for a :class:`SessionMissing`."""
+    if isinstance(raw, dict) and raw.get("missing") is True:
+        raise SessionNotFoundError(SessionMissing.model_validate(raw).session_id)
+    return SessionRecord.model_validate(raw)
 
 
 def read_session_json(session_id: str, path: Path) -> SessionRecord:

@@ -30,14 +30,22 @@ TRAJECTORY: Final = "claudebox.trajectory"
 """Read one page of a session's conversation from the CLI's transcript in its agent home."""
 HISTORY: Final = "claudebox.history"
 """Read a session's session.json and history.jsonl on its node, for a producer anywhere."""
+FILES_READ: Final = "claudebox.files.read"
+"""Stream one workspace file to a producer through Redis (``tasks.transfer``)."""
+FILES_WRITE: Final = "claudebox.files.write"
+"""Write one workspace file streamed from a producer, under the session's lock."""
+FILES_LIST: Final = "claudebox.files.list"
+"""List one directory of a session's workspace."""
+FILES_REMOVE: Final = "claudebox.files.remove"
+"""Remove a file or a directory tree of a session's workspace, under its lock."""
+FILES_UPLOAD: Final = "claudebox.files.upload"
+"""Unpack a tar stream from a producer into a session's workspace, under its lock."""
+FILES_DOWNLOAD: Final = "claudebox.files.download"
+"""Stream a directory of a session's workspace to a producer as tar."""
 
 DROP_WARM: Final = "claudebox_drop_warm"
 """Remote-control command: stop the warm sandbox a worker keeps for a session (it runs in the
 worker's main process, where warm sandboxes are kept)."""
-
-EVENT_RUNNING: Final = "task-running"
-"""Custom Celery event sent when a code task holds its session and starts the agent; monitors
-(Flower) then show the task in state RUNNING, with ``session_id`` and ``agent`` among its fields."""
 
 QUEUE: Final = "claudebox"
 """The queue every worker consumes."""

@@ -259,6 +259,31 @@ class Settings(BaseSettings):
         "returns; the producer asks for pages until the last. A single turn over it keeps its "
         "usage and timings but its content is replaced by a marker.",
     )
+    transfer_chunk_bytes: int = Field(
+        default=1 << 20,
+        ge=4096,
+        le=64 << 20,
+        description="Size of the chunks a file or tree travels in through Redis between a "
+        "producer and a worker (`box.files`, upload, download).",
+    )
+    transfer_window_chunks: int = Field(
+        default=8,
+        gt=0,
+        description="Chunks of one transfer that may wait in Redis unread; the sender waits "
+        "for the receiver past it, so a transfer holds at most this many chunks in Redis.",
+    )
+    transfer_idle_s: int = Field(
+        default=120,
+        gt=0,
+        description="How long a worker waits for the producer's next chunk (or for room to "
+        "send one) before it gives a transfer up as abandoned.",
+    )
+    max_list_entries: int = Field(
+        default=10_000,
+        gt=0,
+        description="Most entries `box.files.list` returns for one directory; a larger one "
+        "is refused (list a subdirectory, or download it).",
+    )
     max_result_bytes: int = Field(
         default=6_000_000,
         gt=1000,
@@ -279,6 +304,12 @@ class Settings(BaseSettings):
         description="How long `claudebox-pool up` waits before restarting a process of the "
         "pool that crashed (exited non-zero or by a signal); it doubles with each crash in a "
         "row, up to `CLAUDEBOX_UP_RESTART_MAX_DELAY_S`.",
+    )
+    progress_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often `claudebox-pool submit` prints a progress line when its output "
+        "is not a terminal (a pipe, a CI log); each finished job prints a line too.",
     )
     up_restart_max_delay_s: float = Field(
         default=60.0,

@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+from celery.result import AsyncResult
 
 from claudebox_pool import ClaudeBox, CodeResult, JobResult, enqueue, submit
 from claudebox_pool.producer import live
 from claudebox_pool.producer.batch import read_jobs
+from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import InvalidRequestError
 from claudebox_pool.tasks.settings import get_settings
 from tests.conftest import WorkerFactory
@@ -179,6 +181,25 @@ def test_no_wait_queues_chains_that_keep_order_and_cross_session_dependencies(
     assert c1[0] < a1[1], "the unrelated job's chain runs beside the others"
     ephemeral = get_settings().sessions_root / results[3].session_id
     wait_for(lambda: not ephemeral.exists(), 30, "the ephemeral session's cleanup step")
+
+
+def test_a_no_wait_chain_goes_on_after_a_job_whose_run_failed_and_failed_its_task() -> None:
+    jobs = [
+        {"id": "nf-1", "session_id": "nw-fail", "prompt": "echo no; exit 3"},
+        {"id": "nf-2", "session_id": "nw-fail", "prompt": "echo yes"},
+    ]
+
+    async def scenario() -> tuple[list[str], list[CodeResult]]:
+        queued = await enqueue(jobs)
+        results = [CodeResult.model_validate(await live.wait(job.task_id, 60)) for job in queued]
+        return [job.task_id for job in queued], results
+
+    task_ids, (failed, after) = asyncio.run(scenario())
+
+    assert (failed.success, failed.exit_code, failed.response) == (False, 3, "no\n")
+    assert (after.success, after.response, after.task_id) == (True, "yes\n", task_ids[1])
+    # Monitors see the failed run as a failed task, and only that one.
+    assert [AsyncResult(task_id, app=app).state for task_id in task_ids] == ["FAILURE", "SUCCESS"]
 
 
 def test_submit_no_wait_prints_one_task_id_a_job(tmp_path: Path) -> None:

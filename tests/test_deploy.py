@@ -130,6 +130,12 @@ def test_compose_flower_requires_credentials_and_listens_on_loopback_only() -> N
     assert [port.split(":")[0] for port in flower["ports"]] == ["127.0.0.1"]
 
 
+def test_compose_flower_is_healthy_only_while_the_pool_can_take_work() -> None:
+    probe = " ".join(compose()["services"]["flower"]["healthcheck"]["test"])
+
+    assert "127.0.0.1:5555/health'" in probe  # the pool's health, not Flower's /healthcheck
+
+
 # Secrets
 
 
@@ -252,6 +258,15 @@ def test_kubernetes_runs_one_beat_and_lets_workers_finish_their_tasks(overlay: s
     else:
         assert worker["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
         assert node["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubernetes_flower_is_ready_only_while_the_pool_can_take_work(overlay: str) -> None:
+    manifests = resources(DEPLOY / "k8s" / overlay)
+    [flower] = by_kind(manifests, "Deployment", "flower")["spec"]["template"]["spec"]["containers"]
+
+    assert flower["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert flower["livenessProbe"]["httpGet"]["path"] == "/healthcheck"
 
 
 # Dockerfile

@@ -10,6 +10,7 @@ import pytest
 from claudebox_pool.tasks import errors as task_errors
 from claudebox_pool.tasks.app import app
 from claudebox_pool.tasks.errors import (
+    AgentRunFailedError,
     CheckpointNotFoundError,
     ClaudeBoxError,
     DiskFullError,
@@ -27,6 +28,7 @@ from claudebox_pool.tasks.errors import (
     SessionNotFoundError,
     TaskAttemptsExceededError,
     TaskFailedError,
+    TaskNotFoundError,
     WrongNodeError,
 )
 
@@ -55,6 +57,7 @@ EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
     TaskFailedError: TaskFailedError("task 1 failed on the worker: KeyError: 'x'"),
     TaskAttemptsExceededError: TaskAttemptsExceededError("5f1c-task-id", 3),
     CheckpointNotFoundError: CheckpointNotFoundError("my-project", "phase1"),
+    TaskNotFoundError: TaskNotFoundError("5f1c2a00-0000-0000-0000-000000000000"),
     DiskFullError: DiskFullError(
         "session 'my-project' cannot run a task: the sessions in /srv/sessions take 5000.0 MB, "
         "over the limit of 4000.0 MB (CLAUDEBOX_MAX_SESSIONS_BYTES)",
@@ -62,9 +65,17 @@ EXAMPLES: dict[type[ClaudeBoxError], ClaudeBoxError] = {
     ),
     NodeUnavailableError: NodeUnavailableError("my-project", "host-b", 95.5),
     WrongNodeError: WrongNodeError("my-project", "host-b", "host-a"),
+    AgentRunFailedError: AgentRunFailedError(
+        "agent exited 1: exit code 1: boom",
+        {"success": False, "exit_code": 1, "response": "partial\nanswer", "error": "boom"},
+    ),
 }
 
 ADVICE: dict[type[ClaudeBoxError], list[str]] = {
+    TaskNotFoundError: [
+        "No task '5f1c2a00-0000-0000-0000-000000000000' is known",
+        "`claudebox-pool tasks`",
+    ],
     NodeUnavailableError: [
         "Session 'my-project' lives on node 'host-b'",
         "no heartbeat for 96s",
@@ -183,3 +194,10 @@ def test_the_readme_shows_the_same_error_tree_as_the_module() -> None:
     tree = "\n".join(line[4:] for line in found.group(1).rstrip("\n").split("\n"))
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"```\n{tree}\n```" in readme
+
+
+def test_a_failed_run_shows_monitors_only_its_one_line_summary() -> None:
+    exc = AgentRunFailedError("agent exited 2: timed out after 5s", {"raw_output": "x" * 5000})
+
+    assert repr(exc) == "AgentRunFailedError('agent exited 2: timed out after 5s')"
+    assert str(exc) == "agent exited 2: timed out after 5s"

@@ -8,55 +8,22 @@ the tasks it then looks for.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from claudebox_pool import ClaudeBox
+from claudebox_pool import ClaudeBox, CodeResult, SessionNotFoundError
+from claudebox_pool.tasks import names
 from claudebox_pool.tasks.settings import get_settings
+from claudebox_pool.workers.store import SessionStore
 from tests.conftest import WorkerFactory
-from tests.support.processes import REPO, Worker, free_port, wait_for
+from tests.support.flower import USER, FlowerClient, running_flower
+from tests.support.processes import RedisServer, Worker, wait_for
 
-USER, PASSWORD = "ops", "flower-test-password"
 CANARY = "sk-canary-never-in-flower"
 LONG_PROMPT = "echo hi # " + "x" * 500
-
-
-class FlowerClient:
-    def __init__(self, base: str) -> None:
-        self.base = base
-
-    def get(self, path: str, auth: tuple[str, str] | None = (USER, PASSWORD)) -> tuple[int, str]:
-        request = urllib.request.Request(self.base + path)
-        if auth is not None:
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-            request.add_header("Authorization", f"Basic {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as reply:
-                return reply.status, reply.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode(errors="replace")
-
-    def json(self, path: str) -> Any:
-        status, body = self.get(path)
-        assert status == 200, body
-        return json.loads(body)
-
-    def answers(self) -> bool:
-        try:
-            return self.get("/healthcheck")[0] == 200
-        except OSError:
-            return False
 
 
 def metric_lines(flower: FlowerClient, name: str, *labels: str) -> list[str]:
@@ -80,23 +47,8 @@ def worker(start_workers: WorkerFactory) -> Worker:
 
 @pytest.fixture(scope="module")
 def flower(worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerClient]:
-    port = free_port()
     log_path = tmp_path_factory.mktemp("flower") / "flower.log"
-    env = {**os.environ, "CLAUDEBOX_FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}
-    with log_path.open("wb") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "claudebox_pool.producer.cli", "flower", "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    client = FlowerClient(f"http://127.0.0.1:{port}")
-    try:
-        wait_for(lambda: client.answers() or child.poll() is not None, 60, "Flower to answer")
-        assert child.poll() is None, Path(log_path).read_text()
+    with running_flower(log_path) as client:
         online = f'worker="{worker.hostname}"'
         wait_for(
             lambda: any(
@@ -107,9 +59,6 @@ def flower(worker: Worker, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "Flower to hear the worker",
         )
         yield client
-    finally:
-        os.killpg(child.pid, signal.SIGTERM)
-        child.wait(30)
 
 
 pytestmark = pytest.mark.usefixtures("clean_state")
@@ -144,7 +93,13 @@ def test_a_finished_task_shows_its_session_and_a_short_prompt_but_no_env_value(
     assert any('type="task-succeeded"' in line and "claudebox.code" in line for line in counted)
 
 
-def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerClient) -> None:
+def tasks_in(flower: FlowerClient, state: str, name: str = "claudebox.code") -> dict[str, Any]:
+    """Flower's task list under its filter for ``state`` (the dashboard's Failed, Started...)."""
+    found: dict[str, Any] = flower.json(f"/api/tasks?state={state}&taskname={name}")
+    return found
+
+
+def test_a_running_task_is_listed_under_started(flower: FlowerClient) -> None:
     workspace = get_settings().sessions_root / "long-one" / "workspace"
 
     async def scenario() -> str:
@@ -155,9 +110,9 @@ def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerC
             task_id = box.running_task_id
             await asyncio.to_thread(
                 wait_for,
-                lambda: state_of(flower, task_id) == "RUNNING",
+                lambda: task_id in tasks_in(flower, "STARTED"),
                 30,
-                "Flower to show the task RUNNING",
+                "Flower to list the running task under Started",
             )
             (workspace / "go").touch()
             await call
@@ -166,3 +121,61 @@ def test_a_task_whose_agent_runs_shows_as_running_in_its_session(flower: FlowerC
     task_id = asyncio.run(scenario())
 
     wait_for(lambda: state_of(flower, task_id) == "SUCCESS", 30, "Flower to see the task end")
+    assert task_id not in tasks_in(flower, "STARTED")
+
+
+def test_a_failed_run_is_a_failed_task_with_a_one_line_reason_and_the_caller_gets_its_result(
+    flower: FlowerClient, redis_server: RedisServer
+) -> None:
+    async def scenario() -> CodeResult:
+        async with ClaudeBox(session_id="failing") as box:
+            return await box.code(f"echo partial-{CANARY}; echo boom >&2; exit 3")
+
+    result = asyncio.run(scenario())
+
+    assert (result.success, result.exit_code, result.response) == (False, 3, f"partial-{CANARY}\n")
+    wait_for(lambda: result.task_id in tasks_in(flower, "FAILURE"), 30, "Flower to list it failed")
+    task = flower.json(f"/api/task/info/{result.task_id}")
+    assert task["exception"] == "AgentRunFailedError('agent exited 3: exit code 3: boom')"
+    assert CANARY not in task["exception"] + task["traceback"]
+    assert len(task["traceback"].splitlines()) < 15
+    assert result.task_id not in tasks_in(flower, "SUCCESS")
+    counted = metric_lines(flower, "flower_events_total", 'type="task-failed"', "claudebox.code")
+    assert counted and all(not line.endswith(" 0.0") for line in counted)
+    # Acknowledged, neither retried nor requeued (late acks): it ran once.
+    client = redis_server.client()
+    wait_for(lambda: client.hlen("unacked") == 0, 30, "the failed task's message to be acked")
+    assert client.llen(names.QUEUE) == 0
+    history = SessionStore(get_settings().sessions_root).history("failing")
+    runs = [entry for entry in history if entry.action == "code_execution"]
+    assert [run.context["task_id"] for run in runs] == [result.task_id]
+
+
+def test_the_probe_before_creating_a_new_session_is_not_a_failure(flower: FlowerClient) -> None:
+    async def scenario() -> str:
+        try:
+            box = await ClaudeBox.reconnect("probed")
+        except SessionNotFoundError:
+            box = ClaudeBox(session_id="probed")
+        async with box:
+            return (await box.code("echo here")).response
+
+    assert asyncio.run(scenario()) == "here\n"
+
+    def probes() -> dict[str, Any]:
+        opened = flower.json("/api/tasks?taskname=claudebox.open")
+        return {
+            task_id: task
+            for task_id, task in opened.items()
+            if "session=probed" in task["args"] and "mode=reconnect" in task["args"]
+        }
+
+    wait_for(
+        lambda: [task["state"] for task in probes().values()] == ["SUCCESS"],
+        30,
+        "Flower to see the probe succeed",
+    )
+    assert not any(
+        "session=probed" in task["args"]
+        for task in tasks_in(flower, "FAILURE", "claudebox.open").values()
+    )

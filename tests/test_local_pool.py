@@ -132,8 +132,14 @@ def test_ctrl_c_finishes_the_running_task_and_a_restart_runs_the_queued_one(
     up = local_pool.start("up", "--concurrency", "1", output=up_log)
     wait_for(lambda: "pool up" in up_log.read_text(), 60, "the pool to start")
     client = local_pool.redis()
+    # The slow task holds the only slot until the test lets it go (a file appears), however
+    # long the next producer takes to start on a loaded machine.
     running = local_pool.start(
-        "code", "slow", "sleep 2 && echo one > one.txt", output=local_pool.home / "slow.log"
+        "code",
+        "slow",
+        "i=0; until [ -e go ] || [ $i -ge 1200 ]; do sleep 0.05; i=$((i+1)); done;"
+        " echo one > one.txt",
+        output=local_pool.home / "slow.log",
     )
     wait_for(lambda: client.exists(keys.session_lock("slow")), 30, "the slow task to run")
     # The only slot is busy: the first task of this call waits in the common queue. Its
@@ -153,6 +159,8 @@ def test_ctrl_c_finishes_the_running_task_and_a_restart_runs_the_queued_one(
     result_key = app.backend.get_key_for_task(queued_id)
 
     os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends
+    wait_for(lambda: "stopping: running tasks finish first" in up_log.read_text(), 30, "up to stop")
+    (local_pool.sessions / "slow" / "workspace" / "go").touch()
 
     assert up.wait(60) == 0, up_log.read_text()
     assert running.wait(30) == 0, (local_pool.home / "slow.log").read_text()
@@ -161,7 +169,6 @@ def test_ctrl_c_finishes_the_running_task_and_a_restart_runs_the_queued_one(
     assert local_pool.processes() == []
     log = up_log.read_text()
     assert "worker-1 | " in log and "beat     | " in log and "redis    | " in log
-    assert "stopping: running tasks finish first" in log
 
     local_pool.env["CLAUDEBOX_FLOWER_BASIC_AUTH"] = "ops:s3cret"
     flower = str(free_port())

@@ -73,6 +73,9 @@ def test_the_whole_api_blocks_inside_a_running_event_loop(
             box.restore("first")
             seen.append(box.code("cat a.txt").response.strip())
             seen.append(box.checkpoints())
+            # box.files, another helper's API, reached through the generic wrapper.
+            box.files.write("notes/f.txt", "from a notebook")
+            seen.append(box.files.read("notes/f.txt"))
         again = ClaudeBox.get_or_create("nb")
         seen.append(again.code("cat a.txt").response.strip())
         # Not a method of the sync class: reached through the generic wrapper, made blocking.
@@ -89,6 +92,7 @@ def test_the_whole_api_blocks_inside_a_running_event_loop(
         "first",
         "one",
         ["first"],
+        b"from a notebook",
         "one",
         ["nb"],
         "code_execution",

@@ -122,7 +122,7 @@ def test_a_sandbox_leased_by_a_process_that_died_is_stopped_with_its_command(
     )
 
     wait_for(lambda: not processes_naming(marker), 5, "the orphaned command to be killed")
-    assert keeper.sessions() == []
+    wait_for(lambda: keeper.sessions() == [], 5, "the keeper to stop the orphaned sandbox")
 
 
 def test_past_the_limit_the_longest_idle_sandbox_is_stopped(

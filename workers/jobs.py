@@ -16,7 +16,7 @@ from celery import Task
 
 from claudebox_pool.tasks import env_travel, names
 from claudebox_pool.tasks.app import app
-from claudebox_pool.tasks.errors import ClaudeBoxError
+from claudebox_pool.tasks.errors import ClaudeBoxError, InvalidRequestError, SessionNotFoundError
 from claudebox_pool.tasks.lifecycle import (
     CheckpointRequest,
     ForkRequest,
@@ -32,14 +32,17 @@ from claudebox_pool.tasks.models import (
     CodeRequest,
     HistoryRequest,
     OpenRequest,
+    SessionMissing,
     SessionView,
     TrajectoryRequest,
     parse_payload,
 )
+from claudebox_pool.tasks.workspace_files import FileRequest, TreeRequest
 from claudebox_pool.workers import (
     archive,
     checkpoints,
     disk,
+    failed_runs,
     fanout,
     forks,
     moves,
@@ -47,6 +50,7 @@ from claudebox_pool.workers import (
     sessions,
     sweeps,
     trajectory,
+    workspace_files,
 )
 from claudebox_pool.workers.affinity import refuse_if_elsewhere
 from claudebox_pool.workers.context import WorkerContext, context
@@ -66,8 +70,12 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
     if request.mode == "reconnect":
         refuse_if_elsewhere(ctx, request.session_id)
         # Reading session.json needs no lock: it is only ever replaced whole.
-        with registry.noting_corruption(ctx.redis, ctx.store):
-            record = ctx.store.load(request.session_id)
+        try:
+            with registry.noting_corruption(ctx.redis, ctx.store):
+                record = ctx.store.load(request.session_id)
+        except SessionNotFoundError:
+            # The routine probe before a create: an answer, not a failed task in monitors.
+            return SessionMissing(session_id=request.session_id).model_dump(mode="json")
         registry.put_if_corrupted(ctx.redis, record)
         return record.model_dump(mode="json")
     # Get-or-create racing a creator on another node finds the session bound there once it
@@ -91,6 +99,9 @@ def code(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
     sent = parse_payload(CodeRequest, payload)
     result = sessions.code(self, ctx, env_travel.bring_back(ctx.redis, sent))
     env_travel.forget(ctx.redis, sent)
+    if not result.success:
+        # A failed task in monitors; the producer still gets the result (workers.failed_runs).
+        raise failed_runs.failed(self, result)
     return result.model_dump(mode="json")
 
 
@@ -121,6 +132,67 @@ def session_history(payload: dict[str, Any]) -> dict[str, Any]:
     if request.limit is not None:
         entries = entries[len(entries) - request.limit :] if request.limit else []
     return SessionView(record=record, history=entries).model_dump(mode="json")
+
+
+# --- files in and out, for producers that do not see the workers' disk ------------------------
+# Reads take no lock (each path is resolved safely whatever the sandbox does meanwhile);
+# writes, and downloads (a tree read whole), wait for the session's lock like a code call.
+
+
+@app.task(name=names.FILES_READ, throws=(ClaudeBoxError,))
+def files_read(payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(FileRequest, payload), context()
+    refuse_if_elsewhere(ctx, request.session_id)
+    sender = workspace_files.sender(ctx, _token(request.token))
+    with sender.forgotten_on_error():
+        return workspace_files.read(ctx, request, sender).model_dump(mode="json")
+
+
+@app.task(name=names.FILES_LIST, throws=(ClaudeBoxError,))
+def files_list(payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(FileRequest, payload), context()
+    refuse_if_elsewhere(ctx, request.session_id)
+    return workspace_files.listing(ctx, request).model_dump(mode="json")
+
+
+@app.task(name=names.FILES_WRITE, **RETRYING)
+def files_write(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(FileRequest, payload), context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        receiver = workspace_files.receiver(ctx, _token(request.token), lock)
+        with receiver.forgotten_on_error():
+            return workspace_files.write(ctx, request, receiver, lock).model_dump(mode="json")
+
+
+@app.task(name=names.FILES_REMOVE, **RETRYING)
+def files_remove(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(FileRequest, payload), context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        return workspace_files.remove(ctx, request, lock).model_dump(mode="json")
+
+
+@app.task(name=names.FILES_UPLOAD, **RETRYING)
+def files_upload(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(TreeRequest, payload), context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+        receiver = workspace_files.receiver(ctx, request.token, lock)
+        with receiver.forgotten_on_error():
+            return workspace_files.upload(ctx, request, receiver, lock).model_dump(mode="json")
+
+
+@app.task(name=names.FILES_DOWNLOAD, **RETRYING)
+def files_download(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    request, ctx = parse_payload(TreeRequest, payload), context()
+    with session_lock(self, ctx, request.session_id, request.enqueued_at):
+        sender = workspace_files.sender(ctx, request.token)
+        with sender.forgotten_on_error():
+            return workspace_files.download(ctx, request, sender).model_dump(mode="json")
+
+
+def _token(token: str | None) -> str:
+    if token is None:
+        raise InvalidRequestError("a file transfer needs a token; send it with box.files")
+    return token
 
 
 # --- checkpoints, forks, archives, moves ------------------------------------------------------

@@ -58,7 +58,7 @@ from claudebox_pool.workers.lock import SessionLock
 from claudebox_pool.workers.model_access import passage
 from claudebox_pool.workers.runtimes.base import ExecResult, LineSink, SandboxSpec
 from claudebox_pool.workers.store import SessionStore
-from claudebox_pool.workers.streaming import OutputPublisher, announce_running
+from claudebox_pool.workers.streaming import OutputPublisher
 from claudebox_pool.workers.workspace_scan import Created, Snapshot
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,6 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
         if watch.requested:
             result = cancelled_before_start(ctx.store, request, task_id, lock)
         else:
-            announce_running(task, request)
 
             def on_line(stream: str, line: str) -> None:
                 logs.agent_output(request.session_id, stream, line)

@@ -1,5 +1,5 @@
 """Telling the outside about a running code task: its output, line by line, to its Redis
-stream, and a RUNNING event to monitors.
+stream. (Monitors see it run from Celery's own ``task-started`` event: Flower shows STARTED.)
 
 The sandbox's exec calls :meth:`OutputPublisher.on_line` from its pipe readers for every line
 as it is printed. Sending each line in its own round trip would slow a chatty command down to
@@ -16,19 +16,17 @@ tail).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 from collections import deque
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import redis
 from redis.exceptions import RedisError
 
-from claudebox_pool.tasks import keys, names
-from claudebox_pool.tasks.models import CodeRequest, CodeResult
+from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.models import CodeResult
 from claudebox_pool.tasks.settings import AgentName, Settings
 from claudebox_pool.tasks.streaming import FIELD, StreamEvent, shorten
 from claudebox_pool.workers.agents.stream import live_events
@@ -40,37 +38,6 @@ CLOSE_TIMEOUT_S = 10.0
 EVENT_OVERHEAD_BYTES = 64
 """What an event costs in the stream beyond its text (its JSON keys, the entry id)."""
 STREAM_CUT = "stream_max_bytes"
-
-
-_dispatchers: dict[tuple[int, str, str], Any] = {}
-"""This process's event dispatcher, by (pid, worker hostname, broker), kept from task to task:
-``Task.send_event`` takes a producer from the pool and builds a dispatcher for every event."""
-
-
-def announce_running(task: Any, request: CodeRequest) -> None:
-    """Send the custom task event that makes Flower show the task as RUNNING in its session."""
-    key = (os.getpid(), task.request.hostname or "", str(task.app.conf.broker_url))
-    try:
-        dispatcher = _dispatchers.get(key)
-        if dispatcher is None:
-            _dispatchers.clear()  # another process's (forked from it), or another broker's
-            dispatcher = _dispatchers[key] = task.app.events.Dispatcher(
-                task.app.connection_for_write(), hostname=key[1], buffer_while_offline=False
-            )
-        dispatcher.send(
-            names.EVENT_RUNNING,
-            uuid=task.request.id,
-            retry=False,
-            session_id=request.session_id,
-            agent=request.agent,
-        )
-    except Exception as exc:  # a monitoring event is never worth failing the task for
-        log.warning("could not send %s: %s", names.EVENT_RUNNING, exc)
-        dropped = _dispatchers.pop(key, None)
-        if dropped is not None:  # the next event tries a new connection
-            with contextlib.suppress(Exception):
-                dropped.close()
-                dropped.connection.release()
 
 
 def line_events(agent: AgentName, stream: str, line: str) -> list[StreamEvent]:

@@ -47,6 +47,7 @@ HEADER = struct.Struct("!I")
 MAX_FDS = 2
 MAX_FRAME_BYTES = 64 << 20
 KILL_PASSES = 5
+KILL_WAIT_S = 5.0
 EXIT_NOT_FOUND = 127
 EXIT_NOT_EXECUTABLE = 126
 EXIT_LEASE_EXPIRED = 128 + signal.SIGKILL
@@ -85,17 +86,37 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
 
 
 def kill_the_rest() -> None:
-    """SIGKILL every process of the sandbox but its reaper (pid 1) and this server."""
+    """SIGKILL every process of the sandbox but its reaper (pid 1) and this server, and wait
+    until each is dead: a run's outcome is reported only once nothing it started lives on."""
     keep = {1, os.getpid()}
     for _ in range(KILL_PASSES):
-        found = False
-        for name in os.listdir("/proc"):
-            if name.isdigit() and int(name) not in keep:
-                found = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(name), signal.SIGKILL)
-        if not found:
+        dying = [pidfd for name in os.listdir("/proc") if (pidfd := _killed(name, keep))]
+        if not dying:
             return
+        for pidfd in dying:
+            # A pidfd reads ready once its process has ended (a zombie for the reaper).
+            select.select([pidfd], [], [], KILL_WAIT_S)
+            os.close(pidfd)
+
+
+def _killed(name: str, keep: set[int]) -> int | None:
+    """A pidfd of process ``name``, sent SIGKILL; None for what is not a live process of the
+    sandbox to kill (kept, gone, or already a zombie)."""
+    if not name.isdigit() or int(name) in keep:
+        return None
+    try:
+        with open(f"/proc/{name}/stat", "rb") as stat:
+            if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                return None
+        pidfd = os.pidfd_open(int(name))
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        os.close(pidfd)
+        return None
+    return pidfd
 
 
 def _start(request: dict[str, Any], fds: list[int]) -> subprocess.Popen[bytes] | int:
