@@ -41,7 +41,13 @@ if TYPE_CHECKING:
         WrongNodeError,
     )
     from claudebox_pool.tasks.lifecycle import Checkpoint
-    from claudebox_pool.tasks.models import CleanupResult, CodeResult, SessionRecord, TokenUsage
+    from claudebox_pool.tasks.models import (
+        CleanupResult,
+        CodeResult,
+        HistoryEntry,
+        SessionRecord,
+        TokenUsage,
+    )
     from claudebox_pool.tasks.streaming import StreamEvent
     from claudebox_pool.tasks.workspace_files import FileInfo, TransferResult
 
@@ -58,6 +64,7 @@ _HOMES: dict[str, str] = {
     "Checkpoint": "claudebox_pool.tasks.lifecycle",
     "CleanupResult": "claudebox_pool.tasks.models",
     "CodeResult": "claudebox_pool.tasks.models",
+    "HistoryEntry": "claudebox_pool.tasks.models",
     "SessionRecord": "claudebox_pool.tasks.models",
     "TokenUsage": "claudebox_pool.tasks.models",
     "StreamEvent": "claudebox_pool.tasks.streaming",
@@ -94,6 +101,7 @@ __all__ = [
     "CodeStream",
     "DiskFullError",
     "FileInfo",
+    "HistoryEntry",
     "InvalidRequestError",
     "InvalidSessionIdError",
     "InvalidSettingError",

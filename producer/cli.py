@@ -78,7 +78,12 @@ from claudebox_pool.tasks.errors import (
 )
 from claudebox_pool.tasks.files import private_dir
 from claudebox_pool.tasks.lifecycle import megabytes
-from claudebox_pool.tasks.models import ReindexResult, validate_session_id
+from claudebox_pool.tasks.models import (
+    ReindexResult,
+    SessionStatus,
+    SessionView,
+    validate_session_id,
+)
 from claudebox_pool.tasks.settings import (
     CLAUDE_CLI_VERSION,
     AgentName,
@@ -708,9 +713,21 @@ def down(
 @sessions_cli.command("list")
 def sessions_list(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
+    prefix: Annotated[str | None, typer.Option(help="Only ids starting with this.")] = None,
+    status: Annotated[
+        SessionStatus | None, typer.Option(help="Only sessions of this status.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many (a page).")] = None,
+    after: Annotated[
+        str | None, typer.Option(help="Start after this id: the last one of the previous page.")
+    ] = None,
 ) -> None:
-    """List every session of the pool."""
-    records = guarded(ClaudeBox.list_sessions)
+    """List every session of the pool, oldest first; with a filter or a page option, those
+    matching, in id order, filtered and paged by Redis."""
+    if prefix is None and status is None and limit is None and after is None:
+        records = guarded(ClaudeBox.list_sessions)
+    else:
+        records = run(ClaudeBox.alist_sessions(prefix, status, None, limit, after))
     if as_json:
         for record in records:
             sys.stdout.write(record.model_dump_json() + "\n")
@@ -732,23 +749,38 @@ def sessions_list(
     out.print(table)
 
 
+SHOWN_HISTORY = 20
+"""History entries `sessions show` prints (its --json gives them all)."""
+
+
 @sessions_cli.command("show")
-def sessions_show(session_id: Annotated[str, typer.Argument(help="Session id.")]) -> None:
-    """Show a session's metadata (and its history, where its files are on this machine)."""
-    guarded(lambda: validate_session_id(session_id))
-    record = next((r for r in guarded(ClaudeBox.list_sessions) if r.session_id == session_id), None)
+def sessions_show(
+    session_id: Annotated[str, typer.Argument(help="Session id.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON document: the record and the whole history.")
+    ] = False,
+) -> None:
+    """Show a session's metadata and history, from any machine (read on the session's node)."""
+    record = guarded(lambda: lifecycle.registered(session_id))
     if record is None:
         fail(str(SessionNotFoundError(session_id)), exit_code_for(SessionNotFoundError))
-    out.print_json(record.model_dump_json())
-    if record.total_usage:
-        out.print(usage_table(record.total_usage, "model usage"))
     if record.corruption is not None:
+        # Its node cannot read it either: show what the registry knows, and what is wrong.
+        if as_json:
+            sys.stdout.write(SessionView(record=record, history=[]).model_dump_json() + "\n")
+        else:
+            out.print_json(record.model_dump_json())
         fail(str(record.corruption.error(session_id)), EXIT_FAILED)
-    history = Path(record.workspace_path).parent / ".claudebox" / "history.jsonl"
-    if history.exists():
-        out.print(f"[bold]history[/] ({history})")
-        for line in history.read_text().splitlines()[-20:]:
-            out.print(line, highlight=False, markup=False)
+    view = run(lifecycle.view(session_id, None if as_json else SHOWN_HISTORY))
+    if as_json:
+        sys.stdout.write(view.model_dump_json() + "\n")
+        return
+    out.print_json(view.record.model_dump_json())
+    if view.record.total_usage:
+        out.print(usage_table(view.record.total_usage, "model usage"))
+    out.print(f"[bold]history[/] (the last {SHOWN_HISTORY} entries; --json has all)")
+    for entry in view.history:
+        out.print(entry.model_dump_json(), highlight=False, markup=False)
 
 
 @sessions_cli.command("cleanup")

@@ -12,6 +12,7 @@ import asyncio
 import uuid
 from collections.abc import Callable, Generator
 from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, Unpack, cast
@@ -21,26 +22,30 @@ from claudebox_pool.producer.files import Files
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
 from claudebox_pool.producer.options import CallOptions, ClaudeOptions, refuse_unreachable_mcp
-from claudebox_pool.tasks import env_travel, names
+from claudebox_pool.tasks import env_travel, names, registry
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
 from claudebox_pool.tasks.lifecycle import Checkpoint
 from claudebox_pool.tasks.models import (
+    SESSION_ID_PATTERN,
     BoxDefaults,
     CleanupRequest,
     CleanupResult,
     CodeRequest,
     CodeResult,
+    HistoryEntry,
+    OpenMode,
     OpenRequest,
     SandboxOptions,
     SessionRecord,
+    SessionStatus,
     TrajectoryTurn,
     opened,
     parse_payload,
     read_session_json,
     validate_session_id,
 )
-from claudebox_pool.tasks.registry import read_all
+from claudebox_pool.tasks.registry import STATUSES, read_all
 from claudebox_pool.tasks.settings import AgentName
 from claudebox_pool.tasks.workspace_files import TransferResult
 
@@ -94,7 +99,7 @@ class ClaudeBox:
         kept = {name: value for name, value in claude.items() if name != "mcp_servers"}
         self._defaults = parse_payload(BoxDefaults, {"agent": agent, **kept})
         self._workspace_dir = Path(workspace_dir).expanduser() if workspace_dir else None
-        self._mode: str = "create"
+        self._mode: OpenMode = "create"
         self._record: SessionRecord | None = None
         self._order = asyncio.Lock()
         self._task_id: str | None = None
@@ -147,7 +152,7 @@ class ClaudeBox:
         await pool.ensure_workers()
         request = OpenRequest(
             session_id=self._session_id,
-            mode="reconnect" if self._mode == "reconnect" else "create",
+            mode=self._mode,
             ephemeral=self._ephemeral,
             sandbox=self._sandbox,
             budget_usd=self._budget_usd,
@@ -172,11 +177,13 @@ class ClaudeBox:
             )
         self._record = record
         self._ephemeral = record.ephemeral
-        if self._mode == "reconnect":
-            # The options the box was created with, kept in its session.json.
+        if self._mode != "create":
+            # The options the box was created with, kept in its session.json; those given to
+            # get_or_create win over them (a reconnect gives none).
             kept = record.defaults.model_dump(exclude_none=True)
-            self._agent = kept.pop("agent", None) or self._agent
-            self._claude = cast(ClaudeOptions, kept)
+            stored_agent = kept.pop("agent", None)
+            self._agent = self._defaults.agent or stored_agent or self._agent
+            self._claude = cast(ClaudeOptions, {**kept, **self._claude})
         if self._template_dir is not None and self._mode == "create":
             # Before the first code call: the box's calls are not handed out until it is open.
             await self.files.upload(self._template_dir)
@@ -320,6 +327,51 @@ class ClaudeBox:
         box._mode = "reconnect"
         return _Reconnect(box)
 
+    @classmethod
+    def get_or_create(
+        cls,
+        session_id: str,
+        *,
+        cpus: int | None = None,
+        memory_mib: int | None = None,
+        disk_size_gb: int | None = None,
+        env: dict[str, str] | None = None,
+        template: str | None = None,
+        workspace_dir: str | Path | None = None,
+        agent: AgentName | None = None,
+        budget_usd: float | None = None,
+        egress_allow: list[str] | None = None,
+        template_session: str | None = None,
+        inputs: dict[str, str] | None = None,
+        **claude: Unpack[ClaudeOptions],
+    ) -> _Reconnect:
+        """The persistent session ``session_id``, created with these options if it does not
+        exist yet: ``async with ClaudeBox.get_or_create(id) as box`` or ``box = await ...``.
+
+        Race-free: the worker decides under the session's lock, so of many producers calling
+        it at once for one id exactly one creates the session and all of them get it. An
+        existing session keeps the sandbox, budget, egress and inputs it was created with; its
+        calls take the options it was created with (``agent``, the Claude options), under the
+        ones given here, and ``env`` as given here.
+        """
+        box = cls(
+            session_id,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            disk_size_gb=disk_size_gb,
+            env=env,
+            template=template,
+            workspace_dir=workspace_dir,
+            agent=agent,
+            budget_usd=budget_usd,
+            egress_allow=egress_allow,
+            template_session=template_session,
+            inputs=inputs,
+            **claude,
+        )
+        box._mode = "get_or_create"
+        return _Reconnect(box)
+
     @staticmethod
     def list_sessions() -> list[SessionRecord]:
         """Every session of the pool (ephemeral ones included), oldest first.
@@ -332,6 +384,42 @@ class ClaudeBox:
         with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
             records = read_all(client)
         return [seen for record in records if (seen := _as_seen_here(record)) is not None]
+
+    @staticmethod
+    async def alist_sessions(
+        prefix: str | None = None,
+        status: SessionStatus | None = None,
+        older_than: float | timedelta | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[SessionRecord]:
+        """Registered sessions in session-id order, filtered and paged by Redis, without
+        blocking the event loop and without reading the whole registry.
+
+        ``prefix``: ids starting with it; ``status``: of that status; ``older_than``: last
+        updated longer ago than that (seconds or a timedelta); ``limit``: at most that many;
+        ``after``: the cursor, the last session id of the previous page (the next page starts
+        at the first id after it). A page shorter than ``limit`` is the last one. Records are
+        the registry's, not checked against a disk (``list_sessions`` does that).
+        """
+        if prefix is not None and not SESSION_ID_PATTERN.fullmatch(prefix):
+            raise InvalidRequestError(
+                f"prefix={prefix!r} cannot begin a session id (letters, digits, '-' and '_')"
+            )
+        if limit is not None and limit < 1:
+            raise InvalidRequestError(f"limit={limit} must be at least 1")
+        if status is not None and status not in STATUSES:
+            raise InvalidRequestError(f"status={status!r} is none of {', '.join(STATUSES)}")
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        with pool.map_redis_errors():
+            return await registry.page(
+                await pool.redis_client(),
+                prefix=prefix,
+                status=status,
+                older_than_s=seconds,
+                limit=limit,
+                after=None if after is None else validate_session_id(after),
+            )
 
     @staticmethod
     async def cleanup_session(
@@ -377,6 +465,19 @@ class ClaudeBox:
         async with self._order:
             return await lifecycle.trajectory(self._session_id)
 
+    async def history(self, limit: int | None = None) -> list[HistoryEntry]:
+        """The session's history (history.jsonl), oldest first: its last ``limit`` entries, or
+        all; after this box's earlier calls. Read on the session's node, so it works from a
+        machine that cannot see the workers' disk."""
+        async with self._order:
+            return (await lifecycle.view(self._session_id, limit)).history
+
+    async def metadata(self) -> SessionRecord:
+        """The session's record as its session.json holds it now, after this box's earlier
+        calls (read on the session's node)."""
+        async with self._order:
+            return (await lifecycle.view(self._session_id, 0)).record
+
     async def upload(self, local_dir: str | Path, to: str = ".") -> TransferResult:
         """Copy a directory of this machine into the workspace (directory ``to``), streamed
         as tar; links leading out of it are left out. In order with the box's calls."""
@@ -404,7 +505,8 @@ class ClaudeBox:
 
 
 class _Reconnect:
-    """What ``ClaudeBox.reconnect`` returns: awaitable, and an async context manager."""
+    """What ``ClaudeBox.reconnect`` and ``get_or_create`` return: awaitable, and an async
+    context manager."""
 
     def __init__(self, box: ClaudeBox) -> None:
         self._box = box

@@ -27,7 +27,9 @@ from claudebox_pool.tasks.lifecycle import (
     RestoredArchive,
 )
 from claudebox_pool.tasks.models import (
+    HistoryRequest,
     SessionRecord,
+    SessionView,
     TrajectoryPage,
     TrajectoryRequest,
     TrajectoryTurn,
@@ -72,10 +74,15 @@ async def restore(session_id: str, name: str) -> Checkpoint:
     return Checkpoint.model_validate(await _call(names.RESTORE_CHECKPOINT, request))
 
 
+def registered(session_id: str) -> SessionRecord | None:
+    """The session's registry entry, as any machine sees it (no disk is looked at)."""
+    with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
+        return read_one(client, validate_session_id(session_id))
+
+
 def checkpoints(session_id: str) -> list[str]:
     """The session's checkpoint names, oldest first, from the registry."""
-    with closing(sync_redis(pool.settings())) as client, pool.map_redis_errors():
-        record = read_one(client, validate_session_id(session_id))
+    record = registered(session_id)
     if record is None:
         raise SessionNotFoundError(session_id)
     return list(record.checkpoints)
@@ -106,6 +113,14 @@ async def trajectory(session_id: str) -> list[TrajectoryTurn]:
         turns.extend(page.turns)
         offset = page.next_offset
     return turns
+
+
+async def view(session_id: str, limit: int | None = None) -> SessionView:
+    """The session's record and last ``limit`` history entries (None: all), read on its node."""
+    if limit is not None and limit < 0:
+        raise InvalidRequestError(f"limit={limit} must be 0 or more")
+    request = HistoryRequest(session_id=validate_session_id(session_id), limit=limit)
+    return SessionView.model_validate(await _call(names.HISTORY, request))
 
 
 async def disk_usage() -> DiskUsage:

@@ -3,8 +3,10 @@
 The whole keyspace, under one prefix so that it can be listed or cleared without touching
 Celery's own keys (``celery-task-meta-*``, ``_kombu.*``, the queue lists)::
 
-    claudebox:sessions                hash   session id -> SessionInfo JSON (the registry)
+    claudebox:sessions                hash   session id -> SessionRecord JSON, defaults left out
     claudebox:sessions:updated        zset   session id scored by updated_at (epoch seconds)
+    claudebox:sessions:ids            zset   every registered session id, score 0 (lex order)
+    claudebox:sessions:status:<st>    zset   the ids of status <st>, score 0 (lex order)
     claudebox:lock:<session>          string lock owner token, with a TTL
     claudebox:fence:<session>         int    fencing counter, bumped at each lock acquisition
     claudebox:attempts:<task id>      int    deliveries of one task, against redelivery loops
@@ -41,6 +43,14 @@ def registry() -> str:
 
 def registry_by_updated() -> str:
     return f"{PREFIX}sessions:updated"
+
+
+def registry_ids() -> str:
+    return f"{PREFIX}sessions:ids"
+
+
+def registry_status(status: str) -> str:
+    return f"{PREFIX}sessions:status:{status}"
 
 
 def session_lock(session_id: str) -> str:

@@ -171,11 +171,16 @@ class BoxDefaults(_Message):
     include_partial_messages: bool | None = None
 
 
+OpenMode = Literal["create", "reconnect", "get_or_create"]
+"""``get_or_create``: the session as it is if it exists, else a new one; decided under the
+session's lock, so that of many producers opening one id at once exactly one creates it."""
+
+
 class OpenRequest(_Message):
-    """Create a session (``create``) or check that it exists (``reconnect``)."""
+    """Create a session (``create``), check that it exists (``reconnect``), or either."""
 
     session_id: SessionId
-    mode: Literal["create", "reconnect"]
+    mode: OpenMode
     ephemeral: bool = False
     sandbox: SandboxOptions = SandboxOptions()
     budget_usd: float | None = Field(default=None, gt=0)
@@ -540,6 +545,21 @@ def parse_payload(model: type[ModelT], payload: object) -> ModelT:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "payload"
         raise InvalidRequestError(f"malformed {model.__name__}: {where}: {first['msg']}") from None
+
+
+class HistoryRequest(_Message):
+    """A session's record and its last ``limit`` history entries (None: all of them)."""
+
+    session_id: SessionId
+    limit: int | None = Field(default=None, ge=0)
+    enqueued_at: float = Field(default_factory=time.time)
+
+
+class SessionView(BaseModel):
+    """A session as its node's disk holds it: session.json and history.jsonl, oldest first."""
+
+    record: SessionRecord
+    history: list[HistoryEntry]
 
 
 class TrajectoryRequest(_Message):

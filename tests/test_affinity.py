@@ -285,3 +285,40 @@ def test_sessions_move_binds_a_session_to_the_node_its_files_were_copied_to(
     record = read_one(client, "b1")
     assert record is not None
     assert record.node == "node-a"
+
+
+def test_get_or_create_raced_across_nodes_creates_the_session_on_one(nodes: Nodes) -> None:
+    nodes.ensure("node-a", up=True)
+    nodes.ensure("node-b", up=True)
+
+    async def one(n: int) -> tuple[str, bool]:
+        async with ClaudeBox.get_or_create("spread") as box:
+            result = await box.code(f"echo {n} >> racers.txt")
+            return result.task_id, result.success
+
+    async def race() -> list[tuple[str, bool]]:
+        return await asyncio.gather(*(one(n) for n in range(8)))
+
+    ran = asyncio.run(race())
+    try:
+        assert all(success for _, success in ran)
+        holders = [node for node in SESSIONS if nodes.workspace(node, "spread").exists()]
+        assert len(holders) == 1  # one node created it; the other creators found it there
+        (holder,) = holders
+        assert {task_id for task_id, _ in ran} <= nodes.ran_here(holder, "spread")
+        racers = (nodes.workspace(holder, "spread") / "racers.txt").read_text().split()
+        assert sorted(racers) == [str(n) for n in range(8)]
+        # An existing session on either node is opened where it lives, not created anew.
+        client = redis.Redis.from_url(get_settings().result_backend)
+        for session_ids in SESSIONS.values():
+            session_id = session_ids[0]
+            bound = read_one(client, session_id)
+            assert bound is not None
+
+            async def reopen(session_id: str = session_id) -> str:
+                async with ClaudeBox.get_or_create(session_id) as box:
+                    return (await box.code("cat log.txt | wc -l")).task_id
+
+            assert asyncio.run(reopen()) in nodes.ran_here(bound.node, session_id)
+    finally:
+        asyncio.run(ClaudeBox.cleanup_session("spread", remove_workspace=True))

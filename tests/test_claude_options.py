@@ -331,6 +331,29 @@ def test_a_reconnected_box_calls_with_the_options_it_was_created_with(
     assert all("Box says EGRET." in system_text(body) for body in bodies)
 
 
+def test_get_or_create_of_an_existing_box_calls_with_its_options_under_the_given_ones(
+    fresh: redis.Redis, model: ModelServer
+) -> None:
+    model.push([Text("one")], [Text("two")], [Text("three")])
+    sonnet, opus = "claude-sonnet-4-5-20250929", "claude-opus-4-5-20251101"
+
+    async def scenario() -> None:
+        async with ClaudeBox.get_or_create(
+            "got", agent="claude", model=sonnet, append_system_prompt="Box says HERON."
+        ) as box:
+            await box.code("first")
+        async with ClaudeBox.get_or_create("got") as box:  # found: the stored options
+            await box.code("second")
+        async with ClaudeBox.get_or_create("got", model=opus) as box:  # given ones win
+            await box.code("third")
+
+    asyncio.run(scenario())
+
+    bodies = [call.body for call in model.message_requests()]
+    assert [body["model"] for body in bodies] == [sonnet, sonnet, opus]
+    assert all("Box says HERON." in system_text(body) for body in bodies)
+
+
 class _McpHttp(BaseHTTPRequestHandler):
     """An MCP server over streamable HTTP, answering in JSON: one tool, ``ping``."""
 

@@ -30,8 +30,10 @@ from claudebox_pool.tasks.models import (
     AdoptRequest,
     CleanupRequest,
     CodeRequest,
+    HistoryRequest,
     OpenRequest,
     SessionMissing,
+    SessionView,
     TrajectoryRequest,
     parse_payload,
 )
@@ -76,7 +78,14 @@ def open_session(self: Task[Any, Any], payload: dict[str, Any]) -> dict[str, Any
             return SessionMissing(session_id=request.session_id).model_dump(mode="json")
         registry.put_if_corrupted(ctx.redis, record)
         return record.model_dump(mode="json")
-    with session_lock(self, ctx, request.session_id, request.enqueued_at) as lock:
+    # Get-or-create racing a creator on another node finds the session bound there once it
+    # holds the lock: that is its answer (``sessions.existing``), not a wrong node.
+    check_node = request.mode != "get_or_create"
+    with session_lock(
+        self, ctx, request.session_id, request.enqueued_at, check_node=check_node
+    ) as lock:
+        if request.mode == "get_or_create" and (found := sessions.existing(ctx, request)):
+            return found.model_dump(mode="json")
         if request.template_session is None:
             return sessions.create_session(ctx, request, lock).model_dump(mode="json")
         template = forks.other(request.template_session, lock)
@@ -109,6 +118,20 @@ def trajectory_page(payload: dict[str, Any]) -> dict[str, Any]:
     request, ctx = parse_payload(TrajectoryRequest, payload), context()
     refuse_if_elsewhere(ctx, request.session_id)
     return trajectory.page(ctx, request).model_dump(mode="json")
+
+
+@app.task(name=names.HISTORY, throws=(ClaudeBoxError,))
+def session_history(payload: dict[str, Any]) -> dict[str, Any]:
+    # No lock: session.json is only ever replaced whole, history.jsonl only appended to (and a
+    # torn last line is skipped).
+    request, ctx = parse_payload(HistoryRequest, payload), context()
+    refuse_if_elsewhere(ctx, request.session_id)
+    with registry.noting_corruption(ctx.redis, ctx.store):
+        record = ctx.store.load(request.session_id)
+        entries = ctx.store.history(request.session_id)
+    if request.limit is not None:
+        entries = entries[len(entries) - request.limit :] if request.limit else []
+    return SessionView(record=record, history=entries).model_dump(mode="json")
 
 
 # --- files in and out, for producers that do not see the workers' disk ------------------------

@@ -17,9 +17,10 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from claudebox_pool.tasks import keys
+from claudebox_pool.tasks.connections import text
 from claudebox_pool.tasks.errors import SessionCorruptedError
 from claudebox_pool.tasks.models import ReindexResult, SessionRecord, iso_to_epoch, utc_now
-from claudebox_pool.tasks.registry import read_all, read_one
+from claudebox_pool.tasks.registry import STATUSES, entry, read_all, read_one
 from claudebox_pool.workers.store import SessionStore
 
 log = logging.getLogger(__name__)
@@ -28,14 +29,47 @@ REINDEX_BATCH = 500
 """Sessions registered per Redis round trip while reindexing."""
 
 
-def _stage(pipe: Pipeline, record: SessionRecord) -> None:
-    pipe.hset(keys.registry(), record.session_id, record.model_dump_json())
-    pipe.zadd(keys.registry_by_updated(), {record.session_id: iso_to_epoch(record.updated_at)})
+# Puts each given id, whose registry entry exists, in the id set and in its status's set
+# (out of the others); drops from the index each given id whose entry is gone. Reading the
+# status here, under the script's atomicity, keeps a rebuild from undoing a concurrent put.
+# KEYS: [1] the registry hash, [2] the id set, [3...] the status sets, in ARGV[1]'s order.
+# ARGV: [1] the statuses, comma-separated, [2...] the ids.
+_REINDEX_IDS = """
+local statuses = {}
+for status in string.gmatch(ARGV[1], '[^,]+') do statuses[#statuses + 1] = status end
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local raw = redis.call('HGET', KEYS[1], id)
+  local status = raw and (cjson.decode(raw)['status'] or 'created')
+  if raw then redis.call('ZADD', KEYS[2], 0, id) else redis.call('ZREM', KEYS[2], id) end
+  for j, name in ipairs(statuses) do
+    if name == status then
+      redis.call('ZADD', KEYS[2 + j], 0, id)
+    else
+      redis.call('ZREM', KEYS[2 + j], id)
+    end
+  end
+end
+return #ARGV - 1
+"""
+
+
+def stage(pipe: Pipeline, record: SessionRecord) -> None:
+    """The writes of one record: its entry and every index of it (tasks.registry), queued on a
+    MULTI pipeline so that readers see all of them or none."""
+    session_id = record.session_id
+    pipe.hset(keys.registry(), session_id, entry(record))
+    pipe.zadd(keys.registry_by_updated(), {session_id: iso_to_epoch(record.updated_at)})
+    pipe.zadd(keys.registry_ids(), {session_id: 0})
+    for status in STATUSES:
+        if status != record.status:
+            pipe.zrem(keys.registry_status(status), session_id)
+    pipe.zadd(keys.registry_status(record.status), {session_id: 0})
 
 
 def put(client: redis.Redis, record: SessionRecord) -> None:
     pipe = client.pipeline()
-    _stage(pipe, record)
+    stage(pipe, record)
     pipe.execute()
 
 
@@ -70,8 +104,34 @@ def drop(client: redis.Redis, session_id: str) -> bool:
     pipe = client.pipeline()
     pipe.hdel(keys.registry(), session_id)
     pipe.zrem(keys.registry_by_updated(), session_id)
-    removed, _ = pipe.execute()
+    pipe.zrem(keys.registry_ids(), session_id)
+    for status in STATUSES:
+        pipe.zrem(keys.registry_status(status), session_id)
+    removed, *_ = pipe.execute()
     return bool(removed)
+
+
+def rebuild_index(client: redis.Redis) -> int:
+    """Make the id and status sets agree with the registry's entries (after an upgrade from a
+    registry without them, or keys removed by hand); returns the ids looked at. Batched, so
+    that each script call holds Redis briefly; an entry put meanwhile is indexed by its put."""
+    script = client.register_script(_REINDEX_IDS)
+    index_keys = [keys.registry(), keys.registry_ids()]
+    index_keys += [keys.registry_status(status) for status in STATUSES]
+    looked = 0
+    for listing in (
+        client.hscan_iter(keys.registry(), count=REINDEX_BATCH),
+        client.zscan_iter(keys.registry_ids(), count=REINDEX_BATCH),
+    ):
+        batch: list[str] = []
+        for found, _ in listing:
+            batch.append(text(found))
+            if len(batch) == REINDEX_BATCH:
+                looked += script(keys=index_keys, args=[",".join(STATUSES), *batch])
+                batch = []
+        if batch:
+            looked += script(keys=index_keys, args=[",".join(STATUSES), *batch])
+    return looked
 
 
 def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:
@@ -84,7 +144,7 @@ def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:
     corrupted: list[str] = []
     elsewhere = {r.session_id for r in read_all(client) if _bound_elsewhere(r, store)}
     left: list[str] = []
-    pipe = client.pipeline(transaction=False)
+    pipe = client.pipeline()  # MULTI: a batch's records and their index entries land together
     for session_id in store.ids():
         if session_id in elsewhere:
             # A copy left behind by `sessions move`: registering it would pull the session back.
@@ -97,7 +157,7 @@ def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:
             put_corrupted(client, store, exc)
             corrupted.append(session_id)
             continue
-        _stage(pipe, record)
+        stage(pipe, record)
         on_disk.add(session_id)
         if len(on_disk) % REINDEX_BATCH == 0:
             pipe.execute()
@@ -113,6 +173,7 @@ def reindex(client: redis.Redis, store: SessionStore) -> ReindexResult:
         ):
             drop(client, record.session_id)
             dropped += 1
+    rebuild_index(client)
     return ReindexResult(indexed=len(on_disk), dropped=dropped, corrupted=corrupted, elsewhere=left)
 
 

@@ -38,6 +38,7 @@ from claudebox_pool.tasks.models import (
     usage_total,
     utc_now,
 )
+from claudebox_pool.tasks.registry import read_one
 from claudebox_pool.workers import (
     archive,
     caps,
@@ -100,6 +101,24 @@ def code(task: Task[Any, Any], ctx: WorkerContext, request: CodeRequest) -> Code
         output.end(result)
     metrics.record_run(request.agent, result)
     return result
+
+
+def existing(ctx: WorkerContext, request: OpenRequest) -> SessionRecord | None:
+    """Get-or-create's check, made under the session's lock: the session if it exists (on this
+    node's disk, or registered to another node, which holds it), None if it must be created.
+
+    Creating registers the session before the lock is let go, so a creator that queued behind
+    another one finds its session here, whichever node it runs on.
+    """
+    listed = read_one(ctx.redis, request.session_id)
+    if listed is not None and listed.node and ctx.node and listed.node != ctx.node:
+        return listed
+    if not ctx.store.paths(request.session_id).meta.exists():
+        return None  # absent, or a seeded directory without metadata: create adopts it
+    with registry.noting_corruption(ctx.redis, ctx.store):
+        record = ctx.store.load(request.session_id)
+    registry.put_if_corrupted(ctx.redis, record)
+    return record
 
 
 def create_session(ctx: WorkerContext, request: OpenRequest, lock: SessionLock) -> SessionRecord:
