@@ -26,7 +26,8 @@ LIMIT_BYTES = GIB + (256 << 20)
 """The sessions root's size limit: the round trip fits, a 2 GiB write does not."""
 
 PRODUCER = """
-import asyncio, json, resource, sys, time
+import asyncio, json, sys, time
+from pathlib import Path
 from claudebox_pool import ClaudeBox
 
 async def main() -> None:
@@ -36,7 +37,10 @@ async def main() -> None:
         written = time.monotonic()
         got = await box.files.read_to("data/big.bin", sys.argv[2])
         read = time.monotonic()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report the RSS of
+    # the test process this one was forked from.
+    status = Path("/proc/self/status").read_text().splitlines()
+    peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     print(json.dumps({"sent": sent, "got": got, "write_s": written - started,
                       "read_s": read - written, "peak_mib": peak_kib / 1024}))
 
