@@ -21,7 +21,12 @@ from claudebox_pool.producer import lifecycle, live, pool
 from claudebox_pool.producer.files import Files
 from claudebox_pool.producer.lease import Lease
 from claudebox_pool.producer.live import CodeStream, OutputCallback
-from claudebox_pool.producer.options import CallOptions, ClaudeOptions, refuse_unreachable_mcp
+from claudebox_pool.producer.options import (
+    CallOptions,
+    ClaudeOptions,
+    SessionOptions,
+    refuse_unreachable_mcp,
+)
 from claudebox_pool.tasks import env_travel, names, registry
 from claudebox_pool.tasks.connections import sync_redis
 from claudebox_pool.tasks.errors import InvalidRequestError, SessionCorruptedError
@@ -328,23 +333,7 @@ class ClaudeBox:
         return _Reconnect(box)
 
     @classmethod
-    def get_or_create(
-        cls,
-        session_id: str,
-        *,
-        cpus: int | None = None,
-        memory_mib: int | None = None,
-        disk_size_gb: int | None = None,
-        env: dict[str, str] | None = None,
-        template: str | None = None,
-        workspace_dir: str | Path | None = None,
-        agent: AgentName | None = None,
-        budget_usd: float | None = None,
-        egress_allow: list[str] | None = None,
-        template_session: str | None = None,
-        inputs: dict[str, str] | None = None,
-        **claude: Unpack[ClaudeOptions],
-    ) -> _Reconnect:
+    def get_or_create(cls, session_id: str, **options: Unpack[SessionOptions]) -> _Reconnect:
         """The persistent session ``session_id``, created with these options if it does not
         exist yet: ``async with ClaudeBox.get_or_create(id) as box`` or ``box = await ...``.
 
@@ -354,21 +343,7 @@ class ClaudeBox:
         calls take the options it was created with (``agent``, the Claude options), under the
         ones given here, and ``env`` as given here.
         """
-        box = cls(
-            session_id,
-            cpus=cpus,
-            memory_mib=memory_mib,
-            disk_size_gb=disk_size_gb,
-            env=env,
-            template=template,
-            workspace_dir=workspace_dir,
-            agent=agent,
-            budget_usd=budget_usd,
-            egress_allow=egress_allow,
-            template_session=template_session,
-            inputs=inputs,
-            **claude,
-        )
+        box = cls(session_id, **options)
         box._mode = "get_or_create"
         return _Reconnect(box)
 

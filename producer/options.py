@@ -15,6 +15,7 @@ None too.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 from urllib.parse import urlsplit
 
@@ -60,6 +61,30 @@ class ClaudeOptions(TypedDict, total=False):
     """MCP servers, name to config as the Claude Agent SDK takes them: ``{"command", "args",
     "env"}`` (stdio, run inside the sandbox) or ``{"type": "http" | "sse", "url", "headers"}``,
     whose host must be on the egress allow-list (claude's ``--mcp-config``, strict)."""
+
+
+class SessionOptions(ClaudeOptions, total=False):
+    """What a session is created with: its sandbox, budget, egress and inputs, and the
+    defaults of its calls (``ClaudeBox.get_or_create`` takes these)."""
+
+    cpus: int | None
+    memory_mib: int | None
+    disk_size_gb: int | None
+    env: dict[str, str] | None
+    template: str | None
+    workspace_dir: str | Path | None
+    agent: AgentName | None
+    budget_usd: float | None
+    egress_allow: list[str] | None
+    template_session: str | None
+    inputs: dict[str, str] | None
+
+
+class BoxOptions(SessionOptions, total=False):
+    """The keyword options of ``ClaudeBox(...)``: :class:`SessionOptions`, and a directory on
+    the producer's machine that seeds a new session."""
+
+    template_dir: str | Path | None
 
 
 class CallOptions(ClaudeOptions, total=False):

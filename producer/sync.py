@@ -30,7 +30,7 @@ from typing import Any, Self, TypeVar, Unpack
 
 from claudebox_pool.producer.client import ClaudeBox as AsyncClaudeBox
 from claudebox_pool.producer.live import CodeStream, OutputCallback
-from claudebox_pool.producer.options import CallOptions, ClaudeOptions
+from claudebox_pool.producer.options import BoxOptions, CallOptions, SessionOptions
 from claudebox_pool.tasks.lifecycle import Checkpoint
 from claudebox_pool.tasks.models import (
     CleanupResult,
@@ -40,7 +40,6 @@ from claudebox_pool.tasks.models import (
     SessionStatus,
     TrajectoryTurn,
 )
-from claudebox_pool.tasks.settings import AgentName
 from claudebox_pool.tasks.streaming import StreamEvent
 from claudebox_pool.tasks.workspace_files import TransferResult
 
@@ -172,40 +171,8 @@ class ClaudeBox:
     """A coding-agent session, run by the pool's workers: :class:`producer.client.ClaudeBox`
     with blocking calls. ``with ClaudeBox(session_id="x") as box: box.code("...")``."""
 
-    def __init__(
-        self,
-        session_id: str | None = None,
-        *,
-        cpus: int | None = None,
-        memory_mib: int | None = None,
-        disk_size_gb: int | None = None,
-        env: dict[str, str] | None = None,
-        template: str | None = None,
-        workspace_dir: str | Path | None = None,
-        agent: AgentName | None = None,
-        budget_usd: float | None = None,
-        egress_allow: list[str] | None = None,
-        template_session: str | None = None,
-        inputs: dict[str, str] | None = None,
-        template_dir: str | Path | None = None,
-        **claude: Unpack[ClaudeOptions],
-    ) -> None:
-        self._box = AsyncClaudeBox(
-            session_id,
-            cpus=cpus,
-            memory_mib=memory_mib,
-            disk_size_gb=disk_size_gb,
-            env=env,
-            template=template,
-            workspace_dir=workspace_dir,
-            agent=agent,
-            budget_usd=budget_usd,
-            egress_allow=egress_allow,
-            template_session=template_session,
-            inputs=inputs,
-            template_dir=template_dir,
-            **claude,
-        )
+    def __init__(self, session_id: str | None = None, **options: Unpack[BoxOptions]) -> None:
+        self._box = AsyncClaudeBox(session_id, **options)
 
     @classmethod
     def _of(cls, box: AsyncClaudeBox) -> Self:
@@ -294,39 +261,9 @@ class ClaudeBox:
         return cls._of(_LOOP.run(_opened(AsyncClaudeBox.reconnect(session_id))))
 
     @classmethod
-    def get_or_create(
-        cls,
-        session_id: str,
-        *,
-        cpus: int | None = None,
-        memory_mib: int | None = None,
-        disk_size_gb: int | None = None,
-        env: dict[str, str] | None = None,
-        template: str | None = None,
-        workspace_dir: str | Path | None = None,
-        agent: AgentName | None = None,
-        budget_usd: float | None = None,
-        egress_allow: list[str] | None = None,
-        template_session: str | None = None,
-        inputs: dict[str, str] | None = None,
-        **claude: Unpack[ClaudeOptions],
-    ) -> Self:
+    def get_or_create(cls, session_id: str, **options: Unpack[SessionOptions]) -> Self:
         """The session, created with these options if it does not exist; opened."""
-        opening = AsyncClaudeBox.get_or_create(
-            session_id,
-            cpus=cpus,
-            memory_mib=memory_mib,
-            disk_size_gb=disk_size_gb,
-            env=env,
-            template=template,
-            workspace_dir=workspace_dir,
-            agent=agent,
-            budget_usd=budget_usd,
-            egress_allow=egress_allow,
-            template_session=template_session,
-            inputs=inputs,
-            **claude,
-        )
+        opening = AsyncClaudeBox.get_or_create(session_id, **options)
         return cls._of(_LOOP.run(_opened(opening)))
 
     @staticmethod
