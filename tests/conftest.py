@@ -6,8 +6,10 @@ paths mean the same directory on both sides, as they would for a user on one mac
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +20,12 @@ import redis
 from claudebox_pool.tasks import keys
 from claudebox_pool.tasks.app import configure
 from claudebox_pool.tasks.settings import default_cli_dir, get_settings
-from tests.support.processes import RedisServer, Worker
+from tests.support.processes import RedisServer, Worker, wait_for
+
+# A shell without job control starts a background command with SIGINT ignored, and an ignored
+# signal stays ignored through exec: the Ctrl-C tests' processes would never see theirs. Handled
+# here, it is the default again in every process the tests start.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _BASE = Path(tempfile.mkdtemp(prefix="claudebox-tests-"))
 HOME = _BASE / "home"
@@ -100,8 +107,20 @@ def clean_state(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
     def wipe() -> None:
         sessions = get_settings().sessions_root
-        if sessions.exists():
-            shutil.rmtree(sessions)
+
+        def removed() -> bool:
+            # A worker may still be finishing a file in it (a redelivered task's last step).
+            try:
+                shutil.rmtree(sessions)
+            except FileNotFoundError:
+                return not sessions.exists()  # something in it went meanwhile
+            except OSError as exc:
+                if exc.errno != errno.ENOTEMPTY:
+                    raise
+                return False
+            return True
+
+        wait_for(removed, 10, f"{sessions} to be removed")
         # What the running workers said of themselves stays: they (and their nodes) live on.
         kept = {keys.workers(), keys.nodes(), keys.worker_info(), keys.worker_queues()}
         for key in client.scan_iter(f"{keys.PREFIX}*"):
